@@ -1,0 +1,34 @@
+"""npukit: learn and tune LLM inference on Ascend NPUs (torch_npu), with CUDA and CPU fallback.
+
+Heavy modules (torch, transformers) load on first use, so `npukit --help` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "npukit.loading",
+    "LoadReport": "npukit.loading",
+    "download": "npukit.hub",
+    "doctor": "npukit.doctor",
+    "Chat": "npukit.chat",
+    "LLM": "npukit.engine",
+    "SamplingParams": "npukit.engine",
+    "EngineConfig": "npukit.engine",
+    "RequestOutput": "npukit.engine",
+    "EMBEDDED": "npukit.samples",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'npukit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

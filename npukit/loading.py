@@ -1,0 +1,172 @@
+"""Load a model on the best device in the best precision it really supports, and say what happened.
+
+    model, tokenizer = npukit.load_model("smollm2-135m-instruct")   # embedded, offline
+    model, tokenizer = npukit.load_model("./my-model", device="npu", dtype="float16")
+    model.load_report                                               # device, dtype, why, seconds, memory
+"""
+from __future__ import annotations
+
+import functools
+import html
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import device as _device
+from .samples import EMBEDDED, sample_path
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    path: str
+    device: str
+    device_name: str
+    dtype: str
+    reasons: list[str] = field(default_factory=list)  # how device and dtype were chosen, fallbacks included
+    seconds: float = 0.0
+    num_parameters: int = 0
+    weight_bytes: int = 0
+    memory_before: int = 0  # bytes allocated on the device (process RSS on CPU)
+    memory_after: int = 0
+
+    def rows(self) -> list[tuple[str, str]]:
+        gib = 1024**3
+        return [
+            ("model", self.source), ("path", self.path),
+            ("device", f"{self.device} ({self.device_name})"), ("dtype", self.dtype),
+            ("why", "; ".join(self.reasons) or "-"), ("load time", f"{self.seconds:.2f} s"),
+            ("parameters", f"{self.num_parameters / 1e6:.1f} M"),
+            ("weights", f"{self.weight_bytes / gib:.3f} GiB"),
+            ("memory before → after", f"{self.memory_before / gib:.3f} → {self.memory_after / gib:.3f} GiB"),
+        ]
+
+    def __str__(self) -> str:
+        w = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
+
+    def _repr_html_(self) -> str:
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(v)}</td></tr>" for k, v in self.rows())
+        return f"<table>{body}</table>"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'") from None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576) -> float:
+    """Measured GFLOP/s of a decode-shaped matmul (32 tokens × hidden × 4·hidden) on this CPU."""
+    a = torch.randn(32, hidden).to(dtype)
+    w = torch.randn(4 * hidden, hidden).to(dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.linear(a, w)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(10):
+                torch.nn.functional.linear(a, w)
+            best = min(best, time.perf_counter() - t)
+    return 2 * 32 * hidden * 4 * hidden * 10 / best / 1e9
+
+
+def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tuple[torch.dtype, list[str]]:
+    """The dtype to load in, and the reasons. An explicit dtype the device lacks raises ValueError."""
+    if requested != "auto":
+        dtype = parse_dtype(requested)
+        ok, why = _device.supports_dtype(dev, dtype)
+        if not ok:
+            alt = "float16" if dev.type == "npu" else "float32"
+            raise ValueError(f"dtype {dtype} is not supported on {dev}: {why}. Use dtype='{alt}' or dtype='auto'.")
+        return dtype, [f"{str(dtype).removeprefix('torch.')} requested"]
+    reasons: list[str] = []
+    if dev.type == "cpu":
+        # NOTE: on CPU the fastest dtype depends on the chip (AVX512-BF16 / AMX make bf16 ~2x fp32;
+        # without them bf16 is emulated and slower), so measure instead of guessing. fp16 matmul is slow
+        # on most CPUs and is not considered.
+        if _device.cpu_has_fast_bf16():
+            f32, b16 = cpu_matmul_gflops(torch.float32), cpu_matmul_gflops(torch.bfloat16)
+            if b16 > 1.2 * f32:
+                return torch.bfloat16, [f"CPU has native bf16: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s"]
+            reasons.append(f"CPU bf16 not faster: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s")
+        else:
+            reasons.append("CPU has no native bf16 (AVX512-BF16/AMX)")
+        return torch.float32, reasons + ["float32 is fastest here"]
+    for dtype in (torch.bfloat16, torch.float16):
+        ok, why = _device.supports_dtype(dev, dtype)
+        if ok:
+            return dtype, reasons + [f"{str(dtype).removeprefix('torch.')} is the best precision {dev.type} supports"]
+        reasons.append(f"fallback: {why}")
+    return torch.float32, reasons + ["float32: no half precision works on this device"]
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None, source: str = "hf") -> tuple[Path, str]:
+    """Embedded name, local folder or hub id -> a local folder and where it came from."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return sample_path(name), f"embedded:{name}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: point to a Hugging Face model folder")
+        return path, f"local:{path}"
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not a model folder, "
+            "and not a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'")
+    from .hub import download
+
+    return download(name, source=source, revision=revision), f"{source}:{name}"
+
+
+def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "auto",
+               dtype: str | torch.dtype = "auto", *, revision: str | None = None, source: str = "hf",
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = _device.resolve(device)
+    reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []
+    torch_dtype, why = choose_dtype(dev, dtype)
+    reasons += why
+    path, origin = resolve_model_path(name_or_path, revision=revision, source=source)
+
+    before = _device.memory_stats(dev).allocated
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load {origin} from {path}: {e}") from e
+    model.to(dev).eval()
+    _device.synchronize(dev)
+    seconds = time.perf_counter() - t0
+
+    model.load_report = LoadReport(
+        source=origin, path=str(path), device=str(dev), device_name=_device.device_name(dev),
+        dtype=str(torch_dtype).removeprefix("torch."), reasons=reasons, seconds=seconds,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        memory_before=before, memory_after=_device.memory_stats(dev).allocated,
+    )
+    return model, tokenizer

@@ -1,0 +1,601 @@
+"""Latency, throughput and memory metrics with vLLM's names.
+
+- ``RequestMetrics``: one request's timestamps (the engine fills them; ``time_generation`` does it for HF
+  ``generate``) and the derived TTFT / TPOT / ITL / E2E.
+- ``summarize`` / ``summarize_requests``: mean, median, p90, p99, std, variance, min, max, range, and the
+  throughput over a batch of requests, laid out like ``vllm bench serve``.
+- ``time_generation``: time one HF ``model.generate`` call token by token (a streamer stamps each token).
+- ``benchmark``: run a timed function several times and summarise the runs (what people do by hand with
+  ``time.time()`` and ``statistics``).
+- ``PeakMemory``: peak device memory over a block of code (process RSS on CPU).
+
+All times are seconds from ``time.perf_counter()``; all memory sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "RequestMetrics",
+    "Summary",
+    "summarize",
+    "RequestsSummary",
+    "summarize_requests",
+    "PeakMemory",
+    "GenerationTiming",
+    "time_generation",
+    "BenchmarkResult",
+    "benchmark",
+    "format_bytes",
+    "format_seconds",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``0.0123`` -> ``'12.30 ms'``; picks s / ms / µs so the number stays readable."""
+    if seconds is None:
+        return "n/a"
+    a = abs(seconds)
+    if a >= 1.0:
+        return f"{seconds:.2f} s"
+    if a >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def format_bytes(num_bytes: float | None) -> str:
+    """``1536`` -> ``'1.50 KiB'`` (binary units, like ``npu-smi`` and ``nvidia-smi``)."""
+    if num_bytes is None:
+        return "n/a"
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024.0 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024.0
+    raise AssertionError("unreachable")
+
+
+def _format_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "s":
+        return format_seconds(value)
+    if unit == "B":
+        return format_bytes(value)
+    return f"{value:.4g} {unit}".rstrip()
+
+
+# --------------------------------------------------------------------------------------------------
+# One request
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps of one request, as vLLM keeps them (``perf_counter`` seconds).
+
+    NOTE: ``token_times[i]`` is when output token ``i`` became available, so ``token_times[0]`` is the
+    first token (``first_token_time``) and ``len(token_times) == num_output_tokens`` once finished.
+    """
+
+    arrival_time: float
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+    def record_token(self, now: float | None = None, num_tokens: int = 1) -> None:
+        """Stamp ``num_tokens`` new output tokens at ``now`` (default: ``time.perf_counter()``)."""
+        now = time.perf_counter() if now is None else now
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.extend([now] * num_tokens)
+        self.num_output_tokens += num_tokens
+
+    def finish(self, now: float | None = None) -> None:
+        self.finish_time = time.perf_counter() if now is None else now
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token: arrival -> first output token (prefill + queueing)."""
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        """End-to-end latency: arrival -> finished."""
+        if self.finish_time is None:
+            return None
+        return self.finish_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: ``(e2e - ttft) / (num_output_tokens - 1)``.
+
+        None with fewer than two output tokens (there is no decode step to average), as in vLLM.
+        """
+        e2e, ttft = self.e2e, self.ttft
+        if e2e is None or ttft is None or self.num_output_tokens < 2:
+            return None
+        return (e2e - ttft) / (self.num_output_tokens - 1)
+
+    @property
+    def itl(self) -> list[float]:
+        """Inter-token latencies: the gaps between consecutive output tokens (``len = n - 1``)."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def output_tokens_per_s(self) -> float | None:
+        """This request's output tokens divided by its end-to-end latency."""
+        e2e = self.e2e
+        if e2e is None or e2e <= 0:
+            return None
+        return self.num_output_tokens / e2e
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ttft=self.ttft, tpot=self.tpot, e2e=self.e2e, output_tokens_per_s=self.output_tokens_per_s)
+        return d
+
+    def __str__(self) -> str:
+        tps = self.output_tokens_per_s
+        return (
+            f"{self.num_prompt_tokens} prompt + {self.num_output_tokens} output tokens | "
+            f"TTFT {format_seconds(self.ttft)} | TPOT {format_seconds(self.tpot)} | "
+            f"E2E {format_seconds(self.e2e)} | " + (f"{tps:.2f} tok/s" if tps is not None else "n/a tok/s")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributions
+# --------------------------------------------------------------------------------------------------
+
+_STAT_NAMES = ("count", "mean", "median", "p90", "p99", "std", "variance", "min", "max", "range")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Distribution of one metric. ``unit`` is ``"s"``, ``"B"``, ``"tok/s"`` ... (used only for display).
+
+    NOTE: ``std`` and ``variance`` are the population ones (ddof=0, like ``statistics.pvariance``);
+    percentiles are numpy's default linear interpolation, as ``vllm bench`` computes them.
+    """
+
+    count: int
+    mean: float
+    median: float
+    p90: float
+    p99: float
+    std: float
+    variance: float
+    min: float
+    max: float
+    range: float
+    name: str = ""
+    unit: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        f = lambda v: _format_value(v, self.unit)  # noqa: E731
+        label = f"{self.name}: " if self.name else ""
+        return (
+            f"{label}mean {f(self.mean)} | median {f(self.median)} | p90 {f(self.p90)} | p99 {f(self.p99)} | "
+            f"std {f(self.std)} | min {f(self.min)} | max {f(self.max)} | range {f(self.range)} (n={self.count})"
+        )
+
+    def _repr_html_(self) -> str:
+        header = "".join(f"<th>{n}</th>" for n in _STAT_NAMES)
+        cells = "".join(
+            f"<td>{self.count if n == 'count' else html.escape(_format_value(getattr(self, n), self.unit))}</td>"
+            for n in _STAT_NAMES
+        )
+        name = f"<td><b>{html.escape(self.name)}</b></td>" if self.name else ""
+        return f"<table><tr>{'<th></th>' if name else ''}{header}</tr><tr>{name}{cells}</tr></table>"
+
+
+def summarize(values: Iterable[float], *, name: str = "", unit: str = "") -> Summary:
+    """Count, mean, median, p90, p99, std, variance, min, max and range of ``values``."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"summarize() needs a non-empty 1-D list of numbers{f' for {name!r}' if name else ''}, got "
+            f"{arr.size} values. Run at least one request (or one repeat) before summarising."
+        )
+    return Summary(
+        count=int(arr.size),
+        mean=float(arr.mean()),
+        median=float(np.median(arr)),
+        p90=float(np.percentile(arr, 90)),
+        p99=float(np.percentile(arr, 99)),
+        std=float(arr.std()),
+        variance=float(arr.var()),
+        min=float(arr.min()),
+        max=float(arr.max()),
+        range=float(arr.max() - arr.min()),
+        name=name,
+        unit=unit,
+    )
+
+
+def _summary_table_html(rows: Sequence[Summary | None], scale: float = 1.0, unit_label: str = "") -> str:
+    stats = ("mean", "median", "p90", "p99", "std", "min", "max")
+    head = "<tr><th>metric</th>" + "".join(f"<th>{s}{unit_label}</th>" for s in stats) + "<th>n</th></tr>"
+    body = ""
+    for s in rows:
+        if s is None:
+            continue
+        vals = "".join(f"<td>{getattr(s, k) * scale:.2f}</td>" for k in stats)
+        body += f"<tr><td><b>{html.escape(s.name)}</b></td>{vals}<td>{s.count}</td></tr>"
+    return f"<table>{head}{body}</table>"
+
+
+class RequestsSummary(dict):
+    """What ``summarize_requests`` returns: a plain dict that prints like ``vllm bench serve``.
+
+    Keys: ``num_requests``, ``duration``, ``total_input_tokens``, ``total_output_tokens``,
+    ``request_throughput`` (req/s), ``output_throughput`` (tok/s), ``total_token_throughput`` (tok/s) and
+    ``ttft`` / ``tpot`` / ``itl`` / ``e2e`` (``Summary`` in seconds; ``tpot`` / ``itl`` are None when no request
+    produced two tokens).
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.to_dict() if isinstance(v, Summary) else v) for k, v in self.items()}
+
+    def __str__(self) -> str:
+        lines = [
+            "{:=^50}".format(" Benchmark Result "),
+            f"{'Successful requests:':<40}{self['num_requests']:<10}",
+            f"{'Benchmark duration (s):':<40}{self['duration']:<10.2f}",
+            f"{'Total input tokens:':<40}{self['total_input_tokens']:<10}",
+            f"{'Total generated tokens:':<40}{self['total_output_tokens']:<10}",
+            f"{'Request throughput (req/s):':<40}{self['request_throughput']:<10.2f}",
+            f"{'Output token throughput (tok/s):':<40}{self['output_throughput']:<10.2f}",
+            f"{'Total token throughput (tok/s):':<40}{self['total_token_throughput']:<10.2f}",
+        ]
+        titles = {
+            "ttft": ("Time to First Token", "TTFT"),
+            "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
+            "itl": ("Inter-token Latency", "ITL"),
+            "e2e": ("End-to-end Latency", "E2E"),
+        }
+        for key, (title, short) in titles.items():
+            s = self[key]
+            if s is None:
+                continue
+            lines.append("{:-^50}".format(title))
+            for stat in ("mean", "median", "p99"):
+                label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {short} (ms):"
+                lines.append(f"{label:<40}{getattr(s, stat) * 1e3:<10.2f}")
+        lines.append("=" * 50)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        top = (
+            f"<p>{self['num_requests']} requests in {self['duration']:.2f} s: "
+            f"<b>{self['request_throughput']:.2f} req/s</b>, <b>{self['output_throughput']:.2f} output tok/s</b>, "
+            f"{self['total_token_throughput']:.2f} total tok/s "
+            f"({self['total_input_tokens']} input + {self['total_output_tokens']} output tokens)</p>"
+        )
+        rows = [self[k] for k in ("ttft", "tpot", "itl", "e2e")]
+        return top + _summary_table_html(rows, scale=1e3, unit_label=" (ms)")
+
+
+def summarize_requests(requests: Sequence[RequestMetrics]) -> RequestsSummary:
+    """Latency distributions and throughput of finished requests (throughput over the wall span:
+    first arrival to last finish)."""
+    if len(requests) == 0:
+        raise ValueError("summarize_requests() got no requests; pass the RequestMetrics of finished requests.")
+    for i, r in enumerate(requests):
+        if r.finish_time is None or r.first_token_time is None:
+            raise ValueError(
+                f"request {i} is not finished (first_token_time={r.first_token_time}, "
+                f"finish_time={r.finish_time}); summarise only requests that produced tokens and finished."
+            )
+    duration = max(r.finish_time for r in requests) - min(r.arrival_time for r in requests)
+    if duration <= 0:
+        raise ValueError(f"the requests span {duration} s; finish_time must come after arrival_time.")
+    n_in = sum(r.num_prompt_tokens for r in requests)
+    n_out = sum(r.num_output_tokens for r in requests)
+    tpots = [r.tpot for r in requests if r.tpot is not None]
+    itls = [x for r in requests for x in r.itl]
+    return RequestsSummary(
+        num_requests=len(requests),
+        duration=duration,
+        total_input_tokens=n_in,
+        total_output_tokens=n_out,
+        request_throughput=len(requests) / duration,
+        output_throughput=n_out / duration,
+        total_token_throughput=(n_in + n_out) / duration,
+        ttft=summarize([r.ttft for r in requests], name="TTFT", unit="s"),
+        tpot=summarize(tpots, name="TPOT", unit="s") if tpots else None,
+        itl=summarize(itls, name="ITL", unit="s") if itls else None,
+        e2e=summarize([r.e2e for r in requests], name="E2E", unit="s"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers: use npukit.device when it is there, plain torch otherwise
+# --------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device | str | None) -> None:
+    try:
+        from npukit.device import synchronize
+    except ImportError:  # pragma: no cover - npukit.device is part of the package
+        synchronize = None
+    if synchronize is not None:
+        synchronize(device)
+        return
+    dev = torch.device(device) if device is not None else torch.device("cpu")  # pragma: no cover
+    if dev.type == "cuda":  # pragma: no cover
+        torch.cuda.synchronize(dev)
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block: ``with PeakMemory(model.device) as mem: ...; mem.peak_bytes``.
+
+    On NPU / CUDA it resets the allocator's peak counter on entry and reads ``max_memory_allocated`` on
+    exit. On CPU there is no resettable counter: it reports the process RSS at exit (an upper bound).
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.peak_bytes: int | None = None
+        self.stats: dict[str, Any] = {}
+
+    def __enter__(self) -> "PeakMemory":
+        _reset_peak(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _synchronize(self.device)
+        self.stats = _memory_stats(self.device)
+        self.peak_bytes = self.stats.get("peak")
+
+
+def _memory_stats(device: torch.device) -> dict[str, Any]:
+    from npukit.device import memory_stats
+
+    return dict(memory_stats(device))
+
+
+def _reset_peak(device: torch.device) -> None:
+    from npukit.device import reset_peak_memory_stats
+
+    reset_peak_memory_stats(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing HF generate
+# --------------------------------------------------------------------------------------------------
+
+
+def _token_timer_class():
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenTimer(BaseStreamer):
+        """Stamps ``perf_counter()`` for every token ``generate`` pushes.
+
+        NOTE: ``generate`` first pushes the whole prompt (skipped here), then each new token, already
+        copied to the CPU with ``.cpu()`` -- that copy waits for the device, so the stamp is when the
+        token really exists on NPU / CUDA too.
+        """
+
+        def __init__(self) -> None:
+            self.token_times: list[float] = []
+            self._seen_prompt = False
+
+        def put(self, value: torch.Tensor) -> None:
+            now = time.perf_counter()
+            if not self._seen_prompt:
+                self._seen_prompt = True
+                return
+            if value.dim() > 1 and value.shape[0] > 1:
+                raise ValueError("time_generation times one sequence at a time (batch size 1).")
+            self.token_times.extend([now] * int(value.numel()))
+
+        def end(self) -> None:
+            pass
+
+    return TokenTimer
+
+
+@dataclass
+class GenerationTiming:
+    """What ``time_generation`` returns: the text, its token ids, timings and peak memory."""
+
+    text: str
+    token_ids: list[int]
+    metrics: RequestMetrics
+    peak_memory_bytes: int | None = None
+    device: str = "cpu"
+
+    ttft = property(lambda self: self.metrics.ttft)
+    tpot = property(lambda self: self.metrics.tpot)
+    e2e = property(lambda self: self.metrics.e2e)
+    itl = property(lambda self: self.metrics.itl)
+    output_tokens_per_s = property(lambda self: self.metrics.output_tokens_per_s)
+
+    def __str__(self) -> str:
+        return f"{self.metrics} | peak {format_bytes(self.peak_memory_bytes)} on {self.device}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "metrics": self.metrics.to_dict(),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "device": self.device,
+        }
+
+
+def _prompt_to_ids(tokenizer, prompt_or_ids) -> torch.Tensor:
+    """str -> tokenizer ids; chat messages -> chat template ids; list / tensor of ids -> [1, n] tensor."""
+    if isinstance(prompt_or_ids, str):
+        ids = tokenizer(prompt_or_ids, return_tensors="pt")["input_ids"]
+    elif isinstance(prompt_or_ids, (list, tuple)) and prompt_or_ids and isinstance(prompt_or_ids[0], dict):
+        from npukit.chat import apply_chat_template
+
+        ids = torch.tensor([apply_chat_template(tokenizer, list(prompt_or_ids))])
+    elif isinstance(prompt_or_ids, torch.Tensor):
+        ids = prompt_or_ids if prompt_or_ids.dim() == 2 else prompt_or_ids.reshape(1, -1)
+    elif isinstance(prompt_or_ids, (list, tuple)) and all(isinstance(t, int) for t in prompt_or_ids):
+        ids = torch.tensor([list(prompt_or_ids)], dtype=torch.long)
+    else:
+        raise TypeError(
+            "time_generation() takes a prompt string, a list of chat messages, a list of token ids or a "
+            f"[1, n] tensor of ids; got {type(prompt_or_ids).__name__}."
+        )
+    if ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"time_generation() times one non-empty prompt; got input_ids of shape {tuple(ids.shape)}.")
+    return ids
+
+
+def time_generation(
+    model,
+    tokenizer,
+    prompt_or_ids,
+    *,
+    max_new_tokens: int = 64,
+    **generate_kwargs,
+) -> GenerationTiming:
+    """Run ``model.generate`` once and stamp every output token.
+
+    ``prompt_or_ids`` is a raw prompt string (no chat template is applied), a list of chat messages
+    (the chat template is applied), or token ids. ``generate_kwargs`` go to ``generate`` unchanged
+    (``do_sample``, ``min_new_tokens``, ``generation_config`` ...); greedy unless you say otherwise.
+    """
+    device = model.device
+    input_ids = _prompt_to_ids(tokenizer, prompt_or_ids).to(device)
+    generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+    if "generation_config" not in generate_kwargs:
+        generate_kwargs.setdefault("do_sample", False)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        generate_kwargs.setdefault("pad_token_id", pad)
+    timer = _token_timer_class()()
+
+    with PeakMemory(device) as mem:
+        _synchronize(device)
+        metrics = RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=int(input_ids.shape[1]))
+        with torch.inference_mode():
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=timer, **generate_kwargs)
+        _synchronize(device)
+        metrics.finish_time = time.perf_counter()
+
+    output_ids = out[0, input_ids.shape[1] :].tolist()
+    # NOTE: one stamp per generated token (the eos token included, when generation stops on it).
+    if len(timer.token_times) != len(output_ids):
+        raise RuntimeError(
+            f"the streamer saw {len(timer.token_times)} tokens but generate returned {len(output_ids)}; "
+            "time_generation supports plain greedy / sampling generate (no beam search)."
+        )
+    metrics.token_times = timer.token_times
+    metrics.first_token_time = timer.token_times[0] if timer.token_times else None
+    metrics.num_output_tokens = len(output_ids)
+    return GenerationTiming(
+        text=tokenizer.decode(output_ids, skip_special_tokens=True),
+        token_ids=output_ids,
+        metrics=metrics,
+        peak_memory_bytes=mem.peak_bytes,
+        device=str(device),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Repeated runs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkResult:
+    """Repeated runs of one timed function: every run and the distribution of each metric."""
+
+    runs: list[GenerationTiming | RequestMetrics]
+    ttft: Summary | None
+    tpot: Summary | None
+    e2e: Summary | None
+    output_tokens_per_s: Summary | None
+    peak_memory_bytes: Summary | None
+    num_output_tokens: Summary | None
+
+    def summaries(self) -> list[Summary]:
+        keys = ("ttft", "tpot", "e2e", "output_tokens_per_s", "peak_memory_bytes", "num_output_tokens")
+        return [s for s in (getattr(self, k) for k in keys) if s is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runs": [r.to_dict() for r in self.runs],
+            **{k: (v.to_dict() if v is not None else None) for k, v in self.__dict__.items() if k != "runs"},
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.runs)} runs"]
+        for s in self.summaries():
+            f = lambda v: _format_value(v, s.unit)  # noqa: E731
+            lines.append(
+                f"  {s.name:<12} mean {f(s.mean):>12} | median {f(s.median):>12} | p99 {f(s.p99):>12} | "
+                f"variance {s.variance:.4g} | range {f(s.range)}"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        stats = ("mean", "median", "p90", "p99", "std", "variance", "min", "max", "range")
+        head = "<tr><th>metric</th>" + "".join(f"<th>{s}</th>" for s in stats) + "</tr>"
+        body = ""
+        for s in self.summaries():
+            cells = "".join(
+                f"<td>{html.escape(f'{s.variance:.4g}' if k == 'variance' else _format_value(getattr(s, k), s.unit))}</td>"
+                for k in stats
+            )
+            body += f"<tr><td><b>{html.escape(s.name)}</b></td>{cells}</tr>"
+        return f"<p>{len(self.runs)} runs</p><table>{head}{body}</table>"
+
+
+def benchmark(fn: Callable[[], GenerationTiming | RequestMetrics], repeat: int = 5, warmup: int = 1) -> BenchmarkResult:
+    """Call ``fn`` ``warmup`` times (discarded), then ``repeat`` times, and summarise the runs.
+
+    ``fn`` returns a ``GenerationTiming`` or a ``RequestMetrics``, e.g.
+    ``benchmark(lambda: time_generation(model, tok, prompt, max_new_tokens=64), repeat=5)``.
+    """
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"benchmark() needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}.")
+    for _ in range(warmup):
+        fn()
+    runs = [fn() for _ in range(repeat)]
+    metrics: list[RequestMetrics] = []
+    for r in runs:
+        m = r.metrics if isinstance(r, GenerationTiming) else r
+        if not isinstance(m, RequestMetrics):
+            raise TypeError(f"benchmark(fn): fn must return a GenerationTiming or RequestMetrics, got {type(r).__name__}.")
+        metrics.append(m)
+
+    def maybe(values, name, unit):
+        values = [v for v in values if v is not None]
+        return summarize(values, name=name, unit=unit) if values else None
+
+    return BenchmarkResult(
+        runs=runs,
+        ttft=maybe([m.ttft for m in metrics], "TTFT", "s"),
+        tpot=maybe([m.tpot for m in metrics], "TPOT", "s"),
+        e2e=maybe([m.e2e for m in metrics], "E2E", "s"),
+        output_tokens_per_s=maybe([m.output_tokens_per_s for m in metrics], "tok/s", "tok/s"),
+        peak_memory_bytes=maybe([getattr(r, "peak_memory_bytes", None) for r in runs], "peak memory", "B"),
+        num_output_tokens=maybe([m.num_output_tokens for m in metrics], "output tokens", "tok"),
+    )
