@@ -61,11 +61,15 @@ def resolve(device: str | torch.device | None = "auto") -> torch.device:
     """Turn 'auto', 'npu', 'npu:1', 'cuda', 'cpu', … into a usable torch.device, or raise DeviceError."""
     if device is None or device == "auto":
         device = detect()
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    if dev.type not in KINDS:
+    if isinstance(device, torch.device):
+        return device
+    # NOTE: parse the kind before torch.device(): without torch_npu, torch.device("npu") itself raises.
+    kind = str(device).split(":")[0]
+    if kind not in KINDS:
         raise DeviceError(f"unknown device {str(device)!r}: use one of 'auto', {', '.join(map(repr, KINDS))}")
-    if not is_available(dev.type):
-        raise DeviceError(_INSTALL_HINT[dev.type])
+    if not is_available(kind):
+        raise DeviceError(_INSTALL_HINT[kind])
+    dev = torch.device(device)
     if dev.type in ("npu", "cuda") and dev.index is None:
         dev = torch.device(dev.type, 0)
     return dev

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every test: unit tests, the notebooks under nbval, and browser tests of the dashboards in a real
+# JupyterLab (Debian's chromium driven by playwright). Installs the test tools it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+"$PY" -m pip install -q -e ".[notebooks,dev]"
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
+fi
+
+export NPUKIT_ARTIFACTS=${NPUKIT_ARTIFACTS:-artifacts}
+"$PY" -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg \
+  --nbval-cell-timeout 300 "$@"
