@@ -84,7 +84,7 @@ class _Ctx:
 
 
 def download(
-    repo_id: str,
+    repo_id: str | os.PathLike,
     *,
     source: str = "hf",
     revision: str | None = None,
@@ -104,9 +104,11 @@ def download(
     "openmind" (openMind hub; $OPENMIND_HUB_ENDPOINT), "modelscope", or "local". `local_dir` writes plain files
     there; otherwise the hub's cache is used (`cache_dir`, default $HF_HOME/hub). `offline` (default:
     $HF_HUB_OFFLINE) resolves from the cache only. `token`: a string, True (use the saved login) or None.
+    `progress` shows download bars (source="hf"; the other hubs show their own).
     """
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not one of {SOURCES}.")
+    repo_id = os.fspath(repo_id)
     folder = Path(repo_id).expanduser()
     if source == "local" or folder.is_dir() or repo_id.startswith(("/", "./", "../", "~")):
         return _check_model_folder(folder)
@@ -135,7 +137,7 @@ def cached_path(
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     folder = Path(repo_id).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() or str(repo_id).startswith(("/", "./", "../", "~")):
         return folder.resolve() if (folder / "config.json").is_file() else None
     try:
         return Path(snapshot_download(
@@ -179,7 +181,7 @@ def describe_sources() -> str:
 def _download_hf(repo_id, *, revision, endpoint, local_dir, cache_dir, allow_patterns, ignore_patterns, token,
                  offline, progress) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import DryRunError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     # NOTE: huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import; read them again here so that
     # setting them in a notebook cell takes effect, and pass the endpoint explicitly.
@@ -194,28 +196,34 @@ def _download_hf(repo_id, *, revision, endpoint, local_dir, cache_dir, allow_pat
     silent = _silent_tqdm()
 
     if offline:
-        try:
-            return Path(snapshot_download(**fetch, local_files_only=True, tqdm_class=silent))
-        except LocalEntryNotFoundError as e:
-            raise NotCachedError(_not_cached_message(ctx, "offline mode is on")) from e
+        with _explained(ctx):
+            try:
+                return Path(snapshot_download(**fetch, local_files_only=True, tqdm_class=silent))
+            except LocalEntryNotFoundError as e:
+                raise NotCachedError(_not_cached_message(ctx, "offline mode is on")) from e
 
     _check_writable(target, ctx)
     with _explained(ctx):
-        try:
-            # A dry run lists what would be downloaded (with sizes) without writing any file.
-            plan = snapshot_download(**fetch, dry_run=True, tqdm_class=silent)
-        except DryRunError as e:
-            # NOTE: the hub could not be used (no network, auth, not found, hub down). Like huggingface_hub, fall
-            # back to a cached copy; but without asking the hub again, so a blocked endpoint costs one timeout.
-            hub_error = e.__cause__ or e
+        # NOTE: dry_run came with huggingface_hub 1.x; with an older one the disk-space check is skipped.
+        if "dry_run" in inspect.signature(snapshot_download).parameters:
+            from huggingface_hub.errors import DryRunError
+
             try:
-                path = snapshot_download(**fetch, local_files_only=True, tqdm_class=silent)
-            except LocalEntryNotFoundError:
-                raise hub_error from None
-            logger.warning("%s could not be used (%s); using the cached copy in %s",
-                           endpoint, type(hub_error).__name__, path)
-            return Path(path)
-        _check_disk_space(sum(f.file_size or 0 for f in plan if f.will_download), target, ctx)
+                # Lists the files that would be downloaded, with their sizes, without downloading them.
+                plan = snapshot_download(**fetch, dry_run=True, tqdm_class=silent)
+            except DryRunError as e:
+                # NOTE: the hub could not be used (no network, auth, not found, hub down). Like huggingface_hub,
+                # fall back to a cached copy, but without asking the hub again: a blocked endpoint costs one
+                # timeout, not two.
+                hub_error = e.__cause__ or e
+                try:
+                    path = snapshot_download(**fetch, local_files_only=True, tqdm_class=silent)
+                except LocalEntryNotFoundError:
+                    raise hub_error from None
+                logger.warning("%s could not be used (%s); using the cached copy in %s",
+                               endpoint, type(hub_error).__name__, path)
+                return Path(path)
+            _check_disk_space(sum(f.file_size or 0 for f in plan if f.will_download), target, ctx)
         return Path(snapshot_download(**fetch, tqdm_class=None if progress else silent))
 
 
@@ -266,9 +274,10 @@ def _download_optional(repo_id, *, source, revision, endpoint, local_dir, cache_
         token=token, local_files_only=offline or None,
     )
     # NOTE: both packages follow huggingface_hub's names; pass only what the installed version accepts.
-    kwargs = _accepted(module.snapshot_download, {k: v for k, v in wanted.items() if v is not None})
-    if endpoint and "endpoint" not in kwargs:
-        logger.warning("%s.snapshot_download takes no endpoint=; %s is ignored", module_name, endpoint)
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    kwargs = _accepted(module.snapshot_download, wanted)
+    if dropped := sorted(set(wanted) - set(kwargs)):
+        logger.warning("this %s version ignores %s; upgrade it to use them", module_name, ", ".join(dropped))
     with _explained(ctx):
         return Path(module.snapshot_download(repo_id, **kwargs))
 
@@ -327,7 +336,10 @@ def _check_disk_space(needed: int, target: Path, ctx: _Ctx) -> None:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +401,7 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
                 "ConnectTimeout", "ReadTimeout", "TimeoutError"}:
         return HubConnectionError(_no_network_message(ctx, "cannot connect"))
     if status is not None and status >= 500:
-        return HubConnectionError(_no_network_message(ctx, f"the server answered HTTP {status}"))
+        return HubConnectionError(_no_network_message(ctx, f"the server answered HTTP {status}: down or overloaded, retry later"))
     if "LocalEntryNotFoundError" in names:
         return NotCachedError(_not_cached_message(ctx, "the hub could not be used"))
     if "HFValidationError" in names or "OMValidationError" in names:
