@@ -7,7 +7,7 @@
 - ``time_generation``: time one HF ``model.generate`` call token by token (a streamer stamps each token).
 - ``benchmark``: run a timed function several times and summarise the runs (what people do by hand with
   ``time.time()`` and ``statistics``).
-- ``PeakMemory``: peak device memory over a block of code (process RSS on CPU).
+- ``PeakMemory`` / ``peak_memory``: peak device memory over a block of code (process RSS on CPU).
 
 All times are seconds from ``time.perf_counter()``; all memory sizes are bytes.
 """
@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from npukit import device as device_mod
+
 __all__ = [
     "RequestMetrics",
     "Summary",
@@ -29,6 +31,7 @@ __all__ = [
     "RequestsSummary",
     "summarize_requests",
     "PeakMemory",
+    "peak_memory",
     "GenerationTiming",
     "time_generation",
     "BenchmarkResult",
@@ -330,55 +333,36 @@ def summarize_requests(requests: Sequence[RequestMetrics]) -> RequestsSummary:
 
 
 # --------------------------------------------------------------------------------------------------
-# Device helpers: use npukit.device when it is there, plain torch otherwise
+# Memory
 # --------------------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device | str | None) -> None:
-    try:
-        from npukit.device import synchronize
-    except ImportError:  # pragma: no cover - npukit.device is part of the package
-        synchronize = None
-    if synchronize is not None:
-        synchronize(device)
-        return
-    dev = torch.device(device) if device is not None else torch.device("cpu")  # pragma: no cover
-    if dev.type == "cuda":  # pragma: no cover
-        torch.cuda.synchronize(dev)
+def peak_memory(device: torch.device | str = "auto") -> int:
+    """Peak bytes since the last reset: ``max_memory_allocated`` on NPU / CUDA, peak RSS on CPU."""
+    return device_mod.memory_stats(device).peak
 
 
 class PeakMemory:
     """Peak memory over a ``with`` block: ``with PeakMemory(model.device) as mem: ...; mem.peak_bytes``.
 
     On NPU / CUDA it resets the allocator's peak counter on entry and reads ``max_memory_allocated`` on
-    exit. On CPU there is no resettable counter: it reports the process RSS at exit (an upper bound).
+    exit. On CPU there is no resettable counter: ``peak_bytes`` is the process's peak RSS so far (an
+    upper bound for the block). ``stats`` keeps the full ``npukit.device.MemoryStats`` read at exit.
     """
 
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+    def __init__(self, device: torch.device | str = "auto"):
+        self.device = device_mod.resolve(device)
         self.peak_bytes: int | None = None
-        self.stats: dict[str, Any] = {}
+        self.stats: device_mod.MemoryStats | None = None
 
     def __enter__(self) -> "PeakMemory":
-        _reset_peak(self.device)
+        device_mod.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc) -> None:
-        _synchronize(self.device)
-        self.stats = _memory_stats(self.device)
-        self.peak_bytes = self.stats.get("peak")
-
-
-def _memory_stats(device: torch.device) -> dict[str, Any]:
-    from npukit.device import memory_stats
-
-    return dict(memory_stats(device))
-
-
-def _reset_peak(device: torch.device) -> None:
-    from npukit.device import reset_peak_memory_stats
-
-    reset_peak_memory_stats(device)
+        device_mod.synchronize(self.device)
+        self.stats = device_mod.memory_stats(self.device)
+        self.peak_bytes = self.stats.peak
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,11 +476,11 @@ def time_generation(
     timer = _token_timer_class()()
 
     with PeakMemory(device) as mem:
-        _synchronize(device)
+        device_mod.synchronize(device)
         metrics = RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=int(input_ids.shape[1]))
         with torch.inference_mode():
             out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=timer, **generate_kwargs)
-        _synchronize(device)
+        device_mod.synchronize(device)
         metrics.finish_time = time.perf_counter()
 
     output_ids = out[0, input_ids.shape[1] :].tolist()
@@ -550,7 +534,7 @@ class BenchmarkResult:
         for s in self.summaries():
             f = lambda v: _format_value(v, s.unit)  # noqa: E731
             lines.append(
-                f"  {s.name:<12} mean {f(s.mean):>12} | median {f(s.median):>12} | p99 {f(s.p99):>12} | "
+                f"  {s.name:<14} mean {f(s.mean):>12} | median {f(s.median):>12} | p99 {f(s.p99):>12} | "
                 f"variance {s.variance:.4g} | range {f(s.range)}"
             )
         return "\n".join(lines)
