@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import importlib
 
+# NOTE: imported eagerly (it is stdlib-only at import time) so that `npukit.doctor` is the function, not the
+# submodule of the same name that a later `import npukit.doctor` would otherwise bind here.
+from .doctor import doctor
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "npukit.loading",
     "LoadReport": "npukit.loading",
     "download": "npukit.hub",
-    "doctor": "npukit.doctor",
     "Chat": "npukit.chat",
     "LLM": "npukit.engine",
     "SamplingParams": "npukit.engine",
@@ -21,7 +24,7 @@ _EXPORTS = {
     "EMBEDDED": "npukit.samples",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "doctor"])
 
 
 def __getattr__(name: str):

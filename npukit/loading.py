@@ -144,6 +144,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
                trust_remote_code: bool = False):
     """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dev = _device.resolve(device)
     reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []
@@ -154,10 +155,15 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     before = _device.memory_stats(dev).allocated
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in notebooks and the CLI
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load {origin} from {path}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(dev).eval()
     _device.synchronize(dev)
     seconds = time.perf_counter() - t0

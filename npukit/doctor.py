@@ -1,0 +1,719 @@
+"""`npukit doctor`: check the Python / torch / torch_npu / CANN stack and explain what is wrong.
+
+    report = npukit.doctor()       # or: npukit doctor [--json]
+    report.ok                      # False when any check FAILs
+    print(report)                  # a table; notebooks render report._repr_html_()
+
+Each check is a small function `check_xxx(env) -> Check` over an `Environment` snapshot
+(versions, CANN, device, environment variables), so checks are plain functions that tests can
+feed a made-up environment. `probe_environment()` is the only place that looks at the machine.
+"""
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+STATUSES = (PASS, WARN, FAIL)
+
+SET_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+MIN_PYTHON = (3, 10)
+MIN_TRANSFORMERS = "4.56"
+
+
+@dataclass
+class Check:
+    """One line of the report: what was checked, how it went, and what to do about it."""
+
+    name: str
+    status: str  # PASS | WARN | FAIL
+    detail: str
+    advice: str = ""
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"Check status must be one of {STATUSES}, got {self.status!r}")
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        """True when no check FAILed (WARNs are fine)."""
+        return not any(c.status == FAIL for c in self.checks)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(c.status == s for c in self.checks) for s in STATUSES}
+
+    def __getitem__(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check named {name!r}; checks: {', '.join(c.name for c in self.checks)}")
+
+    def summary(self) -> str:
+        n = self.counts
+        verdict = "ok" if self.ok else "fix the FAIL lines"
+        return f"npukit doctor: {n[PASS]} PASS, {n[WARN]} WARN, {n[FAIL]} FAIL ({verdict})"
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "counts": self.counts, "checks": [asdict(c) for c in self.checks]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def __str__(self) -> str:
+        width = max((len(c.name) for c in self.checks), default=0)
+        lines = [self.summary()]
+        for c in self.checks:
+            lines.append(f"  {c.status}  {c.name:<{width}}  {c.detail}")
+            if c.advice and c.status != PASS:  # PASS advice is informational: JSON / HTML only
+                lines.append(f"  {'':4}  {'':<{width}}  -> {c.advice}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colour = {PASS: "#1a7f37", WARN: "#9a6700", FAIL: "#cf222e"}
+        rows = "".join(
+            f"<tr><td style='color:{colour[c.status]};font-weight:bold'>{c.status}</td>"
+            f"<td><code>{html.escape(c.name)}</code></td><td>{html.escape(c.detail)}</td>"
+            f"<td>{html.escape(c.advice)}</td></tr>"
+            for c in self.checks
+        )
+        return (
+            f"<p><b>{html.escape(self.summary())}</b></p>"
+            "<table><thead><tr><th>status</th><th>check</th><th>detail</th><th>advice</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch_npu <-> torch <-> CANN pairing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairingRow:
+    """torch_npu[i] is built for torch[i]; the whole row is released for one CANN version."""
+
+    torch_npu: tuple[str, ...]
+    torch: tuple[str, ...]
+    cann: str
+
+
+# NOTE: the Ascend/pytorch compatibility table (DESIGN.md), newest CANN first. Invariant (tested):
+# Version(torch_npu[i]).base_version == torch[i], which is what "torch_npu needs the same torch" means.
+PAIRING_TABLE: tuple[PairingRow, ...] = (
+    PairingRow(("2.12.0", "2.11.0", "2.10.0.post4", "2.9.0.post6", "2.7.1.post8"),
+               ("2.12.0", "2.11.0", "2.10.0", "2.9.0", "2.7.1"), "9.1.0"),
+    PairingRow(("2.9.0.post2", "2.8.0.post4", "2.7.1.post4"),
+               ("2.9.0", "2.8.0", "2.7.1"), "9.0.0"),
+    PairingRow(("2.9.0", "2.8.0.post2", "2.7.1.post2", "2.6.0.post5"),
+               ("2.9.0", "2.8.0", "2.7.1", "2.6.0"), "8.5.0"),
+    PairingRow(("2.8.0", "2.7.1", "2.6.0.post3"),
+               ("2.8.0", "2.7.1", "2.6.0"), "8.3.RC1"),
+    PairingRow(("2.6.0", "2.5.1.post1"),
+               ("2.6.0", "2.5.1"), "8.2.RC1"),
+    PairingRow(("2.5.1", "2.4.0.post4", "2.3.1.post6"),
+               ("2.5.1", "2.4.0", "2.3.1"), "8.1.RC1"),
+)
+
+_MISMATCH_SYMPTOMS = "'undefined symbol' ImportErrors, a missing libatb.so, or \"Failed to infer device type\""
+
+
+def _same_cann(a: str, b: str) -> bool:
+    return a.strip().upper() == b.strip().upper()
+
+
+def _row_for_torch_npu(torch_npu: Version) -> PairingRow | None:
+    for row in PAIRING_TABLE:
+        if any(Version(v) == Version(torch_npu.public) for v in row.torch_npu):
+            return row
+    return None
+
+
+def pairs_for_cann(cann: str) -> list[tuple[str, str]]:
+    """The (torch_npu, torch) pairs the table lists for a CANN version; [] when it is not in the table."""
+    return [pair for row in PAIRING_TABLE if _same_cann(row.cann, cann) for pair in zip(row.torch_npu, row.torch)]
+
+
+def _format_pairs(pairs: list[tuple[str, str]]) -> str:
+    return ", ".join(f"torch_npu {n} + torch {t}" for n, t in pairs)
+
+
+def check_pairing(torch_npu: str | None, torch: str, cann: str | None) -> Check:
+    """Is (torch_npu, torch, CANN) a combination from the official table?
+
+    FAIL when torch_npu was built for another torch (their base versions must match), PASS for a row
+    of the table, WARN when the combination is not in the table or CANN is unknown.
+    """
+    name = "pairing"
+    if torch_npu is None:
+        return Check(name, PASS, "torch_npu not installed: nothing to pair (CPU / CUDA setup)")
+    try:
+        npu_v, torch_v = Version(torch_npu), Version(torch)
+    except InvalidVersion as e:
+        return Check(name, WARN, f"cannot compare versions: {e}", "Check `pip show torch torch_npu`.")
+
+    # NOTE: torch_npu X.Y.Z[.postN] is compiled against torch X.Y.Z exactly; anything else fails at import.
+    if npu_v.base_version != torch_v.base_version:
+        fits_torch = [(n, c) for row in PAIRING_TABLE for n, t in zip(row.torch_npu, row.torch)
+                      for c in [row.cann] if t == torch_v.base_version]
+        alt = (" or keep torch and install a torch_npu built for it: "
+               + ", ".join(f"torch_npu=={n} (CANN {c})" for n, c in fits_torch)) if fits_torch else ""
+        return Check(
+            name, FAIL,
+            f"torch_npu {torch_npu} is built for torch {npu_v.base_version}, but torch {torch} is installed",
+            f"Install the matching torch: pip install torch=={npu_v.base_version}{alt}. A torch / torch_npu "
+            f"mismatch shows up as {_MISMATCH_SYMPTOMS}.",
+        )
+
+    row = _row_for_torch_npu(npu_v)
+    if cann is None:
+        expect = f"torch_npu {torch_npu} is released for CANN {row.cann}" if row else \
+            f"torch_npu {torch_npu} is not in the compatibility table"
+        return Check(
+            name, WARN, f"CANN version unknown; {expect}",
+            f"Install CANN and load its environment before starting Python: {SET_ENV}",
+        )
+    if row is None:
+        pairs = pairs_for_cann(cann)
+        hint = (f"For CANN {cann} the table lists: {_format_pairs(pairs)}." if pairs else
+                f"CANN {cann} is not in the table either; newest known: CANN {PAIRING_TABLE[0].cann} with "
+                f"{_format_pairs(list(zip(PAIRING_TABLE[0].torch_npu, PAIRING_TABLE[0].torch)))}.")
+        return Check(name, WARN, f"torch_npu {torch_npu} + torch {torch} + CANN {cann} is not in the "
+                                 "compatibility table (it may still work)", hint)
+    if _same_cann(row.cann, cann):
+        return Check(name, PASS, f"torch_npu {torch_npu} + torch {torch} + CANN {cann}: a known-good combination")
+    pairs = pairs_for_cann(cann)
+    alt = f", or the torch_npu built for CANN {cann}: {_format_pairs(pairs)}" if pairs else ""
+    return Check(
+        name, WARN,
+        f"torch_npu {torch_npu} is released for CANN {row.cann}, but CANN {cann} is installed",
+        f"Install CANN {row.cann}{alt}. A CANN mismatch shows up as {_MISMATCH_SYMPTOMS}.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CANN lookup
+# ---------------------------------------------------------------------------------------------
+
+CANN_ENV_VARS = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")
+
+
+def default_cann_roots(home: str | os.PathLike | None = None) -> list[Path]:
+    """Where CANN toolkits usually live (root install, then the per-user install under $HOME)."""
+    home = Path(home) if home else Path.home()
+    return [
+        Path("/usr/local/Ascend/ascend-toolkit/latest"),
+        Path("/usr/local/Ascend/cann"),  # CANN >= 8.5 layout
+        home / "Ascend/ascend-toolkit/latest",
+        home / "Ascend/cann",
+    ]
+
+
+def _read_install_info(path: Path) -> str | None:
+    # ascend_toolkit_install.info: "package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n..."
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().lower() == "version" and value.strip():
+            return value.strip()
+    return None
+
+
+def _read_version_cfg(path: Path) -> str | None:
+    # version.cfg: "toolkit_running_version=[7.6.0.1.220:8.0.0]" (inner version : CANN version)
+    found: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"\s*(\w+)_running_version\s*=\s*\[([^\]]*)\]", line)
+        if m and m.group(2).strip():
+            value = m.group(2).split(":")[-1].strip()
+            found[m.group(1)] = value.removeprefix("CANN-")
+    for component in ("toolkit", "runtime", "compiler"):
+        if component in found:
+            return found[component]
+    return next(iter(found.values()), None)
+
+
+def read_cann_version(root: str | os.PathLike) -> str | None:
+    """The CANN version of the toolkit at `root` (e.g. /usr/local/Ascend/ascend-toolkit/latest), or None.
+
+    Reads `<root>/<arch>-linux/ascend_toolkit_install.info` (its `version=` line), else
+    `<root>/version.cfg` (`toolkit_running_version=[inner:CANN]`). `root` may also be the folder
+    that holds `latest/`.
+    """
+    root = Path(root)
+    for base in (root, root / "latest"):
+        if not base.is_dir():
+            continue
+        for info in sorted(base.glob("*-linux/ascend_toolkit_install.info")):
+            if version := _read_install_info(info):
+                return version
+        cfg = base / "version.cfg"
+        if cfg.is_file() and (version := _read_version_cfg(cfg)):
+            return version
+    return None
+
+
+@dataclass
+class CannInfo:
+    version: str | None
+    root: str | None
+    sourced: bool  # True when ASCEND_TOOLKIT_HOME / ASCEND_HOME_PATH is set (set_env.sh was sourced)
+
+
+def find_cann(environ: Mapping[str, str] | None = None, roots: list[Path] | None = None) -> CannInfo:
+    """Look for CANN: first where the environment variables point, then in the usual places."""
+    environ = os.environ if environ is None else environ
+    env_roots = [Path(environ[v]) for v in CANN_ENV_VARS if environ.get(v)]
+    candidates = env_roots + (default_cann_roots(environ.get("HOME")) if roots is None else list(roots))
+    for root in candidates:
+        try:
+            version = read_cann_version(root)
+        except OSError:
+            continue
+        if version:
+            return CannInfo(version, str(root), bool(env_roots))
+    return CannInfo(None, str(env_roots[0]) if env_roots else None, bool(env_roots))
+
+
+# ---------------------------------------------------------------------------------------------
+# Known problems: error text -> what to do
+# ---------------------------------------------------------------------------------------------
+
+# NOTE: (substring to look for in an error message, explanation). Lower-case substrings; first match wins
+# within a group, but every matching entry is reported.
+KNOWN_PROBLEMS: tuple[tuple[str, str], ...] = (
+    ("undefined symbol",
+     "torch, torch_npu and CANN do not match: torch_npu is compiled against one exact torch and one CANN. "
+     "Run `npukit doctor` and install a combination from its pairing table."),
+    ("libatb.so",
+     "The ATB library (CANN's NNAL package) is missing or not on the library path: install the NNAL package of "
+     "the same CANN version and `source /usr/local/Ascend/nnal/atb/set_env.sh`; a CANN / torch_npu mismatch "
+     "causes it too."),
+    ("failed to infer device type",
+     f"torch cannot see the NPU: torch_npu was not imported or CANN's environment is not loaded. Run `{SET_ENV}` "
+     "before starting Python / Jupyter, and `import torch_npu` (or keep TORCH_DEVICE_BACKEND_AUTOLOAD unset)."),
+    ("libascend_hal.so",
+     "The NPU driver is not visible: install the Ascend driver, or mount /usr/local/Ascend/driver into the "
+     "container."),
+    ("libascendcl.so", f"CANN's libraries are not on the library path: `{SET_ENV}`."),
+    ("libhccl.so", f"CANN's libraries are not on the library path: `{SET_ENV}`."),
+    ("no module named 'ml_dtypes'", "pip install ml-dtypes (numpy support for bfloat16)."),
+    ("no module named 'torch_npu'",
+     "torch_npu is not installed: pip install the torch_npu that matches your torch and CANN (see `npukit doctor`)."),
+    ("permission denied",
+     "You may be writing outside your home folder: on ModelArts / GitCode notebooks /home itself is read-only; "
+     "work under $HOME (e.g. mkdir -p $HOME/models) and point NPUKIT_HOME / HF_HOME there."),
+    ("expandable_segments",
+     "PYTORCH_NPU_ALLOC_CONF=expandable_segments:True does not mix with some graph-capture modes: unset it, or run "
+     "eager (vLLM: --enforce-eager)."),
+    ("out of memory",
+     "The device ran out of memory: use a smaller model or fp16/bf16, shorten max_model_len, lower max_num_seqs / "
+     "the memory fraction; on NPU expandable_segments:True reduces fragmentation."),
+)
+
+
+def explain_error(message: str) -> str:
+    """What a known error message means and what to do; "" when npukit does not know it."""
+    text = message.lower()
+    return "\n".join(advice for needle, advice in KNOWN_PROBLEMS if needle in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment snapshot
+# ---------------------------------------------------------------------------------------------
+
+PACKAGES = ("torch", "torch_npu", "transformers", "numpy", "ml_dtypes")
+
+
+@dataclass
+class DeviceFacts:
+    kind: str | None = None  # npu | cuda | mps | cpu; None when torch is unusable
+    name: str | None = None
+    count: int = 0
+    memory_total: int | None = None  # bytes
+    memory_free: int | None = None
+    bf16: bool | None = None
+    bf16_reason: str = ""
+    error: str | None = None  # why probing failed
+
+
+@dataclass
+class Environment:
+    """Everything the checks look at. `probe_environment()` fills it from this machine."""
+
+    python: tuple[int, int, int]
+    packages: dict[str, str | None]  # distribution name -> version, None when not installed
+    cann: CannInfo
+    device: DeviceFacts
+    environ: dict[str, str] = field(default_factory=dict, repr=False)  # NOTE: may hold tokens: never printed
+    import_errors: dict[str, str] = field(default_factory=dict)  # module -> "Type: message"
+
+    @property
+    def torch_npu_installed(self) -> bool:
+        return self.packages.get("torch_npu") is not None
+
+    @property
+    def on_npu(self) -> bool:
+        """Looks like an Ascend machine: an NPU was found, or torch_npu / CANN are installed."""
+        return self.device.kind == "npu" or self.torch_npu_installed or self.cann.version is not None
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+
+
+def _probe_device(import_errors: dict[str, str]) -> DeviceFacts:
+    try:
+        import torch
+
+        from npukit import device as dev
+    except Exception as e:  # e.g. torch autoloads a mismatched torch_npu -> undefined symbol
+        import_errors.setdefault("torch", _error_text(e))
+        return DeviceFacts(error=_error_text(e))
+    if _dist_version("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401
+        except Exception as e:
+            import_errors["torch_npu"] = _error_text(e)
+    facts = DeviceFacts()
+    try:
+        facts.kind = dev.detect()
+        facts.name = dev.device_name(facts.kind)
+        facts.count = dev.device_count(facts.kind)
+        mem = dev.memory_stats(facts.kind)
+        facts.memory_total, facts.memory_free = mem.total, mem.free
+        if facts.kind != "cpu":
+            facts.bf16, facts.bf16_reason = dev.supports_dtype(facts.kind, torch.bfloat16)
+        else:
+            facts.bf16 = True
+            facts.bf16_reason = ("native bf16 matmul" if dev.cpu_has_fast_bf16()
+                                 else "works, but this CPU has no native bf16: fp32 is faster")
+    except Exception as e:
+        facts.error = _error_text(e)
+    return facts
+
+
+def probe_environment() -> Environment:
+    """Read versions, CANN, the device and the environment variables of this process."""
+    import_errors: dict[str, str] = {}
+    packages = {name: _dist_version(name) for name in PACKAGES}
+    device = _probe_device(import_errors) if packages["torch"] else DeviceFacts(error="torch is not installed")
+    return Environment(
+        python=tuple(sys.version_info[:3]),
+        packages=packages,
+        cann=find_cann(),
+        device=device,
+        environ=dict(os.environ),
+        import_errors=import_errors,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_explanation(advice: str, error: str) -> str:
+    extra = explain_error(error)
+    return f"{advice} {extra}".strip() if extra else advice
+
+
+def check_python(env: Environment) -> Check:
+    v = ".".join(map(str, env.python))
+    if env.python[:2] >= MIN_PYTHON:
+        return Check("python", PASS, f"Python {v} ({platform.system()} {platform.machine()})")
+    need = ".".join(map(str, MIN_PYTHON))
+    return Check("python", FAIL, f"Python {v} is too old", f"npukit needs Python >= {need}: create a new "
+                                                           f"environment, e.g. conda create -n npukit python=3.11")
+
+
+def check_torch(env: Environment) -> Check:
+    version = env.packages.get("torch")
+    if version is None:
+        return Check("torch", FAIL, "torch is not installed",
+                     "Install torch first: CPU `pip install torch==2.13.0`; Ascend: the torch that matches your "
+                     "torch_npu and CANN (see the pairing check).")
+    if "torch" in env.import_errors:
+        err = env.import_errors["torch"]
+        return Check("torch", FAIL, f"torch {version} does not import: {err}", _with_explanation(
+            "If the error comes from torch_npu (torch >= 2.5 loads it automatically), set "
+            "TORCH_DEVICE_BACKEND_AUTOLOAD=0 to import torch alone, then fix the torch_npu pairing.", err))
+    return Check("torch", PASS, f"torch {version}")
+
+
+def check_transformers(env: Environment) -> Check:
+    version = env.packages.get("transformers")
+    if version is None:
+        return Check("transformers", FAIL, "transformers is not installed",
+                     f"pip install 'transformers>={MIN_TRANSFORMERS}'")
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        return Check("transformers", WARN, f"transformers {version} is older than npukit needs ({MIN_TRANSFORMERS})",
+                     f"pip install -U 'transformers>={MIN_TRANSFORMERS}' torch==<your torch version> (pinning torch "
+                     "stops pip from replacing the torch your torch_npu needs)")
+    return Check("transformers", PASS, f"transformers {version}")
+
+
+def check_numpy(env: Environment) -> Check:
+    version = env.packages.get("numpy")
+    if version is None:
+        return Check("numpy", FAIL, "numpy is not installed", "pip install numpy")
+    return Check("numpy", PASS, f"numpy {version}",
+                 "Do not upgrade numpy blindly on Ascend: torch_npu wheels are built against a given numpy series.")
+
+
+def check_ml_dtypes(env: Environment) -> Check:
+    version = env.packages.get("ml_dtypes")
+    if version is None:
+        return Check("ml_dtypes", WARN, "ml-dtypes is not installed: numpy has no bfloat16 without it",
+                     "pip install ml-dtypes (otherwise code that moves bf16 tensors to numpy fails with "
+                     "\"No module named 'ml_dtypes'\")")
+    return Check("ml_dtypes", PASS, f"ml-dtypes {version}")
+
+
+def check_torch_npu(env: Environment) -> Check:
+    version = env.packages.get("torch_npu")
+    if version is None:
+        if env.cann.version:
+            return Check("torch_npu", WARN, f"CANN {env.cann.version} is installed but torch_npu is not",
+                         f"pip install the torch_npu for your torch and CANN: "
+                         f"{_format_pairs(pairs_for_cann(env.cann.version)) or 'see the pairing table'}")
+        return Check("torch_npu", PASS, "not installed (fine on CPU / CUDA)")
+    if "torch_npu" in env.import_errors:
+        err = env.import_errors["torch_npu"]
+        return Check("torch_npu", FAIL, f"torch_npu {version} does not import: {err}",
+                     _with_explanation("Fix the torch / torch_npu / CANN pairing (see the pairing check).", err))
+    return Check("torch_npu", PASS, f"torch_npu {version}")
+
+
+def _set_env_script(root: Path) -> str:
+    # ascend-toolkit/latest -> ascend-toolkit/set_env.sh; the CANN >= 8.5 layout keeps it in the root itself.
+    for candidate in (root / "set_env.sh", root.parent / "set_env.sh"):
+        if candidate.is_file():
+            return str(candidate)
+    return SET_ENV.removeprefix("source ")
+
+
+def check_cann(env: Environment) -> Check:
+    cann = env.cann
+    if cann.version is None:
+        if cann.sourced:
+            return Check("cann", WARN, f"CANN environment points to {cann.root} but no version file was found there",
+                         "Check the CANN install (ascend_toolkit_install.info / version.cfg).")
+        if env.torch_npu_installed:
+            return Check("cann", WARN, "torch_npu is installed but no CANN toolkit was found",
+                         f"Install the CANN toolkit and load it before starting Python: {SET_ENV}")
+        return Check("cann", PASS, "not found (only needed on Ascend NPUs)")
+    if not cann.sourced:
+        return Check("cann", WARN, f"CANN {cann.version} at {cann.root}, but its environment is not loaded",
+                     f"Run `source {_set_env_script(Path(cann.root))}` before starting Python / Jupyter "
+                     "(else torch_npu fails with \"Failed to infer device type\" or missing libraries).")
+    return Check("cann", PASS, f"CANN {cann.version} at {cann.root}")
+
+
+def check_versions_pairing(env: Environment) -> Check:
+    torch = env.packages.get("torch")
+    if torch is None:
+        return Check("pairing", WARN, "torch is not installed: cannot check the pairing")
+    return check_pairing(env.packages.get("torch_npu"), torch, env.cann.version)
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def check_device(env: Environment) -> Check:
+    d = env.device
+    if d.kind is None or d.error:
+        return Check("device", FAIL if d.kind is None else WARN, f"could not probe the device: {d.error}",
+                     _with_explanation("See the torch / torch_npu checks.", d.error or ""))
+    detail = f"{d.kind}: {d.name} x{d.count}, {_gib(d.memory_total)} total, {_gib(d.memory_free)} free"
+    if env.torch_npu_installed and d.kind != "npu":
+        return Check("device", WARN, f"torch_npu is installed but no NPU is usable; using {detail}",
+                     f"Load CANN's environment ({SET_ENV}), check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES. "
+                     "Without it torch reports \"Failed to infer device type\".")
+    return Check("device", PASS, detail)
+
+
+def check_bf16(env: Environment) -> Check:
+    d = env.device
+    if d.kind is None or d.bf16 is None:
+        return Check("bf16", WARN, "unknown (device not probed)")
+    if not d.bf16:
+        return Check("bf16", WARN, f"no bf16 on {d.name}: {d.bf16_reason}",
+                     "Load models with dtype='float16' (Atlas 300I Duo / 310P and 910A have no bf16).")
+    return Check("bf16", PASS, f"bf16 on {d.kind}: {d.bf16_reason}")
+
+
+def check_npu_smi(env: Environment, timeout: float = 10.0) -> Check:
+    exe = shutil.which("npu-smi", path=env.environ.get("PATH"))
+    if exe is None:
+        if env.on_npu:
+            return Check("npu-smi", WARN, "npu-smi is not on PATH",
+                         "Install the Ascend driver, or mount /usr/local/bin/npu-smi and /usr/local/Ascend/driver "
+                         "into the container.")
+        return Check("npu-smi", PASS, "not on PATH (no Ascend driver; fine on CPU / CUDA)")
+    # NOTE: guarded: a wedged driver can hang npu-smi, so it always runs with a timeout.
+    try:
+        out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("npu-smi", WARN, f"`npu-smi info` failed: {_error_text(e)}",
+                     "Check the NPU driver and firmware (dmesg, `npu-smi info`).")
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        return Check("npu-smi", WARN, f"`npu-smi info` exited {out.returncode}: {msg[0] if msg else ''}",
+                     "Check the NPU driver and firmware; in a container, mount the davinci devices.")
+    first = next((ln.strip("|+= ").strip() for ln in out.stdout.splitlines() if "npu-smi" in ln.lower()), "")
+    return Check("npu-smi", PASS, f"{exe} works{': ' + first if first else ''}")
+
+
+def _writable(path: Path) -> tuple[bool, str]:
+    """Can we write in `path` (or create it)? Tries a real temporary file: root ignores permission bits."""
+    target = path
+    while not target.exists():
+        if target.parent == target:
+            return False, f"{path}: no existing parent"
+        target = target.parent
+    if not target.is_dir():
+        return False, f"{path}: {target} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".npukit-doctor-"):
+            pass
+    except OSError as e:
+        return False, f"{target}: {_error_text(e)}"
+    return True, str(path) if target == path else f"{path} (will be created in {target})"
+
+
+def _npukit_home(environ: Mapping[str, str]) -> Path:
+    # NOTE: same rule as npukit.samples.npukit_home(): $NPUKIT_HOME, else ~/.cache/npukit. Kept here so the
+    # check can use the snapshot's environ (and does not import the samples module).
+    if environ.get("NPUKIT_HOME"):
+        return Path(environ["NPUKIT_HOME"]).expanduser()
+    home = environ.get("HOME")
+    return (Path(home) if home else Path.home()) / ".cache" / "npukit"
+
+
+def check_home(env: Environment) -> Check:
+    home = env.environ.get("HOME")
+    if not home:
+        return Check("home", FAIL, "HOME is not set", "export HOME=<your home folder>")
+    ok, where = _writable(Path(home))
+    if not ok:
+        return Check("home", FAIL, f"cannot write in HOME: {where}",
+                     "Ask for a writable home, or export HOME to a folder you own.")
+    return Check("home", PASS, f"HOME={home} is writable",
+                 "Keep models and caches under $HOME: on ModelArts / GitCode notebooks /home itself is read-only.")
+
+
+def check_cache(env: Environment) -> Check:
+    path = _npukit_home(env.environ)
+    ok, where = _writable(path)
+    if not ok:
+        return Check("cache", FAIL, f"npukit cache folder not writable: {where}",
+                     "export NPUKIT_HOME=$HOME/.cache/npukit (a folder you can write).")
+    return Check("cache", PASS, f"npukit cache: {where}")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_alloc_conf(env: Environment) -> Check:
+    name, value = "PYTORCH_NPU_ALLOC_CONF", env.environ.get("PYTORCH_NPU_ALLOC_CONF")
+    graph_note = ("It does not mix with some graph-capture modes of vLLM-Ascend (ACL graph / TorchAir): if capture "
+                  "fails, unset it or run eager (--enforce-eager).")
+    if value is None:
+        if env.on_npu:
+            return Check(name, WARN, "unset: the NPU caching allocator can fragment and OOM early",
+                         f"export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True for eager inference. {graph_note}")
+        return Check(name, PASS, "unset (only read by torch_npu)")
+    if "expandable_segments:true" in value.replace(" ", "").lower():
+        return Check(name, PASS, value, graph_note)
+    return Check(name, PASS, value, "expandable_segments:True reduces fragmentation OOMs in eager mode.")
+
+
+def check_hf_endpoint(env: Environment) -> Check:
+    name, value = "HF_ENDPOINT", env.environ.get("HF_ENDPOINT")
+    if value:
+        return Check(name, PASS, f"Hugging Face downloads go to {value}",
+                     "`npukit download --source openmind|modelscope` uses those hubs instead.")
+    return Check(name, PASS, "unset: downloads go to huggingface.co",
+                 "If huggingface.co is slow or blocked, export HF_ENDPOINT=https://hf-mirror.com, or use "
+                 "`npukit download --source modelscope` / `--source openmind`.")
+
+
+def check_hf_offline(env: Environment) -> Check:
+    name, value = "HF_HUB_OFFLINE", env.environ.get("HF_HUB_OFFLINE")
+    if _truthy(value):
+        return Check(name, PASS, f"{value}: offline, only models already in the cache load",
+                     "Unset HF_HUB_OFFLINE to download new models.")
+    return Check(name, PASS, "online" if value is None else f"{value}: online")
+
+
+def check_visible_devices(env: Environment) -> Check:
+    name, value = "ASCEND_RT_VISIBLE_DEVICES", env.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    if value is None:
+        return Check(name, PASS, "unset: every NPU is visible" if env.on_npu else "unset")
+    if not value.strip():
+        return Check(name, WARN, "set but empty: no NPU is visible to this process",
+                     "unset ASCEND_RT_VISIBLE_DEVICES, or list the NPU ids to use (e.g. 0 or 0,1).")
+    return Check(name, PASS, f"{value}: only these NPUs are visible, renumbered from npu:0")
+
+
+def check_autoload(env: Environment) -> Check:
+    name, value = "TORCH_DEVICE_BACKEND_AUTOLOAD", env.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
+    if value is not None and value.strip() == "0":
+        if env.torch_npu_installed:
+            return Check(name, WARN, "0: `import torch` does not load torch_npu",
+                         "`import torch_npu` yourself (npukit does), else NPU tensors fail with "
+                         "\"Failed to infer device type\".")
+        return Check(name, PASS, "0: torch does not autoload device backends")
+    return Check(name, PASS, "unset: torch >= 2.5 loads torch_npu on `import torch`" if value is None else value,
+                 "If `import torch` itself fails inside torch_npu, set TORCH_DEVICE_BACKEND_AUTOLOAD=0 to debug.")
+
+
+# NOTE: the order of the report. A check may be added anywhere; each must return one Check and never raise
+# (doctor() still guards them, turning a crash into a WARN).
+CHECKS: list[Callable[[Environment], Check]] = [
+    check_python, check_torch, check_transformers, check_numpy, check_ml_dtypes,
+    check_torch_npu, check_cann, check_versions_pairing,
+    check_device, check_bf16, check_npu_smi,
+    check_home, check_cache,
+    check_alloc_conf, check_hf_endpoint, check_hf_offline, check_visible_devices, check_autoload,
+]
+
+
+def doctor(env: Environment | None = None) -> DoctorReport:
+    """Run every check in CHECKS over `env` (default: this machine) and return the report."""
+    env = probe_environment() if env is None else env
+    checks = []
+    for fn in CHECKS:
+        try:
+            checks.append(fn(env))
+        except Exception as e:  # a doctor that crashes helps nobody
+            checks.append(Check(fn.__name__.removeprefix("check_"), WARN, f"check crashed: {_error_text(e)}",
+                                "Please report this as an npukit bug."))
+    return DoctorReport(checks)
