@@ -232,7 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default: 64)")
     p.set_defaults(func=_cmd_quickstart)
 
-    # Extension point: `bench` and `serve` register here the same way.
+    from npukit.bench import add_bench_serve_args, run_bench_serve
+    from npukit.graduate import add_graduate_args, run_graduate
+    from npukit.serve import add_serve_args, run_serve
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server over npukit's engine (like `vllm serve`)")
+    add_serve_args(p)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("bench", help="benchmarks (like `vllm bench`)")
+    bench = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    q = bench.add_parser("serve", help="benchmark an OpenAI-compatible server (like `vllm bench serve`)")
+    add_bench_serve_args(q)
+    q.set_defaults(func=run_bench_serve)
+
+    p = sub.add_parser("graduate", help="print the equivalent `vllm serve` / `vllm bench` commands")
+    add_graduate_args(p)
+    p.set_defaults(func=run_graduate)
     return parser
 
 
