@@ -78,12 +78,13 @@ class KVCache:
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v)
 
-    def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of whole blocks: block_tables ``[B, n]`` -> ``[B, n * block_size, num_kv_heads, head_dim]``."""
+    def gather_blocks(self, layer: int, block_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of whole blocks: ``num_seqs`` block tables of equal length ``n``, flattened into ``block_ids``
+        ``[num_seqs * n]`` -> ``[num_seqs, n * block_size, num_kv_heads, head_dim]`` each."""
         kc, vc = self.k_caches[layer], self.v_caches[layer]
-        b, n = block_tables.shape
-        return (kc[block_tables].view(b, n * kc.shape[1], *kc.shape[2:]),
-                vc[block_tables].view(b, n * vc.shape[1], *vc.shape[2:]))
+        shape = (num_seqs, -1, *kc.shape[2:])
+        # NOTE: index_select on the block dim copies whole contiguous blocks: ~4x faster than kc[ids] on CPU.
+        return kc.index_select(0, block_ids).view(shape), vc.index_select(0, block_ids).view(shape)
 
     def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V at the given slots ``[n]`` -> ``[n, num_kv_heads, head_dim]``."""

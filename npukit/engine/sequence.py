@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from .sampling import SamplingParams
 
 
@@ -45,6 +47,15 @@ class Sequence:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
+    cumulative_logprob: float = 0.0
+    # chain hashes of the full blocks of token_ids (see BlockManager); extended as blocks fill
+    block_hashes: list[int] = field(default_factory=list, repr=False)
+    # per-sequence random generator of a seeded request (created by the sampler on first use)
+    generator: "torch.Generator | None" = field(default=None, repr=False)
+    # incremental detokenization state (see LLM._detokenize)
+    output_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     # metrics (time.perf_counter() seconds); see npukit.metrics.RequestMetrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

@@ -1,0 +1,321 @@
+"""ModelRunner: a paged forward for Llama-family HF models that reuses the loaded model's weights.
+
+One step computes a batch of ``(seq, num_new_tokens)`` entries. Their tokens are flattened into one
+``[num_tokens, hidden]`` tensor (no padding to the longest): embeddings, norms, q/k/v/o projections and
+the MLP run once over all of them. Only attention is per sequence:
+
+- decode entries (1 new token) attend together in one batched SDPA over their gathered blocks, padded
+  to the longest context and masked;
+- prefill chunks (several new tokens) attend one sequence at a time; a first chunk attends over its
+  own fresh K/V (``is_causal``), a later chunk over its gathered context with a causal offset mask.
+
+All index tensors (positions, slots, block tables, masks) are built once per step, not per layer.
+Supported: LlamaForCausalLM (SmolLM2), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias),
+Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache, kv_shape
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The paged runner does not know this architecture; use the model's own HF ``generate``."""
+
+
+@dataclass
+class _LayerWeights:
+    """References to one HF decoder layer's parameters (the same tensors, never copies)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_w: torch.Tensor
+    k_w: torch.Tensor
+    v_w: torch.Tensor
+    o_w: torch.Tensor
+    gate_w: torch.Tensor
+    up_w: torch.Tensor
+    down_w: torch.Tensor
+    act: torch.nn.Module
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+    o_b: torch.Tensor | None = None
+    gate_b: torch.Tensor | None = None
+    up_b: torch.Tensor | None = None
+    down_b: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over head_dim before RoPE
+    k_norm: torch.Tensor | None = None
+    sliding_window: int | None = None
+
+
+@dataclass
+class _Prefill:
+    """A prefill chunk: token rows start:end of the flat batch, at positions num_computed...num_computed+n-1."""
+
+    start: int
+    end: int
+    num_computed: int
+    ctx_blocks: torch.Tensor | None  # blocks of positions 0..num_computed+n-1 (None: first chunk, use fresh K/V)
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> additive [n, ctx]
+
+
+@dataclass
+class _DecodeBucket:
+    """Decode rows start:end (1 token each) attending together over blocks padded to the bucket's longest."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor  # [(end - start) * max_blocks] block table rows, padded with block 0, flattened
+    max_blocks: int
+    masks: dict[int | None, torch.Tensor]  # window -> additive [end - start, 1, 1, max_blocks * block_size]
+
+
+@dataclass
+class StepInputs:
+    """Everything the layers need for one step, built once (host lists -> tensors)."""
+
+    input_ids: torch.Tensor       # [T]
+    positions: torch.Tensor       # [T]
+    slot_mapping: torch.Tensor    # [T]
+    decode_buckets: list[_DecodeBucket]  # decode rows come first, longest context first
+    prefills: list[_Prefill]      # then the prefill chunks
+    rows: list[tuple[int, int]]   # batch entry i computes rows rows[i][0]:rows[i][1], in the caller's order
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # NOTE: the same op order as HF's LlamaRMSNorm (float32 math, cast back, then scale) so fp32 logits
+    # match HF bit for bit in the norm and bf16 rounds the same way.
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, num_kv_blocks: int):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        inner = getattr(model, "model", None)
+        if model_type not in SUPPORTED_MODEL_TYPES or inner is None or not hasattr(inner, "layers"):
+            raise UnsupportedModelError(
+                f"the paged engine supports {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs, not "
+                f"{type(model).__name__} (model_type={model_type!r}); generate with the model's own Hugging Face "
+                "path instead: model.generate(input_ids, max_new_tokens=...)"
+            )
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(num_kv_blocks, int) or num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be a positive int, got {num_kv_blocks!r}")
+        self.model = model
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        num_layers, self.num_kv_heads, self.head_dim = kv_shape(config)
+        self.num_heads = config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head_w = model.lm_head.weight
+        self.rotary_emb = inner.rotary_emb
+        self.scaling = inner.layers[0].self_attn.scaling
+        self.layers = [self._layer_weights(layer, config) for layer in inner.layers[:num_layers]]
+        self.windows = sorted({w.sliding_window for w in self.layers}, key=lambda w: (w is not None, w or 0))
+        self.kv_cache = KVCache.allocate(num_layers, num_kv_blocks, block_size, self.num_kv_heads,
+                                         self.head_dim, self.dtype, self.device)
+
+    @staticmethod
+    def _layer_weights(layer, config) -> _LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        if config.model_type == "mistral":
+            window = getattr(config, "sliding_window", None)
+        else:
+            window = getattr(attn, "sliding_window", None)
+        bias = lambda lin: lin.bias  # noqa: E731  (None when the Linear has no bias)
+        return _LayerWeights(
+            input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+            q_w=attn.q_proj.weight, k_w=attn.k_proj.weight, v_w=attn.v_proj.weight, o_w=attn.o_proj.weight,
+            q_b=bias(attn.q_proj), k_b=bias(attn.k_proj), v_b=bias(attn.v_proj), o_b=bias(attn.o_proj),
+            gate_w=mlp.gate_proj.weight, up_w=mlp.up_proj.weight, down_w=mlp.down_proj.weight,
+            gate_b=bias(mlp.gate_proj), up_b=bias(mlp.up_proj), down_b=bias(mlp.down_proj), act=mlp.act_fn,
+            q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+            k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
+            sliding_window=window,
+        )
+
+    # ------------------------------------------------------------------ step inputs
+    def prepare_inputs(self, batch) -> StepInputs:
+        """Flatten a batch of (seq, num_new_tokens): decode rows first (longest context first), then prefills."""
+        bs = self.block_size
+        decodes = sorted(((i, s, n) for i, (s, n) in enumerate(batch) if n == 1),
+                         key=lambda e: -e[1].num_computed_tokens)
+        prefills = [(i, s, n) for i, (s, n) in enumerate(batch) if n != 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: dict[int, tuple[int, int]] = {}  # entry index -> (start row, end row)
+        for i, seq, n in decodes + prefills:
+            start = seq.num_computed_tokens
+            if n < 1 or start + n > len(seq.token_ids):
+                raise ValueError(
+                    f"sequence {seq.request_id!r}: cannot compute {n} tokens from position {start}, it has "
+                    f"{len(seq.token_ids)} tokens"
+                )
+            if (start + n + bs - 1) // bs > len(seq.block_table):
+                raise ValueError(
+                    f"sequence {seq.request_id!r}: block table has {len(seq.block_table)} blocks of {bs} tokens, "
+                    f"too few for positions up to {start + n - 1}; allocate blocks before execute_model"
+                )
+            rows[i] = (len(input_ids), len(input_ids) + n)
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+
+        dev = self.device
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+
+        # Decode: buckets of similar context length, each one padded batched attention.
+        buckets = []
+        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for _, s, _ in decodes]):
+            group = decodes[start:end]
+            max_blocks = (group[0][1].num_computed_tokens + bs) // bs  # NOTE: sorted, longest first
+            ids = [b for _, s, _ in group for b in s.block_table[:max_blocks] + [0] * (max_blocks - min(
+                len(s.block_table), max_blocks))]
+            ctx = as_long([s.num_computed_tokens + 1 for _, s, _ in group])[:, None]  # [b, 1]
+            key_pos = torch.arange(max_blocks * bs, device=dev)[None, :]              # [1, L]
+            masks = {}
+            for w in self.windows:
+                mask = key_pos < ctx
+                if w is not None:
+                    mask &= key_pos >= ctx - w  # NOTE: HF's sliding window: key > query_pos - window
+                masks[w] = self._additive(mask)[:, None, None, :]
+            buckets.append(_DecodeBucket(start, end, as_long(ids), max_blocks, masks))
+
+        prefill_meta = []
+        for i, seq, n in prefills:
+            start_row, end_row = rows[i]
+            nc = seq.num_computed_tokens
+            ctx_len = nc + n
+            ctx_blocks = as_long(seq.block_table[:(ctx_len + bs - 1) // bs]) if nc > 0 else None
+            masks: dict[int | None, torch.Tensor | None] = {}
+            q_pos = torch.arange(nc, ctx_len, device=dev)[:, None]
+            k_pos = torch.arange(ctx_len, device=dev)[None, :]
+            for w in self.windows:
+                if nc == 0 and (w is None or w >= n):
+                    masks[w] = None  # plain causal over its own tokens: SDPA is_causal
+                    continue
+                mask = k_pos <= q_pos
+                if w is not None:
+                    mask &= k_pos > q_pos - w
+                masks[w] = self._additive(mask)
+            prefill_meta.append(_Prefill(start_row, end_row, nc, ctx_blocks, masks))
+
+        return StepInputs(
+            input_ids=as_long(input_ids), positions=as_long(positions), slot_mapping=as_long(slots),
+            decode_buckets=buckets, prefills=prefill_meta, rows=[rows[i] for i in range(len(batch))],
+        )
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        # NOTE: SDPA turns a bool mask into this on every call; built once per step it is shared by all layers.
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+    @staticmethod
+    def _bucket(num_blocks: list[int], min_size: int = 4, ratio: float = 0.75) -> list[tuple[int, int]]:
+        """Split a descending list of block counts into runs whose padding stays within ~1/ratio."""
+        spans, start = [], 0
+        for j in range(1, len(num_blocks) + 1):
+            if j == len(num_blocks) or (j - start >= min_size and num_blocks[j] < ratio * num_blocks[start]):
+                spans.append((start, j))
+                start = j
+        return spans
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def execute_model(self, batch, all_logits: bool = False) -> torch.Tensor:
+        """Float32 logits of the last new token of each entry (all new tokens with all_logits=True).
+
+        Does not mutate the sequences: the engine advances num_computed_tokens after the step.
+        """
+        if not batch:
+            raise ValueError("execute_model needs at least one (seq, num_new_tokens) entry")
+        inputs = self.prepare_inputs(batch)
+        if all_logits:
+            idx = [r for start, end in inputs.rows for r in range(start, end)]
+        else:
+            idx = [end - 1 for _, end in inputs.rows]
+        hidden = self.forward(inputs)
+        hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
+        hidden = _rms_norm(hidden, self.final_norm, self.eps)
+        return F.linear(hidden, self.lm_head_w).float()
+
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Hidden states after the last decoder layer (before the final norm), ``[T, hidden]``."""
+        x = F.embedding(inp.input_ids, self.embed)
+        cos, sin = self.rotary_emb(x, inp.positions[None, :])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, head_dim]
+        num_tokens = x.shape[0]
+        for layer_idx, lw in enumerate(self.layers):
+            h = _rms_norm(x, lw.input_norm, self.eps)
+            q = F.linear(h, lw.q_w, lw.q_b).view(num_tokens, self.num_heads, self.head_dim)
+            k = F.linear(h, lw.k_w, lw.k_b).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = F.linear(h, lw.v_w, lw.v_b).view(num_tokens, self.num_kv_heads, self.head_dim)
+            if lw.q_norm is not None:
+                q = _rms_norm(q, lw.q_norm, self.eps)
+                k = _rms_norm(k, lw.k_norm, self.eps)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.kv_cache.write(layer_idx, k, v, inp.slot_mapping)
+            attn = self._attention(layer_idx, lw.sliding_window, q, k, v, inp)
+            x = x + F.linear(attn, lw.o_w, lw.o_b)
+            h = _rms_norm(x, lw.post_norm, self.eps)
+            h = lw.act(F.linear(h, lw.gate_w, lw.gate_b)) * F.linear(h, lw.up_w, lw.up_b)
+            x = x + F.linear(h, lw.down_w, lw.down_b)
+        return x
+
+    def _attention(self, layer_idx: int, window: int | None, q, k, v, inp: StepInputs) -> torch.Tensor:
+        """Attention output ``[T, num_heads * head_dim]`` for all rows of the step."""
+        num_tokens = q.shape[0]
+        out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
+        groups = self.num_heads // self.num_kv_heads
+        for d in inp.decode_buckets:
+            # One query per sequence: fold the query heads of a KV group into SDPA's "query length" so
+            # K/V are never repeated: q [b, kv_heads, group, D] against K/V [b, kv_heads, L, D].
+            nd = d.end - d.start
+            kk, vv = self.kv_cache.gather_blocks(layer_idx, d.block_ids, nd)
+            qd = q[d.start:d.end].view(nd, self.num_kv_heads, groups, self.head_dim)
+            o = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2),
+                                               attn_mask=d.masks[window], scale=self.scaling)
+            out[d.start:d.end] = o.reshape(nd, self.num_heads, self.head_dim)
+        for p in inp.prefills:
+            qp = q[p.start:p.end].transpose(0, 1)[None]  # [1, H, n, D]
+            if p.ctx_blocks is None:
+                kp, vp = k[p.start:p.end], v[p.start:p.end]
+            else:
+                kp, vp = self.kv_cache.gather_blocks(layer_idx, p.ctx_blocks, 1)
+                kp, vp = kp[0, :p.end - p.start + p.num_computed], vp[0, :p.end - p.start + p.num_computed]
+            mask = p.masks[window]
+            o = F.scaled_dot_product_attention(
+                qp, kp.transpose(0, 1)[None], vp.transpose(0, 1)[None], attn_mask=mask,
+                is_causal=mask is None, scale=self.scaling, enable_gqa=groups > 1)
+            out[p.start:p.end] = o[0].transpose(0, 1)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: copy each (src, dst) block's K/V in every layer."""
+        for s, d in pairs:
+            if not (0 <= s < self.num_kv_blocks and 0 <= d < self.num_kv_blocks):
+                raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got ({s}, {d})")
+        self.kv_cache.copy_blocks(pairs)

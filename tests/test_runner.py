@@ -1,0 +1,289 @@
+"""The paged runner against Hugging Face: same logits (fp32, 1e-4), same greedy tokens."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from npukit.engine.kv_cache import KVCache, kv_bytes_per_block
+from npukit.engine.runner import ModelRunner, UnsupportedModelError
+from npukit.engine.sequence import Sequence
+
+BLOCK = 4  # small blocks so every prompt spans several, non-contiguous ones
+ATOL = 1e-4
+
+
+def _tiny_config_model(cls_cfg, cls_model, **extra):
+    torch.manual_seed(0)
+    cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    return cls_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def arch_models():
+    """Random tiny models of each supported family, built from configs in well under a second."""
+    return {
+        "qwen2": _tiny_config_model(Qwen2Config, Qwen2ForCausalLM),  # q/k/v bias
+        "qwen3": _tiny_config_model(Qwen3Config, Qwen3ForCausalLM, head_dim=16),  # q_norm / k_norm
+        "mistral": _tiny_config_model(MistralConfig, MistralForCausalLM, sliding_window=6),
+        "llama3-rope": _tiny_config_model(LlamaConfig, LlamaForCausalLM, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    }
+
+
+class _Blocks:
+    """Hands out shuffled block ids, so tables are never contiguous (proves the paging)."""
+
+    def __init__(self, num_blocks: int, seed: int = 0):
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+
+    def seq(self, token_ids: list[int], max_len: int) -> Sequence:
+        s = Sequence(request_id=f"r{len(self.free)}", token_ids=list(token_ids), sampling_params=None)
+        s.block_table = [self.free.pop() for _ in range((max_len + BLOCK - 1) // BLOCK)]
+        return s
+
+
+def _prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _greedy(runner: ModelRunner, seqs: list[Sequence], steps: int) -> list[list[int]]:
+    """Prefill all, then decode all together; the test plays the engine (advances num_computed_tokens)."""
+    logits = runner.execute_model([(s, len(s.token_ids)) for s in seqs])
+    for _ in range(steps):
+        for s, row in zip(seqs, logits):
+            s.num_computed_tokens = len(s.token_ids)
+            s.token_ids.append(int(row.argmax()))
+        logits = runner.execute_model([(s, 1) for s in seqs])
+    return [s.token_ids[s.num_prompt_tokens:] for s in seqs]
+
+
+def _hf_greedy(model, ids: list[int], steps: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _check_prefill(model, lengths, num_blocks=128):
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=num_blocks)
+    blocks = _Blocks(num_blocks)
+    prompts = _prompts(model.config.vocab_size, lengths)
+    seqs = [blocks.seq(p, len(p)) for p in prompts]
+    logits = runner.execute_model([(s, len(s.token_ids)) for s in seqs], all_logits=True)
+    assert logits.dtype == torch.float32 and logits.shape == (sum(lengths), model.config.vocab_size)
+    ref = torch.cat([_hf_logits(model, p) for p in prompts])
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+    last = runner.execute_model([(s, len(s.token_ids)) for s in seqs])
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    torch.testing.assert_close(last, ref[ends], atol=ATOL, rtol=0)
+
+
+def test_prefill_logits_match_hf_tiny(tiny):
+    _check_prefill(tiny[0], [1, 7, 30, 13])
+
+
+@pytest.mark.slow
+def test_prefill_logits_match_hf_smollm2(smol):
+    _check_prefill(smol[0], [5, 40, 17])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "llama3-rope"])
+def test_prefill_logits_match_hf_other_architectures(arch_models, arch):
+    _check_prefill(arch_models[arch], [3, 20, 11])
+
+
+def _check_chunked(model, length=29, chunks=(1, 8, 5, 15)):
+    assert sum(chunks) == length
+    blocks = _Blocks(64)
+    (prompt,) = _prompts(model.config.vocab_size, [length], seed=1)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
+    whole = runner.execute_model([(blocks.seq(prompt, length), length)], all_logits=True)
+    seq = blocks.seq(prompt, length)
+    parts = []
+    for n in chunks:
+        parts.append(runner.execute_model([(seq, n)], all_logits=True))
+        assert seq.num_computed_tokens == sum(p.shape[0] for p in parts) - n, "runner must not mutate seq"
+        seq.num_computed_tokens += n
+    torch.testing.assert_close(torch.cat(parts), whole, atol=ATOL, rtol=0)
+    torch.testing.assert_close(whole, _hf_logits(model, prompt), atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_equals_one_prefill(tiny):
+    _check_chunked(tiny[0])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_chunked_prefill_other_architectures(arch_models, arch):
+    _check_chunked(arch_models[arch])  # mistral: the window (6) cuts through chunks
+
+
+def test_greedy_decode_matches_hf_generate_tiny(tiny):
+    model = tiny[0]
+    steps = 12
+    prompts = _prompts(model.config.vocab_size, [3, 9, 17])
+    blocks = _Blocks(64)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
+    got = _greedy(runner, [blocks.seq(p, len(p) + steps) for p in prompts], steps)
+    assert got == [_hf_greedy(model, p, steps) for p in prompts]
+
+
+@pytest.mark.slow
+def test_greedy_decode_matches_hf_generate_smollm2(smol):
+    model, tok = smol
+    steps = 10
+    prompts = [tok(t)["input_ids"] for t in ("The capital of France is", "def fibonacci(n):\n   ",
+                                              "Once upon a time, in a small village,")]
+    blocks = _Blocks(64)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
+    got = _greedy(runner, [blocks.seq(p, len(p) + steps) for p in prompts], steps)
+    assert got == [_hf_greedy(model, p, steps) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_greedy_decode_other_architectures(arch_models, arch):
+    model = arch_models[arch]
+    steps = 8
+    prompts = _prompts(model.config.vocab_size, [4, 10], seed=3)
+    blocks = _Blocks(64)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
+    got = _greedy(runner, [blocks.seq(p, len(p) + steps) for p in prompts], steps)
+    assert got == [_hf_greedy(model, p, steps) for p in prompts]
+
+
+def test_mixed_batch_equals_separate_calls(tiny):
+    model = tiny[0]
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128)
+    blocks = _Blocks(128)
+    prompts = _prompts(model.config.vocab_size, [5, 14, 9, 22], seed=2)
+    decoding = [blocks.seq(p, len(p)) for p in prompts[:3]]
+    for s in decoding:  # prefill all but the last prompt token: those are decoded below
+        runner.execute_model([(s, len(s.token_ids) - 1)])
+        s.num_computed_tokens = len(s.token_ids) - 1
+    fresh = blocks.seq(prompts[3], len(prompts[3]))
+    runner.execute_model([(fresh, 6)])  # the first chunk of a chunked prefill; the next one is mixed in
+    fresh.num_computed_tokens = 6
+    mixed = [(decoding[0], 1), (fresh, 10), (decoding[1], 1), (decoding[2], 1)]
+    together = runner.execute_model(mixed, all_logits=True)
+    separate = torch.cat([runner.execute_model([entry], all_logits=True) for entry in mixed])
+    torch.testing.assert_close(together, separate, atol=ATOL, rtol=0)  # matmul blocking differs with M
+    ref = torch.cat([_hf_logits(model, prompts[0])[-1:], _hf_logits(model, prompts[3])[6:16],
+                     _hf_logits(model, prompts[1])[-1:], _hf_logits(model, prompts[2])[-1:]])
+    torch.testing.assert_close(together, ref, atol=ATOL, rtol=0)
+
+
+def test_many_decodes_in_length_buckets_match_hf(tiny):
+    model = tiny[0]
+    lengths = [3, 60, 5, 33, 17, 40, 9, 2, 25, 48, 12, 7]
+    assert len(ModelRunner._bucket(sorted((n + BLOCK) // BLOCK for n in lengths)[::-1])) > 1
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128)
+    blocks = _Blocks(128)
+    prompts = _prompts(model.config.vocab_size, lengths, seed=4)
+    seqs = [blocks.seq(p, len(p)) for p in prompts]
+    runner.execute_model([(s, len(s.token_ids) - 1) for s in seqs if len(s.token_ids) > 2])
+    runner.execute_model([(s, 1) for s in seqs if len(s.token_ids) == 2])  # 2-token prompts: 1 + 1
+    for s in seqs:
+        s.num_computed_tokens = len(s.token_ids) - 1
+    logits = runner.execute_model([(s, 1) for s in seqs])
+    ref = torch.stack([_hf_logits(model, p)[-1] for p in prompts])
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+
+
+def test_bucket_spans_cover_in_order():
+    counts = [32, 31, 30, 29, 20, 19, 18, 17, 16, 3, 2, 1]
+    spans = ModelRunner._bucket(counts)
+    assert spans[0][0] == 0 and spans[-1][1] == len(counts)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert len(spans) == 3  # 32..29 | 20..16 | 3..1
+    assert ModelRunner._bucket([]) == []
+    assert ModelRunner._bucket([5]) == [(0, 1)]
+
+
+def test_copy_blocks_copies_every_layer(tiny):
+    runner = ModelRunner(tiny[0], block_size=BLOCK, num_kv_blocks=8)
+    blocks = _Blocks(8)
+    seq = blocks.seq(_prompts(300, [BLOCK])[0], BLOCK)
+    runner.execute_model([(seq, BLOCK)])
+    src = seq.block_table[0]
+    dst = next(b for b in range(8) if b != src)
+    cache = runner.kv_cache
+    assert all(not torch.equal(k[src], k[dst]) for k in cache.k_caches)
+    runner.copy_blocks([(src, dst)])
+    for k, v in zip(cache.k_caches, cache.v_caches):
+        assert torch.equal(k[src], k[dst]) and torch.equal(v[src], v[dst])
+    with pytest.raises(ValueError, match="block ids must be in"):
+        runner.copy_blocks([(0, 8)])
+
+
+def test_weights_are_shared_not_copied(tiny):
+    model = tiny[0]
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=4)
+    layer = model.model.layers[0]
+    assert runner.layers[0].q_w.data_ptr() == layer.self_attn.q_proj.weight.data_ptr()
+    assert runner.layers[0].down_w.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
+    assert runner.lm_head_w.data_ptr() == model.lm_head.weight.data_ptr()
+
+
+def test_kv_cache_shape_and_bytes(tiny):
+    model = tiny[0]
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=10)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert runner.kv_cache.k_caches[0].shape == (10, BLOCK, cfg.num_key_value_heads, head_dim)
+    assert runner.kv_cache.num_layers == cfg.num_hidden_layers
+    assert runner.kv_cache.num_bytes == 10 * kv_bytes_per_block(cfg, BLOCK, model.dtype)
+    assert kv_bytes_per_block(cfg, 16, torch.bfloat16) * 2 == kv_bytes_per_block(cfg, 16, torch.float32)
+
+
+def test_kv_cache_write_then_gather_roundtrip():
+    cache = KVCache.allocate(1, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3,
+                             dtype=torch.float32, device="cpu")
+    k, v = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
+    slots = torch.tensor([21, 20, 3, 8, 9])
+    cache.write(0, k, v, slots)
+    kk, vv = cache.gather_slots(0, slots)
+    assert torch.equal(kk, k) and torch.equal(vv, v)
+    kb, _ = cache.gather_blocks(0, torch.tensor([5, 0]), 1)  # block 5 = slots 20..23, block 0 = 0..3
+    assert torch.equal(kb[0, 0], k[1]) and torch.equal(kb[0, 1], k[0]) and torch.equal(kb[0, 7], k[2])
+
+
+def test_bf16_runs_close_to_hf_bf16(tiny):
+    model = LlamaForCausalLM(tiny[0].config).to(torch.bfloat16).eval()
+    model.load_state_dict(tiny[0].state_dict())
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=32)
+    assert runner.kv_cache.k_caches[0].dtype == torch.bfloat16
+    (prompt,) = _prompts(model.config.vocab_size, [19])
+    logits = runner.execute_model([(_Blocks(32).seq(prompt, 19), 19)], all_logits=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, _hf_logits(model, prompt), atol=5e-2, rtol=5e-2)
+
+
+def test_unsupported_architecture_points_to_hf_generate():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32))
+    with pytest.raises(UnsupportedModelError, match=r"gpt2.*model\.generate"):
+        ModelRunner(model, block_size=BLOCK, num_kv_blocks=4)
+
+
+def test_bad_batches_get_clear_errors(tiny):
+    runner = ModelRunner(tiny[0], block_size=BLOCK, num_kv_blocks=8)
+    seq = Sequence(request_id="a", token_ids=list(range(3, 13)), sampling_params=None)
+    seq.block_table = [0, 1]  # 8 slots for 10 tokens
+    with pytest.raises(ValueError, match="too few for positions up to 9"):
+        runner.execute_model([(seq, 10)])
+    with pytest.raises(ValueError, match="cannot compute 11 tokens"):
+        runner.execute_model([(seq, 11)])
+    with pytest.raises(ValueError, match="at least one"):
+        runner.execute_model([])
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        ModelRunner(tiny[0], block_size=0, num_kv_blocks=8)
