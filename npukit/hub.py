@@ -111,7 +111,7 @@ def download(
     repo_id = os.fspath(repo_id)
     folder = Path(repo_id).expanduser()
     if source == "local" or folder.is_dir() or repo_id.startswith(("/", "./", "../", "~")):
-        return _check_model_folder(folder)
+        return check_model_folder(folder)
     local_dir = Path(local_dir).expanduser() if local_dir is not None else None
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
     options = dict(
@@ -293,7 +293,8 @@ def _accepted(fn, kwargs: dict) -> dict:
 # Local folders, permissions, disk space
 
 
-def _check_model_folder(folder: Path) -> Path:
+def check_model_folder(folder: Path) -> Path:
+    """The folder itself if it holds a model (config.json), else NotAModelFolderError saying what to copy."""
     if not folder.is_dir():
         raise NotAModelFolderError(
             f"{folder} is not an existing folder. Pass a hub id like 'Qwen/Qwen2.5-0.5B-Instruct', or the path of "

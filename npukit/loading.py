@@ -127,9 +127,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
         return sample_path(name), f"embedded:{name}"
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} has no config.json: point to a Hugging Face model folder")
-        return path, f"local:{path}"
+        from .hub import check_model_folder
+
+        return check_model_folder(path), f"local:{path}"
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(
             f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not a model folder, "

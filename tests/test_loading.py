@@ -70,7 +70,7 @@ def test_device_npu_without_torch_npu_says_what_to_install():
 
 
 def test_local_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(loading.ModelLoadError, match="no config.json"):
+    with pytest.raises(npukit.hub.NotAModelFolderError, match="no config.json, so it is not a model folder"):
         npukit.load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
