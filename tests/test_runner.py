@@ -8,7 +8,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from npukit.engine.kv_cache import KVCache, kv_bytes_per_block
+from npukit.engine.kv_cache import kv_bytes_per_block
 from npukit.engine.runner import ModelRunner, UnsupportedModelError
 from npukit.engine.sequence import Sequence
 
@@ -183,11 +183,12 @@ def test_mixed_batch_equals_separate_calls(tiny):
     torch.testing.assert_close(together, ref, atol=ATOL, rtol=0)
 
 
-def test_many_decodes_in_length_buckets_match_hf(tiny):
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: every decode sequence gets its own attention call
+def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes):
     model = tiny[0]
     lengths = [3, 60, 5, 33, 17, 40, 9, 2, 25, 48, 12, 7]
     assert len(ModelRunner._bucket(sorted((n + BLOCK) // BLOCK for n in lengths)[::-1])) > 1
-    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128, decode_chunk_bytes=chunk_bytes)
     blocks = _Blocks(128)
     prompts = _prompts(model.config.vocab_size, lengths, seed=4)
     seqs = [blocks.seq(p, len(p)) for p in prompts]
@@ -208,6 +209,7 @@ def test_bucket_spans_cover_in_order():
     assert len(spans) == 3  # 32..29 | 20..16 | 3..1
     assert ModelRunner._bucket([]) == []
     assert ModelRunner._bucket([5]) == [(0, 1)]
+    assert ModelRunner._bucket([8, 8, 8, 8, 8], max_blocks_per_call=16) == [(0, 2), (2, 4), (4, 5)]
 
 
 def test_copy_blocks_copies_every_layer(tiny):
@@ -246,18 +248,6 @@ def test_kv_cache_shape_and_bytes(tiny):
     assert kv_bytes_per_block(cfg, 16, torch.bfloat16) * 2 == kv_bytes_per_block(cfg, 16, torch.float32)
 
 
-def test_kv_cache_write_then_gather_roundtrip():
-    cache = KVCache.allocate(1, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3,
-                             dtype=torch.float32, device="cpu")
-    k, v = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
-    slots = torch.tensor([21, 20, 3, 8, 9])
-    cache.write(0, k, v, slots)
-    kk, vv = cache.gather_slots(0, slots)
-    assert torch.equal(kk, k) and torch.equal(vv, v)
-    kb, _ = cache.gather_blocks(0, torch.tensor([5, 0]), 1)  # block 5 = slots 20..23, block 0 = 0..3
-    assert torch.equal(kb[0, 0], k[1]) and torch.equal(kb[0, 1], k[0]) and torch.equal(kb[0, 7], k[2])
-
-
 def test_bf16_runs_close_to_hf_bf16(tiny):
     model = LlamaForCausalLM(tiny[0].config).to(torch.bfloat16).eval()
     model.load_state_dict(tiny[0].state_dict())
@@ -287,3 +277,5 @@ def test_bad_batches_get_clear_errors(tiny):
         runner.execute_model([])
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         ModelRunner(tiny[0], block_size=0, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="needs the model on an Ascend NPU"):
+        ModelRunner(tiny[0], block_size=BLOCK, num_kv_blocks=8, use_npu_fused_ops=True)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache, kv_shape
 
+# On CPU one decode attention call gathers at most this many bytes of K (and as many of V); see __init__.
+CPU_DECODE_CHUNK_BYTES = 1 << 20
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -43,6 +45,7 @@ class _LayerWeights:
     up_w: torch.Tensor
     down_w: torch.Tensor
     act: torch.nn.Module
+    silu: bool  # act is SiLU: computed in place
     q_b: torch.Tensor | None = None
     k_b: torch.Tensor | None = None
     v_b: torch.Tensor | None = None
@@ -87,6 +90,9 @@ class StepInputs:
     decode_buckets: list[_DecodeBucket]  # decode rows come first, longest context first
     prefills: list[_Prefill]      # then the prefill chunks
     rows: list[tuple[int, int]]   # batch entry i computes rows rows[i][0]:rows[i][1], in the caller's order
+    num_decodes: int = 0
+    npu_block_table: torch.Tensor | None = None    # use_npu_fused_ops: int32 [num_decodes, max_blocks]
+    npu_context_lens: torch.Tensor | None = None   # use_npu_fused_ops: int32 [num_decodes], on the CPU
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,7 +110,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, num_kv_blocks: int):
+    """Paged forward over a loaded HF model. ``execute_model(batch)`` is the one call the engine makes.
+
+    ``decode_chunk_bytes``: most K bytes one batched decode attention call gathers (None: 1 MiB on CPU,
+    unlimited elsewhere). ``use_npu_fused_ops``: on an Ascend NPU, write K/V with
+    ``torch_npu._npu_reshape_and_cache`` and run decode attention with ``torch_npu._npu_paged_attention``
+    straight on the block tables (the ops vLLM-Ascend uses). UNTESTED: written from vLLM-Ascend's calls,
+    never run on an NPU by us; off by default.
+    """
+
+    def __init__(self, model, block_size: int, num_kv_blocks: int, *, decode_chunk_bytes: int | None = None,
+                 use_npu_fused_ops: bool = False):
         config = model.config
         model_type = getattr(config, "model_type", None)
         inner = getattr(model, "model", None)
@@ -132,7 +148,19 @@ class ModelRunner:
         self.rotary_emb = inner.rotary_emb
         self.scaling = inner.layers[0].self_attn.scaling
         self.layers = [self._layer_weights(layer, config) for layer in inner.layers[:num_layers]]
+        # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
+        # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
+        if decode_chunk_bytes is None:
+            decode_chunk_bytes = CPU_DECODE_CHUNK_BYTES if self.device.type == "cpu" else 1 << 62
+        per_block = block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        self.decode_blocks_per_call = max(1, decode_chunk_bytes // per_block)
+        if use_npu_fused_ops and self.device.type != "npu":
+            raise ValueError(f"use_npu_fused_ops=True needs the model on an Ascend NPU (torch_npu); it is on "
+                             f"{self.device}. Leave it False elsewhere.")
+        self.use_npu_fused_ops = use_npu_fused_ops
         self.windows = sorted({w.sliding_window for w in self.layers}, key=lambda w: (w is not None, w or 0))
+        if use_npu_fused_ops and self.windows != [None]:
+            raise ValueError("use_npu_fused_ops does not handle sliding-window layers; leave it False")
         self.kv_cache = KVCache.allocate(num_layers, num_kv_blocks, block_size, self.num_kv_heads,
                                          self.head_dim, self.dtype, self.device)
 
@@ -150,6 +178,7 @@ class ModelRunner:
             q_b=bias(attn.q_proj), k_b=bias(attn.k_proj), v_b=bias(attn.v_proj), o_b=bias(attn.o_proj),
             gate_w=mlp.gate_proj.weight, up_w=mlp.up_proj.weight, down_w=mlp.down_proj.weight,
             gate_b=bias(mlp.gate_proj), up_b=bias(mlp.up_proj), down_b=bias(mlp.down_proj), act=mlp.act_fn,
+            silu=getattr(config, "hidden_act", None) in ("silu", "swish"),
             q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
             k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
             sliding_window=window,
@@ -184,60 +213,79 @@ class ModelRunner:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
 
-        dev = self.device
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        as_long = self._as_long
+        npu_table = npu_lens = None
+        if self.use_npu_fused_ops and decodes:  # UNTESTED (no NPU here): one fused call over block tables
+            width = max(len(s.block_table) for _, s, _ in decodes)
+            npu_table = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for _, s, _ in decodes],
+                                     dtype=torch.int32, device=self.device)
+            npu_lens = torch.tensor([s.num_computed_tokens + 1 for _, s, _ in decodes], dtype=torch.int32)
+        return StepInputs(
+            input_ids=as_long(input_ids), positions=as_long(positions), slot_mapping=as_long(slots),
+            decode_buckets=[] if npu_table is not None else self._decode_buckets([s for _, s, _ in decodes]),
+            prefills=[self._prefill(seq, n, rows[i][0]) for i, seq, n in prefills],
+            rows=[rows[i] for i in range(len(batch))],
+            num_decodes=len(decodes), npu_block_table=npu_table, npu_context_lens=npu_lens,
+        )
 
-        # Decode: buckets of similar context length, each one padded batched attention.
-        buckets = []
-        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for _, s, _ in decodes]):
-            group = decodes[start:end]
-            max_blocks = (group[0][1].num_computed_tokens + bs) // bs  # NOTE: sorted, longest first
-            ids = [b for _, s, _ in group for b in s.block_table[:max_blocks] + [0] * (max_blocks - min(
-                len(s.block_table), max_blocks))]
-            ctx = as_long([s.num_computed_tokens + 1 for _, s, _ in group])[:, None]  # [b, 1]
-            key_pos = torch.arange(max_blocks * bs, device=dev)[None, :]              # [1, L]
+    def _as_long(self, xs) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=self.device)
+
+    def _decode_buckets(self, seqs) -> list[_DecodeBucket]:
+        """Decode sequences (longest context first) -> spans of similar length, one padded attention each."""
+        bs, buckets = self.block_size, []
+        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for s in seqs],
+                                       self.decode_blocks_per_call):
+            group = seqs[start:end]
+            max_blocks = (group[0].num_computed_tokens + bs) // bs  # NOTE: sorted, longest first
+            # NOTE: padding points at block 0: read, then masked out (the cache is zero-initialised).
+            ids = [b for s in group for b in (s.block_table + [0] * max_blocks)[:max_blocks]]
+            ctx = self._as_long([s.num_computed_tokens + 1 for s in group])[:, None]  # [b, 1]
+            key_pos = torch.arange(max_blocks * bs, device=self.device)[None, :]        # [1, L]
             masks = {}
             for w in self.windows:
                 mask = key_pos < ctx
                 if w is not None:
                     mask &= key_pos >= ctx - w  # NOTE: HF's sliding window: key > query_pos - window
                 masks[w] = self._additive(mask)[:, None, None, :]
-            buckets.append(_DecodeBucket(start, end, as_long(ids), max_blocks, masks))
+            buckets.append(_DecodeBucket(start, end, self._as_long(ids), max_blocks, masks))
+        return buckets
 
-        prefill_meta = []
-        for i, seq, n in prefills:
-            start_row, end_row = rows[i]
-            nc = seq.num_computed_tokens
-            ctx_len = nc + n
-            ctx_blocks = as_long(seq.block_table[:(ctx_len + bs - 1) // bs]) if nc > 0 else None
-            masks: dict[int | None, torch.Tensor | None] = {}
-            q_pos = torch.arange(nc, ctx_len, device=dev)[:, None]
-            k_pos = torch.arange(ctx_len, device=dev)[None, :]
-            for w in self.windows:
-                if nc == 0 and (w is None or w >= n):
-                    masks[w] = None  # plain causal over its own tokens: SDPA is_causal
-                    continue
-                mask = k_pos <= q_pos
-                if w is not None:
-                    mask &= k_pos > q_pos - w
-                masks[w] = self._additive(mask)
-            prefill_meta.append(_Prefill(start_row, end_row, nc, ctx_blocks, masks))
-
-        return StepInputs(
-            input_ids=as_long(input_ids), positions=as_long(positions), slot_mapping=as_long(slots),
-            decode_buckets=buckets, prefills=prefill_meta, rows=[rows[i] for i in range(len(batch))],
-        )
+    def _prefill(self, seq, n: int, start_row: int) -> _Prefill:
+        """A prefill chunk of n tokens: its context blocks (if it has earlier tokens) and causal masks."""
+        nc, bs = seq.num_computed_tokens, self.block_size
+        ctx_len = nc + n
+        ctx_blocks = self._as_long(seq.block_table[:(ctx_len + bs - 1) // bs]) if nc > 0 else None
+        masks: dict[int | None, torch.Tensor | None] = {}
+        q_pos = torch.arange(nc, ctx_len, device=self.device)[:, None]
+        k_pos = torch.arange(ctx_len, device=self.device)[None, :]
+        for w in self.windows:
+            if nc == 0 and (w is None or w >= n):
+                masks[w] = None  # plain causal over its own tokens: SDPA is_causal
+                continue
+            mask = k_pos <= q_pos
+            if w is not None:
+                mask &= k_pos > q_pos - w
+            masks[w] = self._additive(mask)
+        return _Prefill(start_row, start_row + n, nc, ctx_blocks, masks)
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # NOTE: SDPA turns a bool mask into this on every call; built once per step it is shared by all layers.
         return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     @staticmethod
-    def _bucket(num_blocks: list[int], min_size: int = 4, ratio: float = 0.75) -> list[tuple[int, int]]:
-        """Split a descending list of block counts into runs whose padding stays within ~1/ratio."""
+    def _bucket(num_blocks: list[int], max_blocks_per_call: int = 1 << 30, ratio: float = 0.75,
+                min_size: int = 4) -> list[tuple[int, int]]:
+        """Split a descending list of block counts into spans for one padded attention call each.
+
+        A span ends when the next count drops below ``ratio`` times its first (padding stays within
+        ~1/ratio, once the span has ``min_size`` members) or when the padded span would hold more than
+        ``max_blocks_per_call`` blocks.
+        """
         spans, start = [], 0
         for j in range(1, len(num_blocks) + 1):
-            if j == len(num_blocks) or (j - start >= min_size and num_blocks[j] < ratio * num_blocks[start]):
+            if (j == len(num_blocks) or (j - start + 1) * num_blocks[start] > max_blocks_per_call
+                    or (j - start >= min_size and num_blocks[j] < ratio * num_blocks[start])):
                 spans.append((start, j))
                 start = j
         return spans
@@ -277,19 +325,42 @@ class ModelRunner:
                 k = _rms_norm(k, lw.k_norm, self.eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.kv_cache.write(layer_idx, k, v, inp.slot_mapping)
+            if self.use_npu_fused_ops:  # UNTESTED: the KV write vLLM-Ascend uses (int32 slots, positional args)
+                import torch_npu
+
+                kc, vc = self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx]
+                torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, inp.slot_mapping.int())
+            else:
+                self.kv_cache.write(layer_idx, k, v, inp.slot_mapping)
             attn = self._attention(layer_idx, lw.sliding_window, q, k, v, inp)
             x = x + F.linear(attn, lw.o_w, lw.o_b)
-            h = _rms_norm(x, lw.post_norm, self.eps)
-            h = lw.act(F.linear(h, lw.gate_w, lw.gate_b)) * F.linear(h, lw.up_w, lw.up_b)
-            x = x + F.linear(h, lw.down_w, lw.down_b)
+            x = x + self._mlp(lw, _rms_norm(x, lw.post_norm, self.eps))
         return x
+
+    @staticmethod
+    def _mlp(lw: _LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        gate = F.linear(h, lw.gate_w, lw.gate_b)
+        up = F.linear(h, lw.up_w, lw.up_b)
+        if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
+            gate = F.silu(gate, inplace=True).mul_(up)
+        else:
+            gate = lw.act(gate) * up
+        return F.linear(gate, lw.down_w, lw.down_b)
 
     def _attention(self, layer_idx: int, window: int | None, q, k, v, inp: StepInputs) -> torch.Tensor:
         """Attention output ``[T, num_heads * head_dim]`` for all rows of the step."""
         num_tokens = q.shape[0]
         out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
         groups = self.num_heads // self.num_kv_heads
+        if inp.npu_block_table is not None:  # UNTESTED: fused paged decode attention on Ascend
+            import torch_npu
+
+            nd = inp.num_decodes
+            torch_npu._npu_paged_attention(
+                query=q[:nd].contiguous(), key_cache=self.kv_cache.k_caches[layer_idx],
+                value_cache=self.kv_cache.v_caches[layer_idx], num_kv_heads=self.num_kv_heads,
+                num_heads=self.num_heads, scale_value=self.scaling, block_table=inp.npu_block_table,
+                context_lens=inp.npu_context_lens, out=out[:nd])
         for d in inp.decode_buckets:
             # One query per sequence: fold the query heads of a KV group into SDPA's "query length" so
             # K/V are never repeated: q [b, kv_heads, group, D] against K/V [b, kv_heads, L, D].

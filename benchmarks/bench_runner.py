@@ -1,0 +1,115 @@
+"""The paged runner alone: step time by batch shape, where it goes, and FLOP/s vs the matmul peak.
+
+    python benchmarks/bench_runner.py                          # SmolLM2, float32 and bfloat16 (when native)
+    python benchmarks/bench_runner.py --dtype bfloat16 --threads 2 --batches 1 16 64 --context 256
+
+For each dtype: one prefill step of --prefill-tokens tokens (as --prefill-seqs prompts) and decode steps of
+B sequences with --context tokens each (non-contiguous blocks). Each is timed as the median of --repeat
+runs in process CPU time (steadier than wall time on a shared machine) and reported with its useful model
+FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
+rows also show the time with attention skipped (K/V still written): the share attention takes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_throughput import matmul_flops_per_s  # noqa: E402
+
+
+def _cpu_time(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.process_time()
+        fn()
+        times.append(time.process_time() - t)
+    return statistics.median(times)
+
+
+def step_flops(config, batch) -> float:
+    """Useful FLOPs of one execute_model call: linears per token, causal attention, lm_head per entry."""
+    c = config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    per_layer += 3 * c.hidden_size * c.intermediate_size
+    total = 0.0
+    for seq, n in batch:
+        start = seq.num_computed_tokens
+        ctx = sum(range(start + 1, start + n + 1))  # keys each new token attends to
+        total += 2 * per_layer * c.num_hidden_layers * n + 4 * c.num_attention_heads * hd * c.num_hidden_layers * ctx
+        total += 2 * c.hidden_size * c.vocab_size
+    return total
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="auto", help="float32 | bfloat16 | both | auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batches", type=int, nargs="*", default=(1, 16, 64))
+    ap.add_argument("--context", type=int, default=256, help="tokens already in the cache per decode sequence")
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--prefill-seqs", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import npukit
+    from npukit.device import cpu_has_fast_bf16
+    from npukit.engine.runner import ModelRunner
+    from npukit.engine.sequence import Sequence
+
+    dtypes = {"auto": ["float32"] + (["bfloat16"] if cpu_has_fast_bf16() else []),
+              "both": ["float32", "bfloat16"]}.get(args.dtype, [args.dtype])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are median process CPU time")
+    for name in dtypes:
+        model, _ = npukit.load_model(args.model, device="cpu", dtype=name)
+        cfg, bs = model.config, 16
+        peak = matmul_flops_per_s(model.dtype, cfg.hidden_size, cfg.intermediate_size)
+        g = torch.Generator().manual_seed(0)
+        per_seq = (max(args.context + 1, args.prefill_tokens // args.prefill_seqs) + bs) // bs
+        num_blocks = per_seq * max(max(args.batches), args.prefill_seqs)
+        runner = ModelRunner(model, block_size=bs, num_kv_blocks=num_blocks)
+        free = torch.randperm(num_blocks, generator=g).tolist()  # non-contiguous tables
+
+        def make(n_tokens: int, i: int) -> Sequence:
+            s = Sequence(f"s{i}", torch.randint(20, cfg.vocab_size, (n_tokens,), generator=g).tolist(), None)
+            s.block_table = free[i * per_seq:(i + 1) * per_seq]
+            return s
+
+        print(f"\n{args.model} {name}: F.linear peak here {peak / 1e9:.0f} GFLOP/s")
+        n = args.prefill_tokens // args.prefill_seqs
+        batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
+        t = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+        f = step_flops(cfg, batch)
+        print(f"  prefill {args.prefill_seqs} x {n} tokens: {t * 1e3:8.1f} ms  {n * args.prefill_seqs / t:8.0f} tok/s  "
+              f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak")
+        attention = runner._attention
+        for b in args.batches:
+            batch = []
+            for i in range(b):
+                s = make(args.context + 1, i)
+                s.num_computed_tokens = args.context
+                batch.append((s, 1))
+            t = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+            runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
+            t_no = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+            runner._attention = attention
+            f = step_flops(cfg, batch)
+            print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "
+                  f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; attention {1 - t_no / t:4.0%} of the step")
+        del runner, model
+
+
+if __name__ == "__main__":
+    main()
