@@ -29,3 +29,9 @@ def pytest_collectstart(collector):
     if path is not None and path.suffix == ".ipynb":
         collector.skip_compare += ("text/html", "application/javascript", "stderr",
                                    "application/vnd.jupyter.widget-view+json", "image/png")
+
+
+def pytest_collection_modifyitems(items):
+    # NOTE: the session-wide sync playwright keeps an asyncio loop running in the main thread until the
+    # session ends, which breaks every later asyncio.run(): run the browser tests last.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from jupyter_fixture import (browser, jupyter_lab, lab_page, run_notebook_in_browser,  # noqa: F401  (fixtures)
-                             screenshot, shutdown_kernel, widget_output)
+# NOTE: the fixtures (jupyter_lab, browser, lab_page) come from the root conftest's pytest_plugins; importing
+# them here again would start a second session-wide playwright beside the first.
+from tests.jupyter_fixture import run_notebook_in_browser, screenshot, shutdown_kernel, widget_output
 
 expect = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)").expect
 pytestmark = pytest.mark.browser

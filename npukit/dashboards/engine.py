@@ -510,8 +510,8 @@ class EngineDashboard(Dashboard):
                              "raise max_num_batched_tokens or turn chunked prefill on")
         llm = self.build_llm()
         llm.generate([workload.prompts[0][:4]], greedy_params(2), use_tqdm=False)  # warm-up
-        n_static = self.compare_static.value
-        total = workload.num_requests + (1 if n_static else 0)
+        compare = self.compare_static.value
+        total = workload.num_requests + (1 if compare else 0)
         self.start_progress(total, "requests")
 
         def on_step(record: StepRecord, finished: int) -> None:
@@ -523,7 +523,7 @@ class EngineDashboard(Dashboard):
         result = run_workload(llm, workload, label=f"run {len(self.runs) + 1}", on_step=on_step)
         self.runs.append(result)
         self.last = result
-        if n_static:
+        if compare:
             self.set_status(f"HF static batches of {self.max_num_seqs.value}…")
             if not self._static_warm:
                 run_static_batches(self.model, self.tokenizer, Workload([workload.prompts[0][:4]], [2]), 1)
@@ -533,7 +533,7 @@ class EngineDashboard(Dashboard):
         self.end_progress()
         self.refresh()
         msg = f"done: {result}"
-        if self.static is not None and n_static:
+        if self.static is not None and compare:
             msg += f"; static batches {self.static.output_throughput:.1f} tok/s " \
                    f"({result.output_throughput / self.static.output_throughput:.2f}x)"
         self.set_status(msg, "ok")
@@ -585,8 +585,8 @@ class EngineDashboard(Dashboard):
         ax_tp.legend(fontsize=8)
         last = self.last
         if last is not None:
-            compare = [last] + ([self.static] if self.static is not None else [])
-            draw_latency_boxes(compare, ax=ax_lat)
+            shown = [last] + ([self.static] if self.static is not None else [])
+            draw_latency_boxes(shown, ax=ax_lat)
             xs = [s.step for s in last.steps]
             ax_kv.plot(xs, [s.kv_cache_usage * 100 for s in last.steps], color=ENGINE_COLOUR, label="blocks used %")
             ax_kv.plot(xs, [s.kv_utilization * 100 for s in last.steps], color="#55a868",
