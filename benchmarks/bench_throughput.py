@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -339,6 +340,10 @@ def main(argv=None) -> None:
     else:
         dtypes = [args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16 native: {cpu_has_fast_bf16()}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2 and torch.get_num_threads() > 1:
+        print(f"  NOTE: load average {load:.1f} on {cores} cores: with several threads, other processes stall every "
+              "parallel op (we saw 10x slower steps); --threads 1 and the 'cpu s' columns are steadier here")
 
     for dtype_name in dtypes:
         model, tok = npukit.load_model(args.model, device="cpu", dtype=dtype_name)

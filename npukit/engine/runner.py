@@ -4,12 +4,16 @@ One step computes a batch of ``(seq, num_new_tokens)`` entries. Their tokens are
 ``[num_tokens, hidden]`` tensor (no padding to the longest): embeddings, norms, q/k/v/o projections and
 the MLP run once over all of them. Only attention is per sequence:
 
-- decode entries (1 new token) attend together in one batched SDPA over their gathered blocks, padded
-  to the longest context and masked;
+- decode entries (1 new token) attend in batched SDPA calls over their gathered blocks: sorted by
+  context length, grouped so padding to a group's longest context stays small (and, on CPU, so one call
+  gathers ~1 MiB of K: cache-sized gathers were 2x faster than one big one), masked;
 - prefill chunks (several new tokens) attend one sequence at a time; a first chunk attends over its
   own fresh K/V (``is_causal``), a later chunk over its gathered context with a causal offset mask.
 
 All index tensors (positions, slots, block tables, masks) are built once per step, not per layer.
+On CPU, measured with benchmarks/bench_runner.py: linears run at 60-80 % of the F.linear peak; batched
+decode attention (one query per sequence, which SDPA's CPU kernel handles at ~10 GFLOP/s) is the main
+remaining cost once many sequences decode with long contexts.
 Supported: LlamaForCausalLM (SmolLM2), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias),
 Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the masks.
 """
