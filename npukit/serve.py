@@ -200,12 +200,16 @@ class AsyncEngine:
                 self._fail_all(OpenAIError("the server is shutting down", 503))
                 self._drain_commands_on_close()
 
-    def _process_commands(self) -> None:
+    def _pending_commands(self):
+        """The commands queued so far, without waiting for more."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _process_commands(self) -> None:
+        for cmd in self._pending_commands():
             if cmd[0] == "add":
                 _, rid, ids, params, sink, arrival = cmd
                 try:
@@ -255,11 +259,7 @@ class AsyncEngine:
         self._tracked.clear()
 
     def _drain_commands_on_close(self) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for cmd in self._pending_commands():
             if cmd[0] == "add":
                 cmd[4].put(OpenAIError("the server is shutting down", 503))
 
