@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_throughput import matmul_flops_per_s  # noqa: E402
+from npukit.throughput import matmul_flops_per_s, step_flops  # noqa: E402
 
 
 def _cpu_time(fn, repeat: int) -> float:
@@ -33,21 +32,6 @@ def _cpu_time(fn, repeat: int) -> float:
         fn()
         times.append(time.process_time() - t)
     return statistics.median(times)
-
-
-def step_flops(config, batch) -> float:
-    """Useful FLOPs of one execute_model call: linears per token, causal attention, lm_head per entry."""
-    c = config
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_layer = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    per_layer += 3 * c.hidden_size * c.intermediate_size
-    total = 0.0
-    for seq, n in batch:
-        start = seq.num_computed_tokens
-        ctx = sum(range(start + 1, start + n + 1))  # keys each new token attends to
-        total += 2 * per_layer * c.num_hidden_layers * n + 4 * c.num_attention_heads * hd * c.num_hidden_layers * ctx
-        total += 2 * c.hidden_size * c.vocab_size
-    return total
 
 
 def main(argv=None) -> None:

