@@ -31,6 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from npukit.cli import error  # stdlib-only module
+
 BACKENDS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 METRICS = {  # key -> (section title, short name), in vLLM's order and words
     "ttft": ("Time to First Token", "TTFT"),
@@ -585,30 +587,26 @@ def build_bench_serve_parser() -> argparse.ArgumentParser:
 
 def run_bench_serve(args: argparse.Namespace) -> int:
     """`npukit bench serve` with parsed args: print the result (and save it). Returns the exit code."""
-    def fail(msg: str) -> int:
-        print(f"npukit: error: {msg}", file=sys.stderr)
-        return 2
-
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     try:
         percentiles = [float(x) for x in args.metric_percentiles.split(",") if x.strip()]
     except ValueError:
-        return fail(f"--metric-percentiles takes numbers like 50,90,99, got {args.metric_percentiles!r}")
+        return error(f"--metric-percentiles takes numbers like 50,90,99, got {args.metric_percentiles!r}")
     metrics = [x.strip() for x in args.percentile_metrics.split(",") if x.strip()]
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.tokenizer and tokenizer is None:
-        return fail(f"cannot find the tokenizer {args.tokenizer!r} locally (embedded name, folder or cached hub id).")
+        return error(f"cannot find the tokenizer {args.tokenizer!r} locally (embedded name, folder or cached hub id).")
     if tokenizer is None and args.dataset_name == "random":
         print("npukit bench: no local tokenizer (pass --tokenizer): random prompts are words, about one token "
               "each; token counts come from the server's usage.", file=sys.stderr)
     prompts = None
     if args.dataset_name == "custom":
         if not args.dataset_path:
-            return fail("--dataset-name custom needs --dataset-path FILE")
+            return error("--dataset-name custom needs --dataset-path FILE")
         try:
             prompts = read_prompts(args.dataset_path, args.random_output_len, tokenizer)[: args.num_prompts]
         except (OSError, ValueError) as e:
-            return fail(str(e))
+            return error(str(e))
     try:
         result = run_serving_benchmark(
             base_url, model=args.model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
@@ -619,7 +617,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key, percentile_metrics=metrics, metric_percentiles=percentiles,
             progress=not args.disable_tqdm)
     except (BenchmarkError, ValueError) as e:
-        return fail(str(e))
+        return error(str(e))
     print(result)
     if result.errors:
         print(f"first error: {result.errors[0]}", file=sys.stderr)

