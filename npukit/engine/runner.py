@@ -24,6 +24,7 @@ Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,7 @@ class ModelRunner:
             raise ValueError(f"use_npu_fused_ops=True needs the model on an Ascend NPU (torch_npu); it is on "
                              f"{self.device}. Leave it False elsewhere.")
         self.use_npu_fused_ops = use_npu_fused_ops
+        self.prepare_seconds = 0.0  # total time in prepare_inputs (index building), for StepTiming
         self.windows = sorted({w.sliding_window for w in self.layers}, key=lambda w: (w is not None, w or 0))
         if use_npu_fused_ops and self.windows != [None]:
             raise ValueError("use_npu_fused_ops does not handle sliding-window layers; leave it False")
@@ -308,7 +310,9 @@ class ModelRunner:
         """
         if not batch:
             raise ValueError("execute_model needs at least one (seq, num_new_tokens) entry")
+        t = time.perf_counter()
         inputs = self.prepare_inputs(batch)
+        self.prepare_seconds += time.perf_counter() - t  # read by LLM's per-step timing (StepTiming)
         if all_logits:
             idx = [r for start, end in inputs.rows for r in range(start, end)]
         else:
