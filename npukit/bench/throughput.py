@@ -95,8 +95,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 class StepRecorder:
-    """Times each engine step and its parts by wrapping ``llm.step``, ``llm.runner.execute_model`` and
-    ``llm.runner.prepare_inputs`` (restored on exit). ``steps``: one dict per step that ran the model, with
+    """Times each engine step and its parts through the engine's one documented hook, ``llm.step_hooks``
+    (a ``StepTiming`` per step that ran the model; removed on exit). ``steps``: one dict per step, with
     seconds in ``step`` / ``exec`` (the forward, index building included) / ``prepare`` (index building) and
     the batch's ``entries`` / ``decodes`` / ``tokens``.
 
@@ -108,54 +108,18 @@ class StepRecorder:
     def __init__(self, llm):
         self.llm = llm
         self.steps: list[dict[str, float]] = []
-        self._cur: dict[str, float] = {}
-        runner = llm.runner
-        self._wrapped = [(llm, "step", self._wrap_step(llm.step)),
-                         (runner, "execute_model", self._wrap_exec(runner.execute_model))]
-        if hasattr(runner, "prepare_inputs"):
-            self._wrapped.append((runner, "prepare_inputs", self._wrap_prepare(runner.prepare_inputs)))
-        # NOTE: instance attributes shadow the class's methods; execute_model calls self.prepare_inputs and
-        # the engine calls self.runner.execute_model, so the wrappers see every call. __exit__ deletes them.
-        for obj, name, fn in self._wrapped:
-            setattr(obj, name, fn)
+        llm.step_hooks.append(self.record)
 
-    def _wrap_prepare(self, orig):
-        def prepare_inputs(batch, *a, **kw):
-            t = time.perf_counter()
-            out = orig(batch, *a, **kw)
-            self._cur["prepare"] = self._cur.get("prepare", 0.0) + time.perf_counter() - t
-            return out
-        return prepare_inputs
-
-    def _wrap_exec(self, orig):
-        def execute_model(batch, *a, **kw):
-            t = time.perf_counter()
-            out = orig(batch, *a, **kw)
-            cur = self._cur
-            cur["exec"] = cur.get("exec", 0.0) + time.perf_counter() - t
-            cur["entries"] = len(batch)
-            cur["decodes"] = sum(1 for _, n in batch if n == 1)
-            cur["tokens"] = sum(n for _, n in batch)
-            return out
-        return execute_model
-
-    def _wrap_step(self, orig):
-        def step():
-            self._cur = {}
-            t = time.perf_counter()
-            out = orig()
-            self._cur["step"] = time.perf_counter() - t
-            if "exec" in self._cur:
-                self.steps.append(self._cur)
-            return out
-        return step
+    def record(self, t) -> None:
+        self.steps.append({"step": t.seconds, "exec": t.execute_seconds, "prepare": t.prepare_seconds,
+                           "entries": t.num_entries, "decodes": t.num_decodes, "tokens": t.num_tokens})
 
     def __enter__(self) -> StepRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        for obj, name, _ in self._wrapped:
-            obj.__dict__.pop(name, None)
+        if self.record in self.llm.step_hooks:
+            self.llm.step_hooks.remove(self.record)
 
     def outside_forward(self, full_decode_of: int | None = None) -> dict[str, float]:
         """Share of step time outside ``execute_model`` (scheduling, sampling, bookkeeping) and the share in

@@ -299,7 +299,8 @@ class LLM:
 
     def _forward(self, scheduled: list[tuple[Sequence, int]]):
         """(logits, the entries they belong to, the sequences that failed). If the batch's forward raises,
-        each sequence runs alone: those that fail alone fail; if all do, the first error is re-raised."""
+        each sequence runs alone and those that fail alone fail. If every one of two or more fails alone,
+        no request explains the failure: the batch's error is re-raised (nothing has advanced)."""
         try:
             return self.runner.execute_model(scheduled), scheduled, []
         except Exception as batch_error:
@@ -312,9 +313,9 @@ class LLM:
                 except Exception as e:
                     _log.warning("request %s failed in the model forward: %r", entry[0].request_id, e)
                     failed.append(entry[0])
-            if not ok:
+            if not ok and len(scheduled) > 1:
                 raise batch_error
-            return torch.cat(logits), ok, failed
+            return (torch.cat(logits) if logits else None), ok, failed
 
     def _new_samples(self, seq: Sequence) -> list[Sequence]:
         """The samples 1..n-1 of a request with n > 1 at its first token (forked when the step commits)."""
