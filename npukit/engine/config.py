@@ -6,9 +6,17 @@ command-line flag. Everything else reads the fields:
 - `LLM(model, **engine_args)` keeps the keyword arguments that are fields (like nano-vllm's `Config`);
 - `add_engine_args(parser)` / `engine_args(namespace)`: the `npukit serve`, `bench throughput` and
   `graduate` flags (`--block-size` for `block_size`, `--no-enable-prefix-caching` for booleans);
-- `npukit.graduate` maps each field to its vLLM flag; the engine dashboard and the vLLM peer read them too.
+- `npukit.graduate` maps each field with a `vllm` flag one to one (`_engine_flags`; the two KV-cache sizing
+  fields are translated by `_kv_cache_flags`);
+- the engine dashboard shows a widget per field (`dashboards/engine.engine_widgets`: a generic one unless
+  it tunes it), `bench/workload.KNOBS` records every field of a run, `bench/vllm_peer.ENGINE_FLAGS` takes
+  the vLLM flags of the fields in `PEER_ENGINE_FIELDS`.
 
-So adding a setting is one field here (plus the code that uses it).
+NOTE: adding a setting touches exactly: one `setting(...)` field here (default, `vllm=` flag or None, `help=`;
+`cli=False` to keep it off the command line), a check in `__post_init__` if it needs one, and the engine
+code that uses it. Every command line, graduate's table, the dashboard and the run records follow
+(tests/test_engine_config.py checks that). Only if vLLM's flag means something different (as
+kv_cache_memory_fraction) does graduate need a translation of its own.
 
 | npukit                    | vllm serve                    |
 |---------------------------|-------------------------------|
@@ -118,11 +126,12 @@ def _arg_type(f: dataclasses.Field):
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
-                    exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+                    exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """One flag per EngineConfig field (except `exclude` and fields marked cli=False).
 
-    Unset flags parse to None (the field's default applies) unless `defaults` names a value for them."""
-    defaults = defaults or {}
+    Unset flags parse to None (the field's default applies) unless `defaults` names a value for them.
+    `notes[name]` replaces a field's help line where a command fills the default in its own way."""
+    defaults, notes = defaults or {}, notes or {}
     group = parser.add_argument_group("engine settings (EngineConfig; vLLM's flag in brackets)")
     for f in engine_fields():
         if f.name in exclude or not f.metadata.get("cli", True):
@@ -130,7 +139,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any]
         default = defaults.get(f.name)
         shown = f.default if default is None else default
         vllm = f.metadata.get("vllm")
-        text = f.metadata["help"] + ("" if shown is None else f" (default: {shown})") + (f" [vLLM: {vllm}]" if vllm else "")
+        text = notes.get(f.name, f.metadata["help"]) + ("" if shown is None else f" (default: {shown})") + (f" [vLLM: {vllm}]" if vllm else "")
         flags = [cli_flag(f)] + ([vllm] if f.metadata.get("vllm_alias") and vllm != cli_flag(f) else [])
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
