@@ -370,7 +370,6 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
     status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain
                    if getattr(getattr(e, "response", None), "status_code", None) is not None), None)
     where = ctx.endpoint or f"the {ctx.source} hub"
-    name = ctx.repo_id.rsplit("/", 1)[-1]
     # NOTE: messages never include the token: only whether one was passed.
 
     if names & {"GatedRepoError", "AccessWhiteListError"}:
@@ -410,6 +409,12 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
             f"{ctx.repo_id!r} is neither an existing folder nor a valid repo id. Repo ids look like 'org/name' "
             "(letters, digits, '-', '_', '.'); local folders must exist (check the path with `ls`)."
         )
+    return _explain_local(chain, ctx)
+
+
+def _explain_local(chain: list[BaseException], ctx: _Ctx) -> HubError | None:
+    """The errors of this machine in an exception chain: a folder we may not write to, a full disk."""
+    name = ctx.repo_id.rsplit("/", 1)[-1]
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return NotWritableError(_not_writable_message(ctx, Path(e.filename) if e.filename else ctx.target))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -416,20 +417,8 @@ async def _discover_model(client, root: str, headers: dict) -> str:
     return data[0]["id"]
 
 
-async def async_run_serving_benchmark(
-    base_url: str = "http://127.0.0.1:8000", *, model: str | None = None, backend: str = "openai",
-    endpoint: str | None = None, prompts: Sequence[str] | Sequence[BenchPrompt] | None = None,
-    num_prompts: int = 100, random_input_len: int = 1024, random_output_len: int = 128,
-    random_range_ratio: float = 0.0, tokenizer=None, max_concurrency: int | None = None,
-    request_rate: float = float("inf"), burstiness: float = 1.0, seed: int = 0, temperature: float = 0.0,
-    ignore_eos: bool = False, api_key: str | None = None, extra_body: dict | None = None,
-    percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), metric_percentiles: Sequence[float] = (99,),
-    initial_test: bool = True, progress: bool = False, timeout: float = 6 * 3600,
-) -> BenchResult:
-    """The async form of `run_serving_benchmark` (use it inside a running event loop)."""
-    import httpx
-    import numpy as np
-
+def _check_benchmark_args(backend, max_concurrency, request_rate, burstiness, percentile_metrics,
+                          metric_percentiles) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     if max_concurrency is not None and max_concurrency < 1:
@@ -444,6 +433,59 @@ async def async_run_serving_benchmark(
     if not all(0 <= p <= 100 for p in metric_percentiles):
         raise ValueError(f"metric_percentiles must be in [0, 100], got {list(metric_percentiles)}.")
 
+
+async def _send_all(items, send, max_concurrency, request_rate: float, burstiness: float, seed: int,
+                    progress: bool) -> tuple[list[RequestResult], float, float]:
+    """Send every item (`await send(item)`) at the request rate, at most max_concurrency at once; returns
+    (results in item order, start time, duration)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="requests")
+
+    async def limited(p: BenchPrompt) -> RequestResult:
+        if semaphore is None:
+            r = await send(p)
+        else:
+            async with semaphore:
+                r = await send(p)
+        if bar is not None:
+            bar.update(1)
+        return r
+
+    start = time.perf_counter()
+    tasks = []
+    for i, p in enumerate(items):
+        if i and math.isfinite(request_rate):
+            # NOTE: gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps: burstiness 1 = Poisson arrivals.
+            await asyncio.sleep(rng.gamma(burstiness, 1.0 / (request_rate * burstiness)))
+        tasks.append(asyncio.create_task(limited(p)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return list(results), start, duration
+
+
+async def async_run_serving_benchmark(
+    base_url: str = "http://127.0.0.1:8000", *, model: str | None = None, backend: str = "openai",
+    endpoint: str | None = None, prompts: Sequence[str] | Sequence[BenchPrompt] | None = None,
+    num_prompts: int = 100, random_input_len: int = 1024, random_output_len: int = 128,
+    random_range_ratio: float = 0.0, tokenizer=None, max_concurrency: int | None = None,
+    request_rate: float = float("inf"), burstiness: float = 1.0, seed: int = 0, temperature: float = 0.0,
+    ignore_eos: bool = False, api_key: str | None = None, extra_body: dict | None = None,
+    percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), metric_percentiles: Sequence[float] = (99,),
+    initial_test: bool = True, progress: bool = False, timeout: float = 6 * 3600,
+) -> BenchResult:
+    """The async form of `run_serving_benchmark` (use it inside a running event loop)."""
+    import httpx
+
+    _check_benchmark_args(backend, max_concurrency, request_rate, burstiness, percentile_metrics, metric_percentiles)
     if prompts is None:
         items = random_prompts(num_prompts, random_input_len, random_output_len, tokenizer=tokenizer,
                                range_ratio=random_range_ratio, seed=seed)
@@ -468,35 +510,9 @@ async def async_run_serving_benchmark(
             if not first.success:
                 raise BenchmarkError(f"the initial test request to {url} failed: {first.error}")
 
-        rng = np.random.default_rng(seed)
-        semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(items), desc="requests")
-
-        async def limited(p: BenchPrompt) -> RequestResult:
-            if semaphore is None:
-                r = await _send(client, url, headers, backend, body(p), p)
-            else:
-                async with semaphore:
-                    r = await _send(client, url, headers, backend, body(p), p)
-            if bar is not None:
-                bar.update(1)
-            return r
-
-        start = time.perf_counter()
-        tasks = []
-        for i, p in enumerate(items):
-            if i and math.isfinite(request_rate):
-                # NOTE: gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps: burstiness 1 = Poisson arrivals.
-                await asyncio.sleep(rng.gamma(burstiness, 1.0 / (request_rate * burstiness)))
-            tasks.append(asyncio.create_task(limited(p)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
+        send = functools.partial(_send, client, url, headers, backend)
+        results, start, duration = await _send_all(items, lambda p: send(body(p), p), max_concurrency,
+                                                   request_rate, burstiness, seed, progress)
 
     config = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend, "base_url": root,

@@ -355,17 +355,15 @@ def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, n
 
 def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_sizes: Sequence[int] = (8, 16),
                              skip: Sequence[str] = (), quick: bool = False,
-                             engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None, model_dir: str | None = None,
-                             threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                             engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None,
+                             model_dir: str | None = None, threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
     ``engine_args``: EngineConfig fields for npukit's engine (engine_config_for fills num_kv_blocks); the HF
-    continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends. vLLM runs only with ``vllm_python`` (and ``model_dir``, the
-    model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
+    continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends.
+    vLLM runs only with ``vllm_python`` (and ``model_dir``, the model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
     own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
     """
-    import torch
-
     bad = set(skip) - set(SKIPPABLE)
     if bad:
         raise ValueError(f"cannot skip {sorted(bad)}: choose from {', '.join(SKIPPABLE)}")
@@ -397,9 +395,23 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
             peer_args["threads"] = threads
         report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, peer_args)
 
+    report.update(_summary(model, workload, engine, results, cfg))
+    if "tpot" not in skip:
+        report["batch1_tpot"] = batch1_tpot(model, tokenizer, new_tokens=32 if quick else 64,
+                                            rounds=2 if quick else 3)
+    if "prefix" not in skip:
+        report["prefix_ttft"] = prefix_ttft(model, tokenizer, n=3 if quick else 6)
+    return report
+
+
+def _summary(model, workload: Workload, engine: ThroughputResult, results: list[ThroughputResult],
+             cfg: EngineConfig) -> dict[str, Any]:
+    """The report's workload, results (with the engine's speedups), FLOP/s and KV cache sections."""
+    import torch
+
     flops = useful_flops(model.config, workload)
     peak = matmul_flops_per_s(model.dtype, model.config.hidden_size, model.config.intermediate_size)
-    report.update({
+    return {
         "workload": {"num_requests": workload.num_requests, "num_prompt_tokens": workload.num_prompt_tokens,
                      "num_output_tokens": workload.num_output_tokens,
                      "prompt_lens": [len(p) for p in workload.prompts], "output_lens": list(workload.max_tokens)},
@@ -410,13 +422,7 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
                   "threads": torch.get_num_threads()},
         "kv_cache": kv_capacity(model.config, workload, engine, num_kv_blocks=cfg.num_kv_blocks,
                                 block_size=cfg.block_size),
-    })
-    if "tpot" not in skip:
-        report["batch1_tpot"] = batch1_tpot(model, tokenizer, new_tokens=32 if quick else 64,
-                                            rounds=2 if quick else 3)
-    if "prefix" not in skip:
-        report["prefix_ttft"] = prefix_ttft(model, tokenizer, n=3 if quick else 6)
-    return report
+    }
 
 
 def _vllm(python: str | None, model_dir: str | None, workload: Workload, dtype: str, log, add,
@@ -543,12 +549,37 @@ def build_bench_throughput_parser() -> argparse.ArgumentParser:
                     "batching vs transformers' generate_batch (vs vLLM-CPU), one seeded workload, on the CPU."))
 
 
+def _report_header(args: argparse.Namespace, num_prompts: int, prompt_len, output_len, vllm_python) -> dict[str, Any]:
+    """Print the environment line (and a load warning); the JSON report's config and environment."""
+    import torch
+
+    import npukit
+    from npukit.device import cpu_has_fast_bf16
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16 native: {cpu_has_fast_bf16()}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2 and torch.get_num_threads() > 1:
+        print(f"  NOTE: load average {load:.1f} on {cores} cores: with several threads, other processes stall every "
+              "parallel op (we saw 10x slower steps); --threads 1 and the 'cpu s' columns are steadier here")
+    return {
+        "benchmark": "npukit bench throughput", "npukit_version": npukit.__version__,
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
+                   "output_len": output_len, "seed": args.seed, "quick": args.quick,
+                   "batch_sizes": list(args.batch_sizes),
+                   **{f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)},
+                   "skip": list(args.skip), "vllm_python": vllm_python},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
+        "runs": [],
+    }
+
+
 def run_bench_throughput(args: argparse.Namespace) -> int:
     """`npukit bench throughput` with parsed args: run, print, write the JSON. Returns the exit code."""
     import torch
 
     import npukit
-    from npukit.device import cpu_has_fast_bf16
     from npukit.bench.workload import make_workload
 
     quick = args.quick
@@ -564,22 +595,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtypes = {"both": ["float32", "bfloat16"]}.get(args.dtype, [args.dtype])
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16 native: {cpu_has_fast_bf16()}")
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > cores / 2 and torch.get_num_threads() > 1:
-        print(f"  NOTE: load average {load:.1f} on {cores} cores: with several threads, other processes stall every "
-              "parallel op (we saw 10x slower steps); --threads 1 and the 'cpu s' columns are steadier here")
-    out: dict[str, Any] = {
-        "benchmark": "npukit bench throughput", "npukit_version": npukit.__version__,
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
-                   "output_len": output_len, "seed": args.seed, "quick": quick, "batch_sizes": list(args.batch_sizes),
-                   **{f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)},
-                   "skip": list(args.skip), "vllm_python": vllm_python},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
-        "runs": [],
-    }
+    out = _report_header(args, num_prompts, prompt_len, output_len, vllm_python)
     failed_peer = False
     for dtype in dtypes:
         try:

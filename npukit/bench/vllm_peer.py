@@ -141,6 +141,17 @@ def _cpu_seconds_of_descendants(psutil) -> dict[str, float]:
     return seconds
 
 
+def _set_threads(threads: int | None) -> None:
+    # NOTE: thread settings must be in the environment before vllm (and torch) are imported; the
+    # engine core and worker processes inherit them.
+    if threads is not None:
+        # vLLM-CPU's default ("auto") reserves a core for the engine core and pins one OpenMP thread per
+        # physical core to the rest; "nobind" + OMP_NUM_THREADS gives N unpinned threads instead, like
+        # torch.set_num_threads(N) on npukit's side.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def main(argv=None) -> None:
     args = _parse_args(argv)
     workload = json.loads(Path(args.workload).read_text())
@@ -148,15 +159,7 @@ def main(argv=None) -> None:
     if len(prompts) != len(max_tokens) or not prompts:
         sys.exit(f"vllm_peer: {args.workload} needs as many max_tokens as prompts (and at least one)")
 
-    # NOTE: thread settings must be in the environment before vllm (and torch) are imported; the
-    # engine core and worker processes inherit them.
-    if args.threads is not None:
-        # vLLM-CPU's default ("auto") reserves a core for the engine core and pins one OpenMP thread per
-        # physical core to the rest; "nobind" + OMP_NUM_THREADS gives N unpinned threads instead, like
-        # torch.set_num_threads(N) on npukit's side.
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-
+    _set_threads(args.threads)
     try:
         import psutil
         import vllm

@@ -110,8 +110,11 @@ class EngineDashboard(Dashboard):
         self._update_capacity()
         self.table = widgets.HTML()
         self.chart = widgets.Image(format="png", layout=widgets.Layout(max_width="960px"))
+        self.widget = self._layout()
+
+    def _layout(self) -> widgets.VBox:
         dtype_name = str(self.model.dtype).removeprefix("torch.")
-        self.widget = widgets.VBox([
+        return widgets.VBox([
             self.header(f"{self.model_name}, {dtype_name} on {self.model.device}"),
             widgets.HTML("<b>engine</b>"),
             widgets.HBox([self.max_num_seqs, self.max_num_batched_tokens]),
