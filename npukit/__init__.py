@@ -8,7 +8,7 @@ import importlib
 
 # NOTE: imported eagerly (it is stdlib-only at import time) so that `npukit.doctor` is the function, not the
 # submodule of the same name that a later `import npukit.doctor` would otherwise bind here.
-from .doctor import doctor
+from .doctor import doctor  # noqa: F401 - re-exported
 
 __version__ = "0.1.0"
 

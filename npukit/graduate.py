@@ -95,7 +95,8 @@ class Graduation:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes) + "</ul>")
         rows = "".join(
             f"<tr><td><code>{html.escape(r.npukit)}</code></td><td>{html.escape(str(r.value))}</td>"
-            f"<td><code>{html.escape(r.vllm_flag)}{'' if r.vllm_value is None else ' ' + html.escape(str(r.vllm_value))}"
+            f"<td><code>{html.escape(r.vllm_flag)}"
+            f"{'' if r.vllm_value is None else ' ' + html.escape(str(r.vllm_value))}"
             f"</code></td><td>{html.escape(r.note)}</td></tr>" for r in self.table)
         parts.append("<table><tr><th>npukit</th><th>value</th><th>vLLM flag</th><th>note</th></tr>" + rows + "</table>")
         return "".join(parts)

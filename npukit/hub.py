@@ -124,30 +124,6 @@ def download(
     return _download_optional(repo_id, source=source, **options)
 
 
-def cached_path(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_dir: str | os.PathLike | None = None,
-    allow_patterns: str | list[str] | None = None,
-) -> Path | None:
-    """The folder of an already-downloaded HF repo (or a local model folder), or None. Never uses the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    folder = Path(repo_id).expanduser()
-    if folder.is_dir() or str(repo_id).startswith(("/", "./", "../", "~")):
-        return folder.resolve() if (folder / "config.json").is_file() else None
-    try:
-        return Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
-            allow_patterns=allow_patterns, local_files_only=True, tqdm_class=_silent_tqdm(),
-        ))
-    except LocalEntryNotFoundError:
-        return None
-
-
 def describe_sources() -> str:
     """Where models can come from, the mirror to use in mainland China, and the current settings."""
     from huggingface_hub import constants
@@ -401,7 +377,8 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
                 "ConnectTimeout", "ReadTimeout", "TimeoutError"}:
         return HubConnectionError(_no_network_message(ctx, "cannot connect"))
     if status is not None and status >= 500:
-        return HubConnectionError(_no_network_message(ctx, f"the server answered HTTP {status}: down or overloaded, retry later"))
+        return HubConnectionError(_no_network_message(
+            ctx, f"the server answered HTTP {status}: down or overloaded, retry later"))
     if "LocalEntryNotFoundError" in names:
         return NotCachedError(_not_cached_message(ctx, "the hub could not be used"))
     if "HFValidationError" in names or "OMValidationError" in names:

@@ -120,7 +120,8 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tu
     return torch.float32, reasons + ["float32: no half precision works on this device"]
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None, source: str = "hf") -> tuple[Path, str]:
+def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       source: str = "hf") -> tuple[Path, str]:
     """Embedded name, local folder or hub id -> a local folder and where it came from."""
     name = str(name_or_path)
     if name in EMBEDDED:

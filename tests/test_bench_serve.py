@@ -6,8 +6,15 @@ import time
 
 import pytest
 
-from npukit.bench.serve import (BenchmarkError, BenchPrompt, bench_serve_main, load_tokenizer, random_prompts,
-                          read_prompts, run_serving_benchmark)
+from npukit.bench.serve import (
+    BenchmarkError,
+    BenchPrompt,
+    bench_serve_main,
+    load_tokenizer,
+    random_prompts,
+    read_prompts,
+    run_serving_benchmark,
+)
 from npukit.serving import ServerThread
 
 FIRST_DELAY, TOKEN_DELAY, NUM_TOKENS = 0.050, 0.020, 6

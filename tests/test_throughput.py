@@ -11,12 +11,20 @@ from types import SimpleNamespace
 import pytest
 
 from npukit.bench import throughput
+from npukit.bench.flops import step_flops, useful_flops
+from npukit.bench.throughput import (
+    CONTINUOUS_NAME,
+    ENGINE_NAME,
+    VLLM_PYTHON_ENV,
+    StepRecorder,
+    kv_blocks_for,
+    main,
+    resolve_vllm_python,
+    static_padding,
+)
+from npukit.bench.workload import Workload, make_workload, run_workload
 from npukit.engine import LLM
 from npukit.samples import sample_path
-from npukit.bench.flops import step_flops, useful_flops
-from npukit.bench.throughput import (CONTINUOUS_NAME, ENGINE_NAME, VLLM_PYTHON_ENV, StepRecorder, kv_blocks_for, main,
-                                     resolve_vllm_python, static_padding)
-from npukit.bench.workload import Workload, make_workload, run_workload
 
 SMALL = ["--model", "tiny-llama", "--num-prompts", "4", "--prompt-len", "8", "24", "--output-len", "2", "6"]
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from npukit import viz
-from npukit.metrics import RequestMetrics
 from npukit.bench.workload import schedule_result, static_schedule
+from npukit.metrics import RequestMetrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

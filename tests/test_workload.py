@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from npukit.bench.workload import (
+    RunResult,
+    StepRecord,
+    Workload,
+    engine_knobs,
+    greedy_params,
+    make_workload,
+    run_static_batches,
+    run_workload,
+    schedule_result,
+    static_schedule,
+)
 from npukit.engine import LLM
-from npukit.bench.workload import (RunResult, StepRecord, Workload, engine_knobs, greedy_params, make_workload,
-                             run_static_batches, run_workload, schedule_result, static_schedule)
 
 
 @pytest.fixture

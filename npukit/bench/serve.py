@@ -233,7 +233,8 @@ async def _send(client, url: str, headers: dict, backend: str, body: dict, p: Be
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     last_chunk = now
-                    text = choice.get("text") if backend != "openai-chat" else (choice.get("delta") or {}).get("content")
+                    delta = (choice.get("delta") or {}).get("content")
+                    text = choice.get("text") if backend != "openai-chat" else delta
                     if text:
                         texts.append(text)
                         m.record_token(now)
@@ -334,10 +335,12 @@ class BenchResult:
                f"<b>{s['request_throughput']:.2f} req/s</b>, <b>{s['output_throughput']:.2f} output tok/s</b>, "
                f"{s['total_token_throughput']:.2f} total tok/s</p>")
         ps = [_pname(p) for p in c["metric_percentiles"]]
-        head = "<tr><th>ms</th><th>mean</th><th>median</th><th>std</th>" + "".join(f"<th>p{p}</th>" for p in ps) + "</tr>"
+        head = ("<tr><th>ms</th><th>mean</th><th>median</th><th>std</th>"
+                + "".join(f"<th>p{p}</th>" for p in ps) + "</tr>")
         rows = "".join(
             f"<tr><td><b>{METRICS[k][1]}</b></td>" + "".join(
-                f"<td>{s[f'{stat}_{k}_ms']:.2f}</td>" for stat in ["mean", "median", "std"] + [f"p{p}" for p in ps]) + "</tr>"
+                f"<td>{s[f'{stat}_{k}_ms']:.2f}</td>"
+                for stat in ["mean", "median", "std"] + [f"p{p}" for p in ps]) + "</tr>"
             for k in c["percentile_metrics"])
         errors = ""
         if self.errors:
@@ -497,7 +500,8 @@ async def async_run_serving_benchmark(
     root = _root_url(base_url)
     url = root + (endpoint or BACKENDS[backend])
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max_concurrency or len(items), max_keepalive_connections=max_concurrency or len(items))
+    connections = max_concurrency or len(items)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
         model_id = model or await _discover_model(client, root, headers)
@@ -573,7 +577,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "found locally, else word-based prompts)")
     p.add_argument("--dataset-name", choices=["random", "custom"], default="random",
                    help="random token prompts, or custom prompts from --dataset-path (default: random)")
-    p.add_argument("--dataset-path", default=None, help="custom prompts: JSON lines with a \"prompt\" field, or one per line")
+    p.add_argument("--dataset-path", default=None,
+                   help="custom prompts: JSON lines with a \"prompt\" field, or one per line")
     p.add_argument("--num-prompts", type=int, default=100, help="number of requests (default: 100)")
     p.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (default: 1024)")
     p.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each request (default: 128)")
@@ -587,7 +592,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length (vLLM extension)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="API key (default: $OPENAI_API_KEY)")
-    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el", help="metrics to report (default: ttft,tpot,itl,e2el)")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
+                   help="metrics to report (default: ttft,tpot,itl,e2el)")
     p.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles (default: 99)")
     p.add_argument("--save-result", action="store_true", help="save the result as JSON")
     p.add_argument("--result-dir", default=".", help="where --save-result writes (default: .)")

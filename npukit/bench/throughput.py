@@ -44,7 +44,6 @@ from npukit.engine.config import EngineConfig, add_engine_args, engine_args, eng
 from npukit.samples import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    import torch
 
     from npukit.bench.workload import RunResult, Workload
 
@@ -184,7 +183,7 @@ def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> Thro
         **run.config,
     }
     result = ThroughputResult(ENGINE_NAME, wall, run.num_output_tokens, cpu, details, run=run)
-    del llm
+    llm = None  # free the KV cache before the next run
     gc.collect()
     return result
 
@@ -297,9 +296,9 @@ def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engi
 def batch1_tpot(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 64, rounds: int = 3,
                 num_kv_blocks: int = 64, seed: int = 0) -> dict[str, Any]:
     """TPOT of one request alone: the engine vs ``model.generate``, alternated ``rounds`` times."""
+    from npukit.bench.workload import greedy_params, make_workload
     from npukit.engine import LLM
     from npukit.metrics import time_generation
-    from npukit.bench.workload import greedy_params, make_workload
 
     prompt = make_workload(tokenizer, 1, prompt_len=prompt_len, output_len=new_tokens, seed=seed).prompts[0]
     llm = LLM(model, tokenizer, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
@@ -317,8 +316,8 @@ def prefix_ttft(model, tokenizer, *, system_len: int = 512, user_len: int = 32, 
                 num_kv_blocks: int = 128, seed: int = 1) -> dict[str, Any]:
     """Mean TTFT of requests that share a ``system_len``-token system prompt, sent one at a time, with and
     without prefix caching (the first request only fills the cache and is not counted)."""
-    from npukit.engine import LLM
     from npukit.bench.workload import greedy_params, make_workload
+    from npukit.engine import LLM
 
     wl = make_workload(tokenizer, n + 1, prompt_len=system_len + user_len, output_len=1,
                        shared_prefix_len=system_len, seed=seed)
@@ -356,12 +355,14 @@ def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, n
 def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_sizes: Sequence[int] = (8, 16),
                              skip: Sequence[str] = (), quick: bool = False,
                              engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None,
-                             model_dir: str | None = None, threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                             model_dir: str | None = None, threads: int | None = None,
+                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
     ``engine_args``: EngineConfig fields for npukit's engine (engine_config_for fills num_kv_blocks); the HF
     continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends.
-    vLLM runs only with ``vllm_python`` (and ``model_dir``, the model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
+    vLLM runs only with ``vllm_python`` (and ``model_dir``, the model's folder), with the engine's max_num_seqs /
+    max_num_batched_tokens and ``threads`` (None: vLLM's
     own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
     """
     bad = set(skip) - set(SKIPPABLE)
@@ -474,7 +475,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"running sequences (index building inside execute_model: {full['prepare_share']:.1%} more); "
                  f"harness between steps {1 - e['step_s'] / e['wall_s']:.1%} of wall time")
     f = report["flops"]
-    lines.append(f"  useful model FLOP/s {f['useful_flops_per_s'] / 1e9:.1f} G vs matmul {f['matmul_flops_per_s'] / 1e9:.1f}"
+    lines.append(f"  useful model FLOP/s {f['useful_flops_per_s'] / 1e9:.1f} G vs matmul "
+                 f"{f['matmul_flops_per_s'] / 1e9:.1f}"
                  f" G in this process ({report['dtype']}, {f['threads']} threads): {f['fraction_of_matmul']:.0%}")
     k = report["kv_cache"]
     lines.append(f"  KV cache {k['num_kv_blocks']} blocks x {k['block_size']} = {k['token_slots']} token slots: peak "
@@ -492,7 +494,8 @@ def format_report(report: dict[str, Any]) -> str:
     p = report.get("prefix_ttft")
     if p:
         lines.append(f"  TTFT, shared {p['system_len']}-token system prompt + {p['user_len']} tokens: no prefix "
-                     f"caching {p['no_prefix_caching_s'] * 1e3:.0f} ms, prefix caching {p['prefix_caching_s'] * 1e3:.0f}"
+                     f"caching {p['no_prefix_caching_s'] * 1e3:.0f} ms, prefix caching "
+                     f"{p['prefix_caching_s'] * 1e3:.0f}"
                      f" ms ({p['speedup']:.1f}x faster)")
     return "\n".join(lines)
 
@@ -521,14 +524,16 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto", "both"),
                    help="model dtype; auto: what npukit.load_model picks here; both: float32 then bfloat16 "
                         "(default: float32)")
-    p.add_argument("--num-prompts", type=positive_int, default=None, help="number of requests (default: 64; 16 with --quick)")
+    p.add_argument("--num-prompts", type=positive_int, default=None,
+                   help="number of requests (default: 64; 16 with --quick)")
     p.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="prompt lengths, uniform in [MIN, MAX] tokens (default: 32 512; 32 256 with --quick)")
     p.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="output lengths (max_tokens, ignore_eos), uniform in [MIN, MAX] (default: 16 256; 16 64 "
                         "with --quick)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16), help="HF static batch sizes (default: 8 16)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16),
+                   help="HF static batch sizes (default: 8 16)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller workload (16 prompts of 32-256 tokens, outputs 16-64) and fewer TPOT / TTFT rounds")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -15,13 +15,19 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from npukit.bench.workload import (
+    RunResult,
+    StepRecord,
+    Workload,
+    greedy_params,
+    make_workload,
+    run_static_batches,
+    run_workload,
+)
 from npukit.engine.config import engine_fields
 from npukit.metrics import format_seconds
-from npukit.bench.workload import (RunResult, StepRecord, Workload, greedy_params, make_workload, run_static_batches,
-                             run_workload)
 
 from .base import Dashboard, action, figure_png, html_table, new_figure, resolve_model
-
 
 # ------------------------------------------------------------------------------------------------
 # The dashboard

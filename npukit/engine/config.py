@@ -82,7 +82,8 @@ class EngineConfig:
              f"block_size must be a positive int (vLLM uses 16 on GPU, 128 on Ascend), got {self.block_size!r}")
         need(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks > 0),
              f"num_kv_blocks must be None (auto) or a positive int, got {self.num_kv_blocks!r}")
-        need(isinstance(self.kv_cache_memory_fraction, (int, float)) and not isinstance(self.kv_cache_memory_fraction, bool)
+        fraction = self.kv_cache_memory_fraction
+        need(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
              and 0.0 < self.kv_cache_memory_fraction <= 1.0,
              f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
         need(is_int(self.max_num_seqs) and self.max_num_seqs > 0,
@@ -139,7 +140,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any]
         default = defaults.get(f.name)
         shown = f.default if default is None else default
         vllm = f.metadata.get("vllm")
-        text = notes.get(f.name, f.metadata["help"]) + ("" if shown is None else f" (default: {shown})") + (f" [vLLM: {vllm}]" if vllm else "")
+        text = (notes.get(f.name, f.metadata["help"]) + ("" if shown is None else f" (default: {shown})")
+                + (f" [vLLM: {vllm}]" if vllm else ""))
         flags = [cli_flag(f)] + ([vllm] if f.metadata.get("vllm_alias") and vllm != cli_flag(f) else [])
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,

@@ -86,11 +86,6 @@ class KVCache:
         # NOTE: index_select on the block dim copies whole contiguous blocks: ~4x faster than kc[ids] on CPU.
         return kc.index_select(0, block_ids).view(shape), vc.index_select(0, block_ids).view(shape)
 
-    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V at the given slots ``[n]`` -> ``[n, num_kv_heads, head_dim]``."""
-        kc, vc = self.k_caches[layer], self.v_caches[layer]
-        return kc.view(-1, *kc.shape[2:])[slots], vc.view(-1, *vc.shape[2:])[slots]
-
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of a shared last block)."""
         if not pairs:

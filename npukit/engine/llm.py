@@ -414,7 +414,8 @@ class LLM:
 
         single = isinstance(messages, (list, tuple)) and (not messages or isinstance(messages[0], dict))
         conversations = [messages] if single else list(messages)
-        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(conversations)
+        params = (sampling_params if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(conversations))
         if len(params) != len(conversations):
             raise ValueError(f"got {len(params)} sampling_params for {len(conversations)} conversations")
         prepared = []

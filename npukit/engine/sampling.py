@@ -12,7 +12,8 @@ default "raw_logprobs").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence as Seq
+from typing import TYPE_CHECKING
+from typing import Sequence as Seq
 
 import torch
 
