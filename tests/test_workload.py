@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from npukit.bench.workload import (
-    RunResult,
     StepRecord,
     Workload,
+    WorkloadRun,
     engine_knobs,
     greedy_params,
     make_workload,
@@ -156,7 +156,7 @@ def test_run_result_counts_from_its_step_log():
 
     steps = [StepRecord(0, 0.5, ["0", "1"], ["0", "1"]), StepRecord(1, 1.0, ["1"], ["0", "1"], num_preemptions=1)]
     metrics = [RequestMetrics(0.0, num_output_tokens=1), RequestMetrics(0.0, num_output_tokens=2)]
-    run = RunResult("r", metrics, steps, wall_time=1.5, batch_size=2)
+    run = WorkloadRun("r", metrics, steps, wall_time=1.5, batch_size=2)
     assert run.num_output_tokens == 3 and run.output_throughput == pytest.approx(2.0)
     assert run.num_preemptions == 1 and run.peak_batch == 2 and run.slot_utilization == pytest.approx(3 / 4)
     assert run.token_steps() == {"0": [0], "1": [0, 1]}

