@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 SAMPLING_EPS = 1e-5  # temperature below this is greedy (vLLM's _SAMPLING_EPS)
 MAX_LOGPROBS = 20    # vLLM's default --max-logprobs
+MAX_STOP_STRINGS = 64       # bounds on client-given lists (each step scans them)
+MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_STRING_CHARS = 1024
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -58,7 +62,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             need(is_num(v) and -2 <= v <= 2, f"{name} must be in [-2, 2] (0 = off), got {v!r}")
-        need(self.seed is None or is_int(self.seed), f"seed must be None or an int, got {self.seed!r}")
+        need(self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+             f"seed must be None or an int in [-2**63, 2**64 - 1], got {self.seed!r}")
         need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
              f"max_tokens must be None or an int >= 1, got {self.max_tokens!r}")
         need(is_int(self.min_tokens) and self.min_tokens >= 0,
@@ -69,11 +74,18 @@ class SamplingParams:
             self.stop_list = []
         elif isinstance(self.stop, str):
             self.stop_list = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop_list = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         need(all(isinstance(s, str) and s for s in self.stop_list),
              f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        need(len(self.stop_list) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list),
+             f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters")
+        need(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+             f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
         ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        need(len(ids) <= MAX_STOP_TOKEN_IDS, f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
         need(all(is_int(t) and t >= 0 for t in ids),
              f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = ids
