@@ -25,6 +25,8 @@ class OpenAIError(Exception):
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, message: str, status_code: int = 400, param: str | None = None):
+        if len(message) > 2000:  # e.g. a client's 4,000-digit number quoted back
+            message = message[:2000] + " ..."
         super().__init__(message)
         self.message, self.status_code, self.param = message, status_code, param
 
