@@ -329,12 +329,14 @@ def test_fuzzed_requests_never_get_500_nor_disturb_requests_in_flight(server, re
         return
     r = httpx.post(server.base_url + ("/chat/completions" if chat else "/completions"), content=content,
                    headers={"Content-Type": "application/json"}, timeout=60)
+    FUZZ_STATUSES[r.status_code] = FUZZ_STATUSES.get(r.status_code, 0) + 1
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 _steady = None
+FUZZ_STATUSES: dict[int, int] = {}
 
 
 def test_fuzz_left_requests_in_flight_undisturbed(server, llm):
@@ -342,5 +344,7 @@ def test_fuzz_left_requests_in_flight_undisturbed(server, llm):
     if _steady is None:
         pytest.skip("the fuzz test did not run")
     _steady.__exit__()
+    print(f"fuzz: status counts {dict(sorted(FUZZ_STATUSES.items()))}; steady requests: {_steady.done} done, "
+          f"{len(_steady.bad)} disturbed")
     assert _steady.bad == [] and _steady.done >= 1
     assert llm.config.max_model_len == MAX_MODEL_LEN
