@@ -68,6 +68,29 @@ class Sink:
             pass
 
 
+def _deliver(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class _Outbox:
+    """A step's updates, handed to each event loop in one call (one wake-up per step, not one per request)."""
+
+    def __init__(self):
+        self.items: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def put(self, sink: Sink, item: Any) -> None:
+        self.items.setdefault(sink.loop, []).append((sink.queue, item))
+
+    def flush(self) -> None:
+        for loop, items in self.items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
+        self.items = {}
+
+
 @dataclass
 class _Tracked:
     sink: Sink
@@ -162,16 +185,20 @@ class AsyncEngine:
                 self._drain_commands_on_close()
 
     def _step(self) -> None:
+        outbox = _Outbox()
         try:
             for out in self.llm.step():
-                self._route(out)
+                self._route(out, outbox)
         except Exception as e:
             # NOTE: the last resort. Validation (protocol.py, SamplingParams, LLM._prepare) keeps every
             # client-caused error out of the step; if one still raises, fail the requests in flight (their
             # blocks are freed) and keep serving.
             self.num_step_errors += 1
             logger.error("engine step failed:\n%s", traceback.format_exc())
+            outbox.flush()  # what was routed before the failure goes first
             self._fail_all(OpenAIError(f"engine step failed: {type(e).__name__}: {e}", 500))
+        finally:
+            outbox.flush()
 
     def _read_stats(self) -> dict[str, Any]:
         s = self.llm.stats()
@@ -212,7 +239,7 @@ class AsyncEngine:
                 if self._tracked.pop(rid, None) is not None:
                     self.llm.abort(rid)
 
-    def _route(self, out) -> None:
+    def _route(self, out, outbox: _Outbox) -> None:
         tracked = self._tracked.get(out.request_id)
         if tracked is None:  # aborted meanwhile
             return
@@ -231,7 +258,7 @@ class AsyncEngine:
         if out.finished:
             del self._tracked[out.request_id]
         if deltas or out.finished:
-            tracked.sink.put(StepUpdate(out.request_id, len(out.prompt_token_ids), deltas, out.finished))
+            outbox.put(tracked.sink, StepUpdate(out.request_id, len(out.prompt_token_ids), deltas, out.finished))
         if out.finished and getattr(out, "metrics", None) is not None:
             self.metrics.record(out.metrics, out.outputs[0].finish_reason if out.outputs else None)
 
