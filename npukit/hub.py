@@ -296,7 +296,10 @@ def _existing_parent(path: Path) -> Path:
 
 def _check_writable(target: Path, ctx: _Ctx) -> None:
     base = _existing_parent(target)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+    if not base.is_dir():
+        raise NotWritableError(f"{base} is a file, not a folder, so {ctx.repo_id!r} cannot be saved under {target}. "
+                               "Pass a folder as local_dir (an existing one, or a new path to create).")
+    if not os.access(base, os.W_OK | os.X_OK):
         raise NotWritableError(_not_writable_message(ctx, base))
 
 

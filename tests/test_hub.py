@@ -374,3 +374,12 @@ def test_describe_sources(monkeypatch):
     assert "OPENMIND_HUB_ENDPOINT" in text and "modelscope" in text and "HF_HUB_OFFLINE" in text
     assert constants.HF_HUB_CACHE in text
     assert npuhub.SOURCES == ("hf", "openmind", "modelscope", "local")
+
+
+def test_local_dir_that_is_a_file_says_so(hub, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(NotWritableError) as info:
+        _get(hub, local_dir=a_file)
+    assert "is a file, not a folder" in str(info.value) and "permission" not in str(info.value)
+    assert hub.requests == []

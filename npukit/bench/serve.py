@@ -599,7 +599,25 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--result-dir", default=".", help="where --save-result writes (default: .)")
     p.add_argument("--result-filename", default=None, help="file name for --save-result (default: generated)")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--compare-url", default=None, metavar="URL",
+                   help="a second server (e.g. `vllm serve` on the same model): run the same prompts against it "
+                        "too and print both side by side")
+    p.add_argument("--compare-model", default=None, help="model name on --compare-url (default: its first)")
     return p
+
+
+def compare_table(results: dict[str, BenchResult]) -> str:
+    """Output tok/s, TPOT and TTFT of each server (mean, ms) and each one's ratio to the first."""
+    names = list(results)
+    rows = [("output tok/s", "output_throughput", ".1f"), ("mean TPOT (ms)", "mean_tpot_ms", ".1f"),
+            ("mean TTFT (ms)", "mean_ttft_ms", ".1f"), ("failed", "failed", "d")]
+    head = "| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names) - 1)]
+    for label, key, fmt in rows:
+        vals = [results[n].summary.get(key) or 0 for n in names]
+        ratios = [f"{v / vals[0]:.2f}" if vals[0] else "-" for v in vals[1:]]
+        lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in vals) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
 
 
 def build_bench_serve_parser() -> argparse.ArgumentParser:
@@ -629,18 +647,19 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             prompts = read_prompts(args.dataset_path, args.random_output_len, tokenizer)[: args.num_prompts]
         except (OSError, ValueError) as e:
             return error(str(e))
-    try:
-        result = run_serving_benchmark(
-            base_url, model=args.model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
-            num_prompts=args.num_prompts, random_input_len=args.random_input_len,
-            random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
-            tokenizer=tokenizer, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
-            burstiness=args.burstiness, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
-            api_key=args.api_key, percentile_metrics=metrics, metric_percentiles=percentiles,
-            progress=not args.disable_tqdm)
-    except (BenchmarkError, ValueError) as e:
-        return error(str(e))
-    print(result)
+    results = {}
+    for label, url, model in (("server", base_url, args.model), ("compare", args.compare_url, args.compare_model)):
+        if url is None:
+            continue
+        try:
+            results[f"{label} ({url})"] = _bench_one(args, url, model, prompts, tokenizer, metrics, percentiles)
+        except (BenchmarkError, ValueError) as e:
+            return error(str(e))
+    result = next(iter(results.values()))
+    for r in results.values():
+        print(r)
+    if len(results) > 1:
+        print(compare_table(results))
     if result.errors:
         print(f"first error: {result.errors[0]}", file=sys.stderr)
     if args.save_result:
@@ -648,7 +667,18 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             f"{args.backend}-{result.config['request_rate']}qps-concurrency{args.max_concurrency}-"
             f"{str(result.config['model_id']).replace('/', '_')}-{result.config['date']}.json")
         print(f"saved {result.save(Path(args.result_dir) / name)}", file=sys.stderr)
-    return 0 if result.summary["completed"] else 1
+    return 0 if all(r.summary["completed"] for r in results.values()) else 1
+
+
+def _bench_one(args, base_url, model, prompts, tokenizer, metrics, percentiles) -> BenchResult:
+    return run_serving_benchmark(
+        base_url, model=model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
+        num_prompts=args.num_prompts, random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
+        tokenizer=tokenizer, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+        burstiness=args.burstiness, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
+        api_key=args.api_key, percentile_metrics=metrics, metric_percentiles=percentiles,
+        progress=not args.disable_tqdm)
 
 
 def bench_serve_main(argv: list[str] | None = None) -> int:

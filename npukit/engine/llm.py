@@ -202,6 +202,13 @@ class LLM:
         if not cfg.enable_chunked_prefill and len(ids) > cfg.max_num_batched_tokens:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than max_num_batched_tokens="
                              f"{cfg.max_num_batched_tokens}, and chunked prefill is off; enable_chunked_prefill=True")
+        # NOTE: every id the sampler will index with must lie in the vocabulary (SamplingParams cannot
+        # know it): an out-of-range id would raise inside step() and fail the whole batch.
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}) for this model, got {bad[:5]}")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs={params.logprobs} is more than the vocabulary ({self.vocab_size} tokens)")
         if params.n > cfg.max_num_seqs:
             raise ValueError(f"n={params.n} samples cannot run together with max_num_seqs={cfg.max_num_seqs}")
         return text, ids, params
