@@ -92,3 +92,26 @@ def shard_numel(split: str, out_features: int, in_features: int, tp: int, *, hea
     if split == REPLICATED:
         return out_features * in_features
     raise ValueError(f"unknown split {split!r}")
+
+
+def shard_tensor(t, split: str, *, tp: int, rank: int, head_dim: int, num_kv_heads: int):
+    """This rank's slice of a weight ``[out, in]`` (or a bias ``[out]``), as a new contiguous tensor."""
+    if split == REPLICATED or tp == 1:
+        return t
+    if split == COLUMN:
+        n = t.shape[0] // tp
+        return t.narrow(0, rank * n, n).clone()
+    if split == ROW:
+        n = t.shape[1] // tp
+        return t.narrow(1, rank * n, n).contiguous()
+    if split == KV_COLUMN:
+        n = kv_heads_per_rank(num_kv_heads, tp) * head_dim
+        return t.narrow(0, kv_head_start(num_kv_heads, tp, rank) * head_dim, n).clone()
+    if split == VOCAB:
+        n = vocab_per_rank(t.shape[0], tp)
+        start = min(rank * n, t.shape[0])
+        rows = t[start:start + n]
+        out = t.new_zeros((n, *t.shape[1:]))  # NOTE: the last shard is zero-padded to n rows
+        out[:rows.shape[0]] = rows
+        return out
+    raise ValueError(f"unknown split {split!r}")
