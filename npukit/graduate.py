@@ -275,8 +275,12 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         if family is None:
             notes.append(f"Assuming {device_memory_gib} GiB per NPU (Atlas 800T A2 / 910B); pass chip= or "
                          "device_memory_gib= for your card (npu-smi info shows it).")
-    tp = 1
-    if weight_bytes is not None and device_memory_gib:
+    tp = config.tensor_parallel_size
+    if tp > 1:
+        args += ["--tensor-parallel-size", str(tp)]
+        notes.append(f"--tensor-parallel-size {tp} as in npukit; `npukit plan {model} --device ...` shows whether "
+                     "a smaller size fits your devices.")
+    elif weight_bytes is not None and device_memory_gib:
         per_card = WEIGHT_SHARE_PER_DEVICE * device_memory_gib * GiB
         tp = 1 << max(0, math.ceil(math.log2(weight_bytes / per_card))) if weight_bytes > per_card else 1
         if tp > 1:
@@ -288,8 +292,8 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         if tp > 8:
             notes.append("More than 8 cards: one Ascend server usually has 8 NPUs, so this needs several nodes "
                          "(--pipeline-parallel-size) or a quantised model (e.g. W8A8) to fit.")
-    table.append(FlagMapping("(weights vs device memory)", f"{weight_bytes / GiB:.1f} GiB" if weight_bytes else "?",
-                             "--tensor-parallel-size", tp, "npukit runs on one device"))
+    table.append(FlagMapping("tensor_parallel_size", config.tensor_parallel_size, "--tensor-parallel-size", tp,
+                             f"weights {weight_bytes / GiB:.1f} GiB" if weight_bytes else "weights: ?"))
 
     if config.num_kv_blocks is not None:
         table.append(FlagMapping("num_kv_blocks", config.num_kv_blocks, "--num-gpu-blocks-override",

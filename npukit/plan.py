@@ -609,7 +609,7 @@ def add_plan_args(p) -> None:
 
 
 def run_plan(args) -> int:
-    from .cli import error
+    from .args import error
 
     if args.list:
         print("catalogue (shapes from each repo's config.json):")

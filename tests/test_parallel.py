@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from npukit.engine.runner import ModelRunner
-from npukit.engine.sampling import SamplingParams
+from npukit.engine.sampling_params import SamplingParams
 from npukit.engine.sequence import Sequence
 from npukit.parallel import sharding as sh
 from npukit.parallel.executor import TensorParallelRunner, WorkerError

@@ -29,7 +29,7 @@ def step_profile(llm, batch_size: int, *, prompt_len: int = 8, steps: int = 5, s
     of the whole batch; the requests are aborted afterwards."""
     import torch
 
-    from ..engine.sampling import SamplingParams
+    from ..engine.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
