@@ -143,3 +143,24 @@ def test_plan_equals_what_load_model_and_llm_allocate(name, request):
     assert p.weight_bytes == model.load_report.weight_bytes
     llm = LLM(model, tok, num_kv_blocks=7, block_size=16)
     assert llm.runner.kv_cache.num_bytes == 7 * 16 * p.kv_bytes_per_token
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "smollm2-135m-instruct"])
+def test_plan_within_10_percent_of_measured_peak_tensor_memory(name, request):
+    import torch
+
+    from npukit.engine import LLM, SamplingParams
+    from npukit.parallel.profile import ActivationPeak
+
+    model, tok = request.getfixturevalue({"tiny-llama": "tiny", "smollm2-135m-instruct": "smol"}[name])
+    llm = LLM(model, tok, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256)
+    kv = llm.runner.kv_cache
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (32,), generator=g).tolist() for _ in range(8)]  # one 256-token prefill step
+    with ActivationPeak(existing=[*model.parameters(), *kv.k_caches, *kv.v_caches]) as peak:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert peak.peak_bytes > 0
+    p = plan(name, device="cpu", dtype="float32", block_size=16, max_num_seqs=8, max_num_batched_tokens=256)
+    planned = p.weight_bytes + 64 * 16 * p.kv_bytes_per_token + p.plan_for(1).activation_bytes_per_device
+    measured = model.load_report.weight_bytes + kv.num_bytes + peak.peak_bytes
+    assert abs(planned - measured) <= 0.1 * measured

@@ -53,3 +53,66 @@ def step_profile(llm, batch_size: int, *, prompt_len: int = 8, steps: int = 5, s
             llm.abort(r)
     return StepProfile(tp, batch_size, statistics.fmean(times), [s["comm_seconds"] / steps for s in stats],
                        stats[0]["all_reduces"] // steps if stats else 0)
+
+
+class ActivationPeak:
+    """Peak bytes of the tensors that torch ops create while it is active (a TorchDispatchMode), leaving out
+    the storages of ``existing`` tensors (weights, KV cache): the activations' high-water mark, on any device.
+
+        with ActivationPeak(existing=[*model.parameters(), *llm.runner.kv_cache.k_caches, ...]) as peak:
+            llm.generate(...)
+        peak.peak_bytes
+    """
+
+    def __init__(self, existing=()):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._saw(out)
+                return out
+
+        self._mode = _Mode()
+        self._external = {t.untyped_storage().data_ptr() for t in existing}
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors alive that use it]
+        self.current_bytes = self.peak_bytes = 0
+
+    def _saw(self, out) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._external:
+                continue  # NOTE: in-place ops on the KV cache return views of it: not new memory
+            if key in self._live:
+                self._live[key][1] += 1
+            else:
+                self._live[key] = [storage.nbytes(), 1]
+                self.current_bytes += storage.nbytes()
+                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+            weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[key]
+            self.current_bytes -= entry[0]
+
+    def __enter__(self) -> "ActivationPeak":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
