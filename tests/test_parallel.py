@@ -187,3 +187,17 @@ def test_tensor_parallel_size_is_a_flag_of_serve_bench_and_graduate():
     assert build_graduate_parser().parse_args(["m", "--tensor-parallel-size", "4"]).tensor_parallel_size == 4
     g = graduate(EngineConfig(tensor_parallel_size=4), "Qwen/Qwen3-32B", dtype="float16", chip="310P")
     assert g.tensor_parallel_size == 4 and "--tensor-parallel-size 4" in g.serve_command
+
+
+def test_two_tensor_parallel_engines_live_side_by_side(tiny):
+    model, _ = tiny
+    a = TensorParallelRunner(model, "tiny-llama", 16, 16, 2)
+    b = TensorParallelRunner(model, "tiny-llama", 16, 16, 4)  # each engine has its own process group
+    try:
+        la = a.execute_model([(s, len(s.token_ids)) for s in _batch([6], 512)])
+        lb = b.execute_model([(s, len(s.token_ids)) for s in _batch([6], 512)])
+        assert (la - lb).abs().max().item() < 1e-4
+    finally:
+        a.shutdown()
+        b.shutdown()
+    assert _no_children_left(a.pids + b.pids)

@@ -23,11 +23,10 @@ import socket
 import time
 import traceback
 import weakref
-from datetime import timedelta
 
 import torch
 
-from .group import BACKENDS, Shard
+from .group import BACKENDS, Shard, make_group
 
 
 class WorkerError(RuntimeError):
@@ -40,13 +39,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(backend: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-
-
 def _device_for(kind: str, rank: int) -> str:
     return "cpu" if kind == "cpu" else f"{kind}:{rank}"
 
@@ -55,8 +47,6 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, model_path:
                 block_size: int, num_kv_blocks: int, threads: int, timeout_s: float, conn) -> None:
     """Rank ``rank``: load, shard, then run what rank 0 sends until ("exit",) or until rank 0 goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch.distributed as dist
-
     try:
         torch.set_num_threads(threads)
         from ..engine.runner import ModelRunner
@@ -64,8 +54,8 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, model_path:
 
         model, _ = load_model(model_path, device=_device_for(device_kind, rank), dtype=dtype)
         conn.send(("loaded",))
-        _init_group(backend, port, rank, world_size, timeout_s)
-        shard = Shard(rank, world_size)
+        store, group = make_group(backend, port, rank, world_size, timeout_s)
+        shard = Shard(rank, world_size, group, store)
         runner = ModelRunner(model, block_size, num_kv_blocks, shard=shard)
         del model  # NOTE: the runner holds copies of its shard only; the full weights go
         import gc
@@ -90,9 +80,6 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, model_path:
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
         except OSError:
             pass
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _rss() -> int:
@@ -120,10 +107,6 @@ def _stop(procs, conns, polite: bool) -> None:
             p.join(timeout=5)
     for c in conns:
         c.close()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class TensorParallelRunner:
@@ -134,8 +117,6 @@ class TensorParallelRunner:
                  *, threads: int | None = None, timeout_s: float = 120.0):
         import multiprocessing as mp
 
-        import torch.distributed as dist
-
         from ..engine.kv_cache import kv_shape
         from ..engine.runner import ModelRunner
         from .sharding import check_tp
@@ -143,9 +124,6 @@ class TensorParallelRunner:
         tp = tensor_parallel_size
         num_layers, num_kv_heads, _ = kv_shape(model.config)
         check_tp(model.config.num_attention_heads, num_kv_heads, model.config.intermediate_size, tp)
-        if dist.is_initialized():
-            raise RuntimeError("a torch.distributed group already exists in this process (another tensor-parallel "
-                               "LLM?): shut it down first (llm.shutdown() or del llm)")
         device = model.lm_head.weight.device
         backend = BACKENDS.get(device.type)
         if backend is None:
@@ -168,8 +146,8 @@ class TensorParallelRunner:
                 self.procs.append(p)
                 self.conns.append(parent)
             self._expect("loaded", timeout_s)
-            _init_group(backend, port, 0, tp, timeout_s)
-            self.shard = Shard(0, tp)
+            store, group = make_group(backend, port, 0, tp, timeout_s)
+            self.shard = Shard(0, tp, group, store)
             self.runner = ModelRunner(model, block_size, num_kv_blocks, shard=self.shard)
             self.worker_bytes = [(m[1], m[2]) for m in self._expect("ready", timeout_s)]
         except BaseException:
@@ -259,7 +237,7 @@ class TensorParallelRunner:
         return errors
 
     def shutdown(self, polite: bool = True) -> None:
-        """Stop the workers and leave the torch.distributed group. Safe to call twice."""
+        """Stop the workers (rank 0's group goes with this object). Safe to call twice."""
         self.closed = True
         self._finalizer.detach()
         _stop(self.procs, self.conns, polite)
