@@ -192,7 +192,7 @@ def test_tensor_parallel_size_is_a_flag_of_serve_bench_and_graduate():
 def test_two_tensor_parallel_engines_live_side_by_side(tiny):
     model, _ = tiny
     a = TensorParallelRunner(model, "tiny-llama", 16, 16, 2)
-    b = TensorParallelRunner(model, "tiny-llama", 16, 16, 4)  # each engine has its own process group
+    b = TensorParallelRunner(model, "tiny-llama", 16, 16, 2)  # each engine has its own process group
     try:
         la = a.execute_model([(s, len(s.token_ids)) for s in _batch([6], 512)])
         lb = b.execute_model([(s, len(s.token_ids)) for s in _batch([6], 512)])
