@@ -292,8 +292,11 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         if tp > 8:
             notes.append("More than 8 cards: one Ascend server usually has 8 NPUs, so this needs several nodes "
                          "(--pipeline-parallel-size) or a quantised model (e.g. W8A8) to fit.")
-    table.append(FlagMapping("tensor_parallel_size", config.tensor_parallel_size, "--tensor-parallel-size", tp,
-                             f"weights {weight_bytes / GiB:.1f} GiB" if weight_bytes else "weights: ?"))
+    if config.tensor_parallel_size > 1:
+        table.append(FlagMapping("tensor_parallel_size", tp, "--tensor-parallel-size", tp))
+    else:
+        table.append(FlagMapping("(weights vs device memory)", f"{weight_bytes / GiB:.1f} GiB" if weight_bytes else "?",
+                                 "--tensor-parallel-size", tp, "npukit runs on one device"))
 
     if config.num_kv_blocks is not None:
         table.append(FlagMapping("num_kv_blocks", config.num_kv_blocks, "--num-gpu-blocks-override",

@@ -21,7 +21,7 @@ model, 1 and 2 threads. Not kept: plain vectorised loops pay a horizontal sum pe
 this path needs hand-written SIMD micro-kernels (what vLLM-CPU ships) or the NPU ops below.
 Supported: LlamaForCausalLM (SmolLM2), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias),
 Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the masks.
-Tensor parallelism: given a ``shard`` (``npukit.parallel.Shard``), the runner keeps only its rank's slice of
+Tensor parallelism: given a ``shard`` (``npukit.parallel.group.Shard``), the runner keeps only its rank's slice of
 each weight (the table in ``npukit.parallel.sharding``), attends over its own heads with its own slice of
 the KV cache, and all-reduces after o_proj and down_proj; rank 0 gets the logits. Without a shard it
 references the HF weights, never copies them.
@@ -181,7 +181,6 @@ class ModelRunner:
         self.scaling = inner.layers[0].self_attn.scaling
         self.layers = [self._layer_weights(layer, config) for layer in inner.layers[:num_layers]]
         self.shard = shard
-        self.tp = 1 if shard is None else shard.world_size
         if shard is not None:
             self._keep_shard(shard, config.intermediate_size)
         else:
