@@ -514,6 +514,8 @@ def plan(model: str | Path | dict = "Qwen/Qwen3-8B", *, device: str | DeviceSpec
     s = shapes_of(config)
     dev = device_spec(device, memory_gib=memory_gib)
     notes: list[str] = []
+    if device == "auto" and dev.name in DEVICES:
+        notes.append(f"no NPU or GPU here: planned for a {dev.name}; choose with --device ({', '.join(DEVICES)}).")
     dtype = _norm_dtype(dtype)
     if dtype == "auto":
         dtype = s.dtype if s.dtype in DTYPE_BYTES else "bfloat16"

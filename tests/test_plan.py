@@ -164,3 +164,12 @@ def test_plan_within_10_percent_of_measured_peak_tensor_memory(name, request):
     planned = p.weight_bytes + 64 * 16 * p.kv_bytes_per_token + p.plan_for(1).activation_bytes_per_device
     measured = model.load_report.weight_bytes + kv.num_bytes + peak.peak_bytes
     assert abs(planned - measured) <= 0.1 * measured
+
+
+def test_auto_device_without_accelerator_says_what_it_planned_for():
+    from npukit.device import detect
+
+    if detect() in ("npu", "cuda"):
+        pytest.skip("an NPU / GPU is here: auto measures it")
+    p = plan("Qwen/Qwen3-8B")
+    assert p.device.name == "910B3" and any("no NPU or GPU here" in n for n in p.notes)
