@@ -1,4 +1,4 @@
-"""The `npukit` command line: doctor | download | chat | quickstart | serve | bench | graduate.
+"""The `npukit` command line: doctor | download | chat | quickstart | serve | bench | plan | graduate.
 
     npukit doctor [--json]                      check torch / torch_npu / CANN / device / env vars
     npukit download Qwen/Qwen2.5-0.5B-Instruct  fetch a model (HF, mirror, openMind, ModelScope)
@@ -6,6 +6,7 @@
     npukit quickstart                           doctor + load SmolLM2 + one timed answer
     npukit serve                                OpenAI-compatible server on the engine (like `vllm serve`)
     npukit bench serve | throughput             benchmarks (like `vllm bench serve | throughput`)
+    npukit plan Qwen/Qwen3-32B --device 300I-Duo will it fit? memory per device for every tensor-parallel size
     npukit graduate                             the equivalent vLLM commands for your settings
 
 Adding a subcommand (`bench`, `serve`, ...): write `_cmd_xxx(args) -> int` and register it in
@@ -231,6 +232,7 @@ def _add_serve_bench_graduate(sub) -> None:
     from npukit.bench.serve import add_bench_serve_args, run_bench_serve
     from npukit.bench.throughput import add_bench_throughput_args, run_bench_throughput
     from npukit.graduate import add_graduate_args, run_graduate
+    from npukit.plan import add_plan_args, run_plan
     from npukit.serving.server import add_serve_args, run_serve
 
     p = sub.add_parser("serve", help="OpenAI-compatible server over npukit's engine (like `vllm serve`)")
@@ -251,6 +253,16 @@ def _add_serve_bench_graduate(sub) -> None:
                                      "use, prefix-cached TTFT and useful FLOP/s vs the matmul peak. Runs on the CPU.")
     add_bench_throughput_args(q)
     q.set_defaults(func=run_bench_throughput)
+
+    p = sub.add_parser("plan", help="will it fit? weights, KV cache and activations per device for every "
+                                    "tensor-parallel size, before any download",
+                       description="The memory bill of a model (from its config.json only) on an Ascend NPU, a GPU or "
+                                   "this machine's device: weight bytes and KV bytes per token (exact), activations "
+                                   "and workspace (estimates), and for every valid --tensor-parallel-size the KV "
+                                   "tokens per device, how many max-model-len sequences fit, the smallest size "
+                                   "that fits and the `vllm serve` command it implies.")
+    add_plan_args(p)
+    p.set_defaults(func=run_plan)
 
     p = sub.add_parser("graduate", help="print the equivalent `vllm serve` / `vllm bench` commands")
     add_graduate_args(p)

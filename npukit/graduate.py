@@ -191,8 +191,8 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
     _model_notes(model, g.model, host, g.notes)
     vllm_dtype, enforce_eager, args = _dtype_flags(dtype, device, family, g.notes, g.table)
     args += _engine_flags(config, device, g.notes, g.table)
-    memory, tp_args = _tensor_parallel(model, vllm_dtype, device, family, device_memory_gib, num_parameters,
-                                       weight_bytes, g.notes, g.table)
+    memory, tp_args = _tensor_parallel(config, model, vllm_dtype, device, family, device_memory_gib,
+                                       num_parameters, weight_bytes, g.notes, g.table)
     g.tensor_parallel_size = memory.tp
     args += tp_args
     args += _kv_cache_flags(config, device, memory, g.notes, g.table)
@@ -257,9 +257,10 @@ def _dtype_flags(dtype: str, device: str, family: str | None, notes: list[str],
     return vllm_dtype, enforce_eager, (["--dtype", vllm_dtype] if vllm_dtype != "auto" else [])
 
 
-# EngineConfig fields that size the KV cache: not one to one (see _kv_cache_flags); every other field with a
-# vLLM flag (field metadata "vllm") maps one to one in _engine_flags.
-KV_CACHE_FIELDS = ("num_kv_blocks", "kv_cache_memory_fraction")
+# EngineConfig fields that are not one to one: the KV cache size (see _kv_cache_flags) and the tensor-parallel
+# size (see _tensor_parallel); every other field with a vLLM flag (field metadata "vllm") maps one to one in
+# _engine_flags.
+NOT_ONE_TO_ONE = ("num_kv_blocks", "kv_cache_memory_fraction", "tensor_parallel_size")
 UNSET_NOTES = {"max_model_len": "unset: the model's context length"}
 
 
@@ -271,7 +272,7 @@ def _engine_flags(config, device: str, notes: list[str], table: list[FlagMapping
     args: list[str] = []
     for f in engine_fields():
         flag, value = f.metadata.get("vllm"), getattr(config, f.name)
-        if flag is None or f.name in KV_CACHE_FIELDS:
+        if flag is None or f.name in NOT_ONE_TO_ONE:
             continue
         if isinstance(value, bool):
             used = flag if value else "--no-" + flag.removeprefix("--")
@@ -301,7 +302,7 @@ class _Memory:
     tp: int
 
 
-def _tensor_parallel(model, vllm_dtype, device, family, device_memory_gib, num_parameters, weight_bytes,
+def _tensor_parallel(config, model, vllm_dtype, device, family, device_memory_gib, num_parameters, weight_bytes,
                      notes: list[str], table: list[FlagMapping]) -> tuple[_Memory, list[str]]:
     """(weights, device memory and tensor parallel size; the --tensor-parallel-size flag): the weights vs the
     device memory decide how many cards."""
@@ -320,8 +321,12 @@ def _tensor_parallel(model, vllm_dtype, device, family, device_memory_gib, num_p
         if family is None:
             notes.append(f"Assuming {device_memory_gib} GiB per NPU (Atlas 800T A2 / 910B); pass chip= or "
                          "device_memory_gib= for your card (npu-smi info shows it).")
-    tp, args = 1, []
-    if weight_bytes is not None and device_memory_gib:
+    tp, args = config.tensor_parallel_size, []
+    if tp > 1:
+        args = ["--tensor-parallel-size", str(tp)]
+        notes.append(f"--tensor-parallel-size {tp} as in npukit; `npukit plan {model} --device ...` shows whether "
+                     "a smaller size fits your devices.")
+    elif weight_bytes is not None and device_memory_gib:
         per_card = WEIGHT_SHARE_PER_DEVICE * device_memory_gib * GiB
         tp = 1 << max(0, math.ceil(math.log2(weight_bytes / per_card))) if weight_bytes > per_card else 1
         if tp > 1:
@@ -333,8 +338,9 @@ def _tensor_parallel(model, vllm_dtype, device, family, device_memory_gib, num_p
         if tp > 8:
             notes.append("More than 8 cards: one Ascend server usually has 8 NPUs, so this needs several nodes "
                          "(--pipeline-parallel-size) or a quantised model (e.g. W8A8) to fit.")
-    table.append(FlagMapping("(weights vs device memory)", f"{weight_bytes / GiB:.1f} GiB" if weight_bytes else "?",
-                             "--tensor-parallel-size", tp, "npukit runs on one device"))
+    why = ("as in npukit" if config.tensor_parallel_size > 1 else
+           f"weights {weight_bytes / GiB:.1f} GiB vs device memory" if weight_bytes else "weights unknown")
+    table.append(FlagMapping("tensor_parallel_size", config.tensor_parallel_size, "--tensor-parallel-size", tp, why))
     return _Memory(weight_bytes, device_memory_gib, tp), args
 
 

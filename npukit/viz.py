@@ -391,3 +391,71 @@ def draw_bench_concurrency(concurrencies: Sequence[int], results: Sequence[Any],
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Fit and split: the memory bill per tensor-parallel size, and how TP cuts a layer
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_memory_bill(plan, *, ax=None, title: str | None = None):
+    """Stacked bars per tensor-parallel size of an ``npukit.plan`` result: weights, activations, workspace and
+    the KV cache that is left, against the device memory and the ``gpu_memory_utilization`` budget (GiB)."""
+    fig, ax = _figure_of(ax, 8, 4)
+    gib = 1024 ** 3
+    tps = [str(p.tensor_parallel_size) for p in plan.plans]
+    parts = [("weights", [p.weight_bytes_per_device for p in plan.plans]),
+             ("activations", [p.activation_bytes_per_device for p in plan.plans]),
+             ("workspace", [plan.workspace_bytes_per_device] * len(tps)),
+             ("KV cache", [p.kv_cache_bytes_per_device for p in plan.plans])]
+    bottom = [0.0] * len(tps)
+    for (name, values), colour in zip(parts, _colours(len(parts))):
+        v = [x / gib for x in values]
+        ax.bar(tps, v, bottom=bottom, label=name, color=colour)
+        bottom = [b + x for b, x in zip(bottom, v)]
+    mem = plan.device.memory_bytes / gib
+    ax.axhline(mem, color=SHARED_COLOUR, lw=1.5, label=f"{plan.device.name} memory")
+    ax.axhline(mem * plan.gpu_memory_utilization, color=SHARED_COLOUR, lw=1, ls="--",
+               label=f"x {plan.gpu_memory_utilization:g} (gpu-memory-utilization)")
+    for i, p in enumerate(plan.plans):
+        if not p.fits:
+            ax.text(i, bottom[i], "does not fit", ha="center", va="bottom", color=PALETTE[3], fontsize=9)
+    ax.set_xlabel("tensor-parallel size")
+    ax.set_ylabel("GiB per device")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) on {plan.device.name}")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def draw_tp_split(tensor_parallel_size: int = 2, *, ax=None):
+    """One decoder layer under Megatron tensor parallelism: which weights are cut by columns (output
+    features: heads, MLP rows), which by rows (input features), and where the all-reduces go."""
+    from matplotlib.patches import Rectangle
+
+    tp = tensor_parallel_size
+    fig, ax = _figure_of(ax, 10, 3.2)
+    colours = _colours(tp)
+    # (label, x, width, height, split): split "col" cuts the height (outputs), "row" cuts the width (inputs)
+    boxes = [("q/k/v_proj", 0.0, 1.0, 2.0, "col"), ("attention\n(own heads)", 1.4, 0.9, 2.0, "col"),
+             ("o_proj", 2.7, 2.0, 1.0, "row"), ("gate/up_proj", 5.6, 1.0, 2.0, "col"),
+             ("down_proj", 7.0, 2.0, 1.0, "row")]
+    for label, x, w, h, split in boxes:
+        for r in range(tp):
+            if split == "col":
+                rect = Rectangle((x, h - (r + 1) * h / tp), w, h / tp)
+            else:
+                rect = Rectangle((x + r * w / tp, 0), w / tp, h)
+            rect.set(facecolor=colours[r], edgecolor="white", alpha=0.85)
+            ax.add_patch(rect)
+        ax.text(x + w / 2, -0.25, label, ha="center", va="top", fontsize=9)
+    for x in (4.9, 9.2):
+        ax.annotate("all-reduce", (x, 0.5), xytext=(x + 0.05, 1.6), fontsize=9, ha="center",
+                    arrowprops=dict(arrowstyle="->", color=SHARED_COLOUR))
+    for r in range(tp):
+        ax.add_patch(Rectangle((0.2 + 1.3 * r, 2.45), 0.25, 0.2, facecolor=colours[r]))
+        ax.text(0.5 + 1.3 * r, 2.55, f"rank {r}", va="center", fontsize=9)
+    ax.set_xlim(-0.3, 10.2)
+    ax.set_ylim(-0.9, 2.8)
+    ax.axis("off")
+    ax.set_title(f"One decoder layer at tensor-parallel size {tp}: columns (heads) split, rows split + all-reduce")
+    return fig

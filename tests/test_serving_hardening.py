@@ -11,11 +11,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_serving import FakeLLM
 
 from npukit.engine import LLM, SamplingParams
 from npukit.serving import Limits, ServerThread, create_app
-
-from test_serving import FakeLLM
 
 MAX_MODEL_LEN = 128
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -606,7 +606,7 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def compare_table(results: dict[str, BenchResult]) -> str:
+def compare_table(results: dict[str, ServingBenchmarkResult]) -> str:
     """Output tok/s, TPOT and TTFT of each server (mean, ms) and each one's ratio to the first."""
     names = list(results)
     rows = [("output tok/s", "output_throughput", ".1f"), ("mean TPOT (ms)", "mean_tpot_ms", ".1f"),
@@ -670,7 +670,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(r.summary["completed"] for r in results.values()) else 1
 
 
-def _bench_one(args, base_url, model, prompts, tokenizer, metrics, percentiles) -> BenchResult:
+def _bench_one(args, base_url, model, prompts, tokenizer, metrics, percentiles) -> ServingBenchmarkResult:
     return run_serving_benchmark(
         base_url, model=model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
         num_prompts=args.num_prompts, random_input_len=args.random_input_len,

@@ -28,6 +28,7 @@ kv_cache_memory_fraction) does graduate need a translation of its own.
 | max_model_len             | --max-model-len               |
 | enable_prefix_caching     | --enable-prefix-caching       |
 | enable_chunked_prefill    | --enable-chunked-prefill      |
+| tensor_parallel_size      | --tensor-parallel-size        |
 
 (*) not the same quantity: see the field's note.
 This module is stdlib only: the CLI imports it to build its flags without loading torch.
@@ -69,6 +70,10 @@ class EngineConfig:
         True, vllm="--enable-prefix-caching", help="reuse the KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = setting(
         True, vllm="--enable-chunked-prefill", help="split long prompts across steps")
+    # NOTE: N > 1 spawns N - 1 worker processes (npukit.parallel); the heads must divide by N.
+    tensor_parallel_size: int = setting(
+        1, vllm="--tensor-parallel-size", vllm_alias=True,
+        help="split every layer over this many processes / devices (Megatron tensor parallelism)")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -92,6 +97,8 @@ class EngineConfig:
              f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
         need(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len > 0),
              f"max_model_len must be None or a positive int, got {self.max_model_len!r}")
+        need(is_int(self.tensor_parallel_size) and self.tensor_parallel_size > 0,
+             f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:

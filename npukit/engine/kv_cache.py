@@ -24,9 +24,13 @@ def kv_shape(model_config) -> tuple[int, int, int]:
     return model_config.num_hidden_layers, num_kv_heads, head_dim
 
 
-def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, K and V: 2 * layers * block_size * kv_heads * head_dim * itemsize."""
+def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes one block takes over all layers, K and V: 2 * layers * block_size * kv_heads * head_dim * itemsize
+    (on one rank under tensor parallelism: its share of the KV heads, at least one)."""
+    from ..parallel.sharding import kv_heads_per_rank
+
     num_layers, num_kv_heads, head_dim = kv_shape(model_config)
+    num_kv_heads = kv_heads_per_rank(num_kv_heads, tensor_parallel_size)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 

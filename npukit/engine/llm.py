@@ -93,9 +93,11 @@ class LLM:
             known = ", ".join(f.name for f in engine_fields())
             raise TypeError(f"LLM() got unknown engine settings {sorted(unknown)}; the settings are EngineConfig's "
                             f"fields: {known}")
+        model_path = None  # what tensor-parallel workers load
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             from ..loading import load_model
 
+            model_path = str(model)
             model, loaded_tokenizer = load_model(model, device=device, dtype=dtype)
             tokenizer = tokenizer or loaded_tokenizer
         elif tokenizer is None:
@@ -109,7 +111,18 @@ class LLM:
                 cfg.max_model_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
         if cfg.num_kv_blocks is None:
             cfg.num_kv_blocks = self._auto_num_blocks()
-        self.runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
+        if cfg.tensor_parallel_size > 1:
+            from ..parallel.executor import TensorParallelRunner
+
+            report = getattr(model, "load_report", None)
+            model_path = model_path or (report.path if report is not None else None)
+            if model_path is None:
+                raise ValueError("tensor_parallel_size > 1: the workers load the model themselves, so pass a name or "
+                                 "folder (or a model from npukit.load_model, which records its path)")
+            self.runner = TensorParallelRunner(model, model_path, cfg.block_size, cfg.num_kv_blocks,
+                                               cfg.tensor_parallel_size)
+        else:
+            self.runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.sampler = Sampler()
@@ -142,7 +155,7 @@ class LLM:
 
         cfg = self.config
         param = next(self.model.parameters())
-        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, param.dtype)
+        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, param.dtype, cfg.tensor_parallel_size)
         free = device_mod.memory_stats(param.device).free
         budget = int(free * cfg.kv_cache_memory_fraction)
         if param.device.type == "cpu":
@@ -503,6 +516,12 @@ class LLM:
                 num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
                 num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done by `del llm` and at exit); a no-op at TP 1."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     def reset_prefix_cache(self) -> None:
         with self._lock:
             self.block_manager.reset_prefix_cache()
@@ -511,4 +530,5 @@ class LLM:
         c = self.config
         return (f"LLM({type(self.model).__name__}, block_size={c.block_size}, num_kv_blocks={c.num_kv_blocks}, "
                 f"max_num_seqs={c.max_num_seqs}, max_num_batched_tokens={c.max_num_batched_tokens}, "
-                f"max_model_len={c.max_model_len})")
+                f"max_model_len={c.max_model_len}"
+                + (f", tensor_parallel_size={c.tensor_parallel_size})" if c.tensor_parallel_size > 1 else ")"))
