@@ -339,7 +339,8 @@ def tensors_of(s: Shapes, config: dict[str, Any] | None = None) -> list[_Tensor]
         if experts > 1:
             t.append(_Tensor("router", sh.REPLICATED, s.num_experts, h, layers, False))
     if mt == "llama" and config.get("mlp_bias"):
-        t += [_Tensor("gate_proj.bias", sh.COLUMN, inter, 1, L, False), _Tensor("up_proj.bias", sh.COLUMN, inter, 1, L, False),
+        t += [_Tensor("gate_proj.bias", sh.COLUMN, inter, 1, L, False),
+              _Tensor("up_proj.bias", sh.COLUMN, inter, 1, L, False),
               _Tensor("down_proj.bias", sh.REPLICATED, h, 1, L, False)]
     return t
 
