@@ -17,8 +17,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from .prometheus import ServingMetrics
 from .protocol import OpenAIError

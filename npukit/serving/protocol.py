@@ -147,9 +147,7 @@ def completion_prompts(prompt) -> list[str | list[int]]:
     def is_ids(x) -> bool:
         return isinstance(x, list) and bool(x) and all(is_int(t) for t in x)
 
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif is_ids(prompt):
+    if isinstance(prompt, str) or is_ids(prompt):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
         prompts = prompt
