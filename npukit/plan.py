@@ -503,6 +503,47 @@ def activation_bytes(s: Shapes, tp: int, itemsize: int, max_num_batched_tokens: 
     return max_num_batched_tokens * width * itemsize + logits
 
 
+def _plan_dtype(dtype: str, s, dev, quantization: str | None, notes: list[str]) -> str:
+    """The dtype to plan in ("auto": the checkpoint's, float16 where the device has no bf16)."""
+    dtype = _norm_dtype(dtype)
+    if dtype == "auto":
+        dtype = s.dtype if s.dtype in DTYPE_BYTES else "bfloat16"
+        if dtype == "bfloat16" and not dev.bf16:
+            dtype = "float16"
+            notes.append(f"{dev.name} has no bfloat16: planned in float16 (--dtype float16).")
+    elif dtype == "bfloat16" and not dev.bf16:
+        raise PlanError(f"{dev.name} has no bfloat16: use dtype='float16' (vLLM-Ascend on 300I Duo: "
+                        "--dtype float16 --enforce-eager)")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise PlanError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
+    if quantization:
+        notes.append(f"{quantization}: linear weights int8 + one {dtype} scale per output channel; embeddings, "
+                     "lm_head, norms, biases and the KV cache stay in " + dtype + " (an estimate of a quantized "
+                     "checkpoint: vLLM-Ascend loads msModelSlim ones with --quantization ascend).")
+    return dtype
+
+
+def _tp_plan(tp: int, tensors, s, itemsize: int, quantization: str | None, dev, util: float,
+             max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int) -> TPPlan:
+    """One tensor-parallel size: bytes per device, the KV blocks left, and whether max_model_len fits."""
+    budget = int(dev.memory_bytes * util)
+    blocks_per_seq = math.ceil(max_model_len / block_size)
+    w = weight_bytes(tensors, s, tp, itemsize, quantization)
+    kv_tok = 2 * s.num_layers * sh.kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * itemsize
+    act = activation_bytes(s, tp, itemsize, max_num_batched_tokens, max_num_seqs)
+    free = budget - w - act - dev.workspace_bytes
+    blocks = max(0, free // (kv_tok * block_size))
+    fits, reason = blocks >= blocks_per_seq, ""
+    if free <= 0:
+        reason = (f"weights {_size(w)} + activations {_size(act)} + workspace {_size(dev.workspace_bytes)} "
+                  f"exceed {util:g} x {_size(dev.memory_bytes)}: out of memory at start-up")
+    elif not fits:
+        reason = (f"KV cache holds {blocks * block_size:,} tokens < max_model_len {max_model_len:,}: "
+                  "lower --max-model-len or raise the tensor-parallel size")
+    return TPPlan(tp, w, kv_tok, act, blocks * kv_tok * block_size, blocks, blocks * block_size,
+                  blocks // blocks_per_seq, fits, reason)
+
+
 def plan(model: str | Path | dict = "Qwen/Qwen3-8B", *, device: str | DeviceSpec = "auto", dtype: str = "auto",
          quantization: str | None = None, max_model_len: int | None = None, max_num_seqs: int | None = None,
          max_num_batched_tokens: int | None = None, gpu_memory_utilization: float | None = None,
@@ -520,21 +561,7 @@ def plan(model: str | Path | dict = "Qwen/Qwen3-8B", *, device: str | DeviceSpec
     notes: list[str] = []
     if device == "auto" and dev.name in DEVICES:
         notes.append(f"no NPU or GPU here: planned for a {dev.name}; choose with --device ({', '.join(DEVICES)}).")
-    dtype = _norm_dtype(dtype)
-    if dtype == "auto":
-        dtype = s.dtype if s.dtype in DTYPE_BYTES else "bfloat16"
-        if dtype == "bfloat16" and not dev.bf16:
-            dtype = "float16"
-            notes.append(f"{dev.name} has no bfloat16: planned in float16 (--dtype float16).")
-    elif dtype == "bfloat16" and not dev.bf16:
-        raise PlanError(f"{dev.name} has no bfloat16: use dtype='float16' (vLLM-Ascend on 300I Duo: "
-                        "--dtype float16 --enforce-eager)")
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise PlanError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
-    if quantization:
-        notes.append(f"{quantization}: linear weights int8 + one {dtype} scale per output channel; embeddings, "
-                     "lm_head, norms, biases and the KV cache stay in " + dtype + " (an estimate of a quantized "
-                     "checkpoint: vLLM-Ascend loads msModelSlim ones with --quantization ascend).")
+    dtype = _plan_dtype(dtype, s, dev, quantization, notes)
     itemsize = DTYPE_BYTES[dtype]
     max_model_len = max_model_len or s.max_position_embeddings
     max_num_seqs = max_num_seqs or VLLM_DEFAULTS["max_num_seqs"]
@@ -552,24 +579,10 @@ def plan(model: str | Path | dict = "Qwen/Qwen3-8B", *, device: str | DeviceSpec
                      f"{s.max_position_embeddings}: vLLM refuses it unless told otherwise.")
 
     tensors = tensors_of(s, config)
-    budget = int(dev.memory_bytes * util)
-    blocks_per_seq = math.ceil(max_model_len / block_size)
-    plans = []
-    for tp in sh.valid_tp_sizes(s.num_heads, s.num_kv_heads, s.intermediate_size, up_to=max_tensor_parallel_size):
-        w = weight_bytes(tensors, s, tp, itemsize, quantization)
-        kv_tok = 2 * s.num_layers * sh.kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * itemsize
-        act = activation_bytes(s, tp, itemsize, max_num_batched_tokens, max_num_seqs)
-        free = budget - w - act - dev.workspace_bytes
-        blocks = max(0, free // (kv_tok * block_size))
-        fits, reason = blocks >= blocks_per_seq, ""
-        if free <= 0:
-            reason = (f"weights {_size(w)} + activations {_size(act)} + workspace {_size(dev.workspace_bytes)} "
-                      f"exceed {util:g} x {_size(dev.memory_bytes)}: out of memory at start-up")
-        elif not fits:
-            reason = (f"KV cache holds {blocks * block_size:,} tokens < max_model_len {max_model_len:,}: "
-                      "lower --max-model-len or raise the tensor-parallel size")
-        plans.append(TPPlan(tp, w, kv_tok, act, blocks * kv_tok * block_size, blocks, blocks * block_size,
-                            blocks // blocks_per_seq, fits, reason))
+    plans = [_tp_plan(tp, tensors, s, itemsize, quantization, dev, util, max_num_batched_tokens, max_num_seqs,
+                      max_model_len, block_size)
+             for tp in sh.valid_tp_sizes(s.num_heads, s.num_kv_heads, s.intermediate_size,
+                                         up_to=max_tensor_parallel_size)]
     min_tp = next((p.tensor_parallel_size for p in plans if p.fits), None)
     if min_tp and min_tp > 8:
         notes.append("more than 8 devices: one Ascend server has 8 NPUs (16 on A3), so this needs several nodes "

@@ -78,7 +78,8 @@ def test_completion_equals_greedy_generate_with_usage(client, refs):
     assert r.usage.completion_tokens == len(refs["ids"][0]) == MAX_TOKENS
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # the chat API's name for the limit works here too (people send it to /v1/completions)
-    r = client.completions.create(model="tiny", prompt=PROMPTS[0], temperature=0, extra_body={"max_completion_tokens": 3})
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], temperature=0,
+                                  extra_body={"max_completion_tokens": 3})
     assert r.usage.completion_tokens == 3 and refs["text"][0].startswith(r.choices[0].text)
 
 
@@ -134,7 +135,8 @@ def test_n_samples_and_logprobs(client):
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 5
         assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
         # top-2 + the sampled token, keyed by text: two byte-level tokens may decode to the same text ("\ufffd")
-        assert all(piece in top and 1 <= len(top) <= 3 for piece, top in zip(c.logprobs.tokens, c.logprobs.top_logprobs))
+        assert all(piece in top and 1 <= len(top) <= 3
+                   for piece, top in zip(c.logprobs.tokens, c.logprobs.top_logprobs))
     r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0, logprobs=True,
                                        top_logprobs=2)
     content = r.choices[0].logprobs.content
@@ -160,7 +162,8 @@ def test_n_samples_and_logprobs(client):
     ({"prompt": "hi", "model": "nope"}, 404, "does not exist"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, client, refs, body, status, words):
-    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = ({"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes)
+          else {"json": body})
     r = httpx.post(server.base_url + "/completions", timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -227,7 +230,8 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if i != EOS)
 
     def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=True, **kwargs):
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        text += "<assistant>" if add_generation_prompt else ""
         return self(text)["input_ids"] if tokenize else text
 
 
