@@ -410,8 +410,10 @@ def _probe_device(import_errors: dict[str, str]) -> DeviceFacts:
             facts.bf16, facts.bf16_reason = dev.supports_dtype(facts.kind, torch.bfloat16)
         else:
             facts.bf16 = True
+            cap = dev.cpu_isa_cap()
             facts.bf16_reason = ("native bf16 matmul" if dev.cpu_has_fast_bf16()
-                                 else "works, but this CPU has no native bf16: fp32 is faster")
+                                 else f"works, but this CPU has no native bf16{f' ({cap})' if cap else ''}: "
+                                      "fp32 is faster")
     except Exception as e:
         facts.error = _error_text(e)
     return facts

@@ -110,7 +110,8 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tu
                 return torch.bfloat16, [f"CPU has native bf16: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s"]
             reasons.append(f"CPU bf16 not faster: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s")
         else:
-            reasons.append("CPU has no native bf16 (AVX512-BF16/AMX)")
+            cap = _device.cpu_isa_cap()
+            reasons.append(f"CPU has no native bf16 (AVX512-BF16/AMX){': ' + cap if cap else ''}")
         return torch.float32, reasons + ["float32 is fastest here"]
     for dtype in (torch.bfloat16, torch.float16):
         ok, why = _device.supports_dtype(dev, dtype)
