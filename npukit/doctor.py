@@ -26,6 +26,9 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from npukit.npu_smi import (SAMPLE_NPU_SMI_INFO, SAMPLE_NPU_SMI_USAGEMEM, describe_chips,  # noqa: F401
+                            parse_npu_smi_info, parse_npu_smi_usagemem)
+
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 STATUSES = (PASS, WARN, FAIL)
 
@@ -589,7 +592,15 @@ def check_npu_smi(env: Environment, timeout: float = 10.0) -> Check:
         return Check("npu-smi", WARN, f"`npu-smi info` exited {out.returncode}: {msg[0] if msg else ''}",
                      "Check the NPU driver and firmware; in a container, mount the davinci devices.")
     first = next((ln.strip("|+= ").strip() for ln in out.stdout.splitlines() if "npu-smi" in ln.lower()), "")
-    return Check("npu-smi", PASS, f"{exe} works{': ' + first if first else ''}")
+    detail = f"{exe} works{': ' + first.split()[1] if len(first.split()) > 1 else ''}"
+    chips = parse_npu_smi_info(out.stdout)
+    if chips:
+        detail += f"; {len(chips)} chip(s): " + "; ".join(describe_chips(chips).splitlines())
+    sick = [c for c in chips if c.health.upper() != "OK"]
+    if sick:
+        return Check("npu-smi", WARN, detail, f"npu {sick[0].npu} reports health {sick[0].health}: "
+                     "check `npu-smi info -t health -i N` and the driver log before trusting timings.")
+    return Check("npu-smi", PASS, detail)
 
 
 def _writable(path: Path) -> tuple[bool, str]:
