@@ -82,3 +82,12 @@ def test_local_folder_loads(tiny, tmp_path):
     assert m2.dtype == torch.bfloat16 and m2.load_report.source.startswith("local:")
     w1, w2 = model.lm_head.weight, m2.lm_head.weight
     assert torch.equal(w1.to(torch.bfloat16), w2)
+
+
+def test_cpu_matmul_gflops_counts_the_rows_it_multiplies():
+    import torch
+
+    from npukit.loading import cpu_matmul_gflops
+
+    one, many = cpu_matmul_gflops(torch.float32, hidden=64, tokens=1), cpu_matmul_gflops(torch.float32, hidden=64, tokens=32)
+    assert one > 0 and many > 0
