@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import npukit
+import npukit.hub  # noqa: F401  (npukit.hub.NotAModelFolderError below; npukit imports it lazily)
 from npukit import loading
 
 
