@@ -98,3 +98,14 @@ def bend(points: Sequence[StepTime], tolerance: float = 1.5) -> int | None:
     compute-bound region starts (None while every batch stays within it: still memory-bound)."""
     base = points[0].median
     return next((p.batch for p in points if p.median > tolerance * base), None)
+
+
+def step_gaps(result) -> dict[str, int]:
+    """For each request of a run (``run_workload``'s result), the longest wait between two of its
+    tokens, counted in engine steps: 1 when it got a token at every step, more when it was preempted
+    (it waits in the queue, then its recompute joins a step). Counts, so the same on every machine."""
+    seen: dict[str, list[int]] = {}
+    for record in result.steps:
+        for rid in record.request_ids:
+            seen.setdefault(rid, []).append(record.step)
+    return {rid: max((b - a for a, b in zip(steps, steps[1:])), default=0) for rid, steps in seen.items()}

@@ -29,3 +29,28 @@ def test_bad_arguments_are_refused(tiny):
         decode_step_times(*tiny, batch_sizes=(0,))
     with pytest.raises(ValueError):
         decode_step_times(*tiny, repeats=0)
+
+
+def test_step_gaps_count_engine_steps_between_tokens():
+    from types import SimpleNamespace
+
+    from npukit.step_time import step_gaps
+
+    rec = lambda step, *ids: SimpleNamespace(step=step, request_ids=list(ids))  # noqa: E731
+    result = SimpleNamespace(steps=[rec(0, "0", "1"), rec(1, "0", "1"), rec(2, "0"), rec(3, "0"), rec(4, "1"),
+                                    rec(5, "1")])
+    assert step_gaps(result) == {"0": 1, "1": 3}  # request 1 waited steps 2 and 3 out
+
+
+def test_step_gaps_on_a_real_preempting_run(tiny):
+    from npukit.engine import LLM
+    from npukit.step_time import step_gaps
+    from npukit.workload import Workload, run_workload
+
+    model, tok = tiny
+    workload = Workload([[100 + i] * 8 for i in range(4)], [24] * 4)
+    roomy = run_workload(LLM(model, tok, num_kv_blocks=64, max_num_seqs=4), workload)
+    tight = run_workload(LLM(model, tok, num_kv_blocks=6, max_num_seqs=4), workload)
+    assert set(step_gaps(roomy).values()) == {1}
+    assert tight.num_preemptions > 0
+    assert all(step_gaps(tight)[rid] > 1 for rid in tight.preempted)
