@@ -12,5 +12,10 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 export NPUKIT_ARTIFACTS=${NPUKIT_ARTIFACTS:-artifacts}
+# NOTE: the notebooks' stored outputs come from a CPU run in fp32 (NPUKIT_DEVICE=cpu NPUKIT_DTYPE=float32);
+# nbval compares against them, so run them the same way unless told otherwise. With the notebooks' default
+# ("auto") they still run top to bottom, but generated text may differ (bf16 on some CPUs, NPUs, GPUs).
+export NPUKIT_DEVICE=${NPUKIT_DEVICE:-cpu}
+export NPUKIT_DTYPE=${NPUKIT_DTYPE:-float32}
 "$PY" -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg \
   --nbval-cell-timeout 300 "$@"
