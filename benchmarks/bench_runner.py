@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npukit.throughput import matmul_flops_per_s, step_flops  # noqa: E402
+from npukit.bench.flops import matmul_flops_per_s, step_flops  # noqa: E402
 
 
 def _cpu_time(fn, repeat: int) -> float:

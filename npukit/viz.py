@@ -5,7 +5,7 @@ Every function draws on ``ax`` (or ``axes``) when given, else on a new ``Plot`` 
 registered with pyplot (so it is never shown twice and needs no ``%matplotlib`` magic).
 
     draw_block_tables({"A": seq_a.block_table, "B": seq_b.block_table}, {"A": 40, "B": 33}, block_size=16)
-    draw_timeline(*timeline_rows(result))          # result: npukit.workload.RunResult
+    draw_timeline(*timeline_rows(result))          # result: npukit.bench.workload.RunResult
     draw_latency_histograms(result.metrics)        # TTFT / TPOT / ITL histograms
     draw_sweep("max_num_seqs", [1, 4, 16], results)
 """
@@ -177,7 +177,7 @@ def draw_block_tables(block_tables: dict[str, Sequence[int]], num_tokens: dict[s
 
 
 def timeline_rows(result, x: str = "step") -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float]]]]:
-    """(tokens, held) of a run's step log (``npukit.workload.RunResult``):
+    """(tokens, held) of a run's step log (``npukit.bench.workload.RunResult``):
     ``tokens[request]`` = when it got each token (the end of its step), ``held[request]`` = the (start, end)
     spans of consecutive steps in which it held a place in the batch (more than one span when it was
     preempted). ``x`` = "step" (step k spans [k, k + 1]) or "time" (seconds since the start).

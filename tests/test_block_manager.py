@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from npukit.engine.block_manager import BlockManager, hash_block
-from npukit.engine.sampling import SamplingParams
+from npukit.engine.sampling_params import SamplingParams
 from npukit.engine.sequence import Sequence
 
 BS = 4

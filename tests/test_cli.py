@@ -243,7 +243,7 @@ def test_parser_registers_a_func_per_subcommand():
 
 
 def test_bench_throughput_parses_like_vllm_bench_throughput(capsys):
-    from npukit.throughput import run_bench_throughput
+    from npukit.bench.throughput import run_bench_throughput
 
     args = build_parser().parse_args(["bench", "throughput", "--model", "tiny-llama", "--dtype", "bfloat16",
                                       "--num-prompts", "8", "--prompt-len", "16", "64", "--output-len", "4", "8",

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from npukit.engine.sampling import Sampler, SamplingParams
+from npukit.engine.sampling import Sampler
+from npukit.engine.sampling_params import SamplingParams
 from npukit.engine.sequence import Sequence
 
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npukit.engine.block_manager import BlockManager
 from npukit.engine.config import EngineConfig
-from npukit.engine.sampling import SamplingParams
+from npukit.engine.sampling_params import SamplingParams
 from npukit.engine.scheduler import Scheduler
 from npukit.engine.sequence import Sequence, SequenceStatus
 

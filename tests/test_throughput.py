@@ -1,5 +1,5 @@
-"""npukit.throughput (`npukit bench throughput`): the table and the JSON of a small run on the tiny random
-Llama, the vLLM peer through a stand-in for npukit.vllm_peer, FLOP counts, bad input. No timing asserts."""
+"""npukit.bench.throughput (`npukit bench throughput`): the table and the JSON of a small run on the tiny random
+Llama, the vLLM peer through a stand-in for npukit.bench.vllm_peer, FLOP counts, bad input. No timing asserts."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from npukit import throughput
+from npukit.bench import throughput
 from npukit.engine import LLM
 from npukit.samples import sample_path
-from npukit.throughput import (CONTINUOUS_NAME, ENGINE_NAME, VLLM_PYTHON_ENV, StepRecorder, kv_blocks_for, main,
-                               resolve_vllm_python, static_padding, step_flops, useful_flops)
-from npukit.workload import Workload, make_workload, run_workload
+from npukit.bench.flops import step_flops, useful_flops
+from npukit.bench.throughput import (CONTINUOUS_NAME, ENGINE_NAME, VLLM_PYTHON_ENV, StepRecorder, kv_blocks_for, main,
+                                     resolve_vllm_python, static_padding)
+from npukit.bench.workload import Workload, make_workload, run_workload
 
 SMALL = ["--model", "tiny-llama", "--num-prompts", "4", "--prompt-len", "8", "24", "--output-len", "2", "6"]
 
@@ -88,7 +89,7 @@ def test_quick_run_prints_the_table_and_writes_every_number(tiny, workload, tmp_
 
 
 # ------------------------------------------------------------------------------------------------
-# the vLLM peer (npukit.vllm_peer is replaced by a stand-in)
+# the vLLM peer (npukit.bench.vllm_peer is replaced by a stand-in)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -104,9 +105,9 @@ def fake_peer(monkeypatch):
         return {"wall_s": 0.5, "cpu_s": 0.9, "output_tokens": sum(max_tokens), "num_requests": len(prompts),
                 "vllm_version": "0.32.0", "load_s": 3.0}
 
-    fake = types.ModuleType("npukit.vllm_peer")
+    fake = types.ModuleType("npukit.bench.vllm_peer")
     fake.run_vllm_peer, fake.calls, fake.error = run_vllm_peer, calls, None
-    monkeypatch.setitem(sys.modules, "npukit.vllm_peer", fake)
+    monkeypatch.setitem(sys.modules, "npukit.bench.vllm_peer", fake)
     return fake
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from npukit import viz
 from npukit.metrics import RequestMetrics
-from npukit.workload import schedule_result, static_schedule
+from npukit.bench.workload import schedule_result, static_schedule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +63,7 @@ def test_timeline_rows_of_a_static_schedule():
 
 
 def test_timeline_rows_split_when_a_request_leaves_the_batch():
-    from npukit.workload import RunResult, StepRecord
+    from npukit.bench.workload import RunResult, StepRecord
 
     # request 0 is preempted after step 1 and admitted again at step 3
     steps = [StepRecord(0, 0.5, ["0", "1"], ["0", "1"]), StepRecord(1, 1.0, ["0", "1"], ["0", "1"]),

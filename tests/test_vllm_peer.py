@@ -1,4 +1,4 @@
-"""npukit.vllm_peer against a FAKE vllm package (no real vLLM venv needed): the R.json contract, what reaches
+"""npukit.bench.vllm_peer against a FAKE vllm package (no real vLLM venv needed): the R.json contract, what reaches
 vllm.LLM / SamplingParams, CPU time of child processes, and the error messages."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from npukit import vllm_peer
-from npukit.vllm_peer import run_vllm_peer
+from npukit.bench import vllm_peer
+from npukit.bench.vllm_peer import run_vllm_peer
 
 # A stand-in for vllm: records what it was given in $FAKE_VLLM_LOG, returns token_ids of the requested
 # length (cut at $FAKE_VLLM_STOP_AT, like an EOS), and like vLLM V1 does its work in a CHILD process (here

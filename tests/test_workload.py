@@ -1,11 +1,11 @@
-"""npukit.workload: seeded workloads, step-logged engine runs, HF static batches and their simulated
+"""npukit.bench.workload: seeded workloads, step-logged engine runs, HF static batches and their simulated
 schedule. Uses the tiny random Llama."""
 from __future__ import annotations
 
 import pytest
 
 from npukit.engine import LLM
-from npukit.workload import (RunResult, StepRecord, Workload, engine_knobs, greedy_params, make_workload,
+from npukit.bench.workload import (RunResult, StepRecord, Workload, engine_knobs, greedy_params, make_workload,
                              run_static_batches, run_workload, schedule_result, static_schedule)
 
 

@@ -3,7 +3,7 @@ throughput, latency and KV cache use change as you turn the engine's knobs.
 
     dash = EngineDashboard(model, tokenizer)      # knobs, workload, Run; a table row per run, four plots
 
-The workloads and runs are ``npukit.workload``'s (``make_workload``, ``run_workload``,
+The workloads and runs are ``npukit.bench.workload``'s (``make_workload``, ``run_workload``,
 ``run_static_batches``; notebooks 05-07 and ``npukit bench throughput`` use them too); this module only
 wires them to widgets.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from npukit.metrics import format_seconds
-from npukit.workload import (RunResult, StepRecord, Workload, greedy_params, make_workload, run_static_batches,
+from npukit.bench.workload import (RunResult, StepRecord, Workload, greedy_params, make_workload, run_static_batches,
                              run_workload)
 
 from .base import Dashboard, action, figure_png, html_table, new_figure, resolve_model

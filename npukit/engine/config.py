@@ -1,55 +1,146 @@
-"""EngineConfig: the knobs of the engine, named like `vllm serve` flags.
+"""EngineConfig: every setting of the engine, defined once, each with the `vllm serve` flag it mirrors.
+
+A field's metadata holds its vLLM flag (`vllm`), a help line, and `cli=False` where the field is not a
+command-line flag. Everything else reads the fields:
+
+- `LLM(model, **engine_args)` keeps the keyword arguments that are fields (like nano-vllm's `Config`);
+- `add_engine_args(parser)` / `engine_args(namespace)`: the `npukit serve`, `bench throughput` and
+  `graduate` flags (`--block-size` for `block_size`, `--no-enable-prefix-caching` for booleans);
+- `npukit.graduate` maps each field to its vLLM flag; the engine dashboard and the vLLM peer read them too.
+
+So adding a setting is one field here (plus the code that uses it).
 
 | npukit                    | vllm serve                    |
 |---------------------------|-------------------------------|
 | block_size                | --block-size                  |
 | num_kv_blocks             | --num-gpu-blocks-override     |
-| kv_cache_memory_fraction  | --gpu-memory-utilization      |
+| kv_cache_memory_fraction  | --gpu-memory-utilization (*)  |
 | max_num_seqs              | --max-num-seqs                |
 | max_num_batched_tokens    | --max-num-batched-tokens      |
 | max_model_len             | --max-model-len               |
 | enable_prefix_caching     | --enable-prefix-caching       |
 | enable_chunked_prefill    | --enable-chunked-prefill      |
+
+(*) not the same quantity: see the field's note.
+This module is stdlib only: the CLI imports it to build its flags without loading torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setting(default: Any, *, vllm: str | None, help: str, cli: bool = True,  # noqa: A002 - argparse's name
+            vllm_alias: bool = False) -> Any:
+    """A field of EngineConfig: its default, the vLLM flag it mirrors (None: vLLM has none) and its help.
+    vllm_alias: the CLI also accepts the vLLM flag (only where it means exactly the same)."""
+    return field(default=default, metadata={"vllm": vllm, "help": help, "cli": cli, "vllm_alias": vllm_alias})
 
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    # Number of KV blocks. None: derived from kv_cache_memory_fraction and the device's memory.
-    num_kv_blocks: int | None = None
-    # Fraction of (free) device memory the KV cache may take when num_kv_blocks is None.
+    block_size: int = setting(
+        16, vllm="--block-size", help="tokens per KV block (vLLM: 16 on GPU, 128 on Ascend)")
+    num_kv_blocks: int | None = setting(
+        None, vllm="--num-gpu-blocks-override", vllm_alias=True,
+        help="number of KV blocks (default: derived from --kv-cache-memory-fraction)")
     # NOTE: unlike vLLM's --gpu-memory-utilization (which covers weights + activations + KV), this
     # fraction applies to the memory left *after* the weights are loaded; on CPU to available RAM.
-    kv_cache_memory_fraction: float = 0.3
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
+    kv_cache_memory_fraction: float = setting(
+        0.3, vllm="--gpu-memory-utilization",
+        help="share of the memory left after the weights that the KV cache may take (not vLLM's "
+             "--gpu-memory-utilization, which counts weights and activations too)")
+    max_num_seqs: int = setting(64, vllm="--max-num-seqs", help="most sequences running in one batch")
+    max_num_batched_tokens: int = setting(
+        2048, vllm="--max-num-batched-tokens", help="token budget of one engine step")
+    max_model_len: int | None = setting(
+        None, vllm="--max-model-len", help="longest prompt + completion (default: the model's)")
+    enable_prefix_caching: bool = setting(
+        True, vllm="--enable-prefix-caching", help="reuse the KV blocks of shared prompt prefixes")
+    enable_chunked_prefill: bool = setting(
+        True, vllm="--enable-chunked-prefill", help="split long prompts across steps")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
 
-        need(isinstance(self.block_size, int) and self.block_size > 0,
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(is_int(self.block_size) and self.block_size > 0,
              f"block_size must be a positive int (vLLM uses 16 on GPU, 128 on Ascend), got {self.block_size!r}")
-        need(self.num_kv_blocks is None or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks > 0),
+        need(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks > 0),
              f"num_kv_blocks must be None (auto) or a positive int, got {self.num_kv_blocks!r}")
-        need(0.0 < self.kv_cache_memory_fraction <= 1.0,
+        need(isinstance(self.kv_cache_memory_fraction, (int, float)) and not isinstance(self.kv_cache_memory_fraction, bool)
+             and 0.0 < self.kv_cache_memory_fraction <= 1.0,
              f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
-        need(isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0,
+        need(is_int(self.max_num_seqs) and self.max_num_seqs > 0,
              f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
-        need(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens > 0,
+        need(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens > 0,
              f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
-        need(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
+        need(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len > 0),
              f"max_model_len must be None or a positive int, got {self.max_model_len!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             need(self.max_num_batched_tokens >= self.max_model_len,
                  f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
                  f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len}); "
                  "raise it or enable_chunked_prefill=True")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> tuple[EngineConfig, dict[str, Any]]:
+        """(EngineConfig of the kwargs that are fields, the other kwargs)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items()
+                                                                           if k not in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def engine_fields() -> tuple[dataclasses.Field, ...]:
+    """EngineConfig's fields, in declaration order."""
+    return dataclasses.fields(EngineConfig)
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """npukit's own flag for a field: `--max-num-seqs` for max_num_seqs."""
+    return "--" + f.name.replace("_", "-")
+
+
+def _arg_type(f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return float if kind.startswith("float") else int
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
+                    exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """One flag per EngineConfig field (except `exclude` and fields marked cli=False).
+
+    Unset flags parse to None (the field's default applies) unless `defaults` names a value for them."""
+    defaults = defaults or {}
+    group = parser.add_argument_group("engine settings (EngineConfig; vLLM's flag in brackets)")
+    for f in engine_fields():
+        if f.name in exclude or not f.metadata.get("cli", True):
+            continue
+        default = defaults.get(f.name)
+        shown = f.default if default is None else default
+        vllm = f.metadata.get("vllm")
+        text = f.metadata["help"] + ("" if shown is None else f" (default: {shown})") + (f" [vLLM: {vllm}]" if vllm else "")
+        flags = [cli_flag(f)] + ([vllm] if f.metadata.get("vllm_alias") and vllm != cli_flag(f) else [])
+        if f.type in (bool, "bool"):
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=text)
+        else:
+            group.add_argument(*flags, dest=f.name, type=_arg_type(f), default=default, help=text)
+    return parser
+
+
+def engine_args(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields that the parsed flags set (None = not given: the field's default applies)."""
+    return {f.name: getattr(namespace, f.name) for f in engine_fields()
+            if getattr(namespace, f.name, None) is not None}

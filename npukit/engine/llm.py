@@ -23,8 +23,10 @@ import torch
 
 from ..metrics import RequestMetrics
 from .block_manager import BlockManager
-from .config import EngineConfig
-from .sampling import Sampler, SamplingParams
+from ..samples import DEFAULT_MODEL
+from .config import EngineConfig, engine_fields
+from .sampling import Sampler
+from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -90,12 +92,17 @@ class _Request:
 
 
 class LLM:
-    def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, *, device="auto", dtype="auto",
-                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory_fraction: float = 0.3,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True) -> None:
+    def __init__(self, model: Any = DEFAULT_MODEL, tokenizer=None, *, device="auto", dtype="auto",
+                 **engine_args: Any) -> None:
+        """`model`: an embedded name, a folder or hub id (loaded with npukit.load_model), or a loaded HF model
+        (then pass its tokenizer). `engine_args`: EngineConfig's fields (block_size, max_num_seqs, ...)."""
         from .runner import ModelRunner
 
+        self.config, unknown = EngineConfig.from_kwargs(**engine_args)
+        if unknown:
+            known = ", ".join(f.name for f in engine_fields())
+            raise TypeError(f"LLM() got unknown engine settings {sorted(unknown)}; the settings are EngineConfig's "
+                            f"fields: {known}")
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             from ..loading import load_model
 
@@ -105,11 +112,6 @@ class LLM:
             raise ValueError("LLM(model=<a loaded model>) also needs its tokenizer: LLM(model, tokenizer) "
                              "(or pass a name / path and npukit.load_model loads both)")
         self.model, self.tokenizer = model, tokenizer
-        self.config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                   kv_cache_memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                   enable_prefix_caching=enable_prefix_caching,
-                                   enable_chunked_prefill=enable_chunked_prefill)
         cfg = self.config
         if cfg.max_model_len is None:
             cfg.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from .sampling import SamplingParams
+    from .sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

