@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         runner = ModelRunner(model, block_size=bs, num_kv_blocks=num_blocks)
         free = torch.randperm(num_blocks, generator=g).tolist()  # non-contiguous tables
 
-        def make(n_tokens: int, i: int) -> Sequence:
+        def make(n_tokens: int, i: int, cfg=cfg, g=g, free=free, per_seq=per_seq) -> Sequence:
             s = Sequence(f"s{i}", torch.randint(20, cfg.vocab_size, (n_tokens,), generator=g).tolist(), None)
             s.block_table = free[i * per_seq:(i + 1) * per_seq]
             return s
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         print(f"\n{args.model} {name}: F.linear peak here {peak / 1e9:.0f} GFLOP/s")
         n = args.prefill_tokens // args.prefill_seqs
         batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
-        t = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+        t = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
         f = step_flops(cfg, batch)
         print(f"  prefill {args.prefill_seqs} x {n} tokens: {t * 1e3:8.1f} ms  {n * args.prefill_seqs / t:8.0f} tok/s  "
               f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak")
@@ -85,14 +85,15 @@ def main(argv=None) -> None:
                 s = make(args.context + 1, i)
                 s.num_computed_tokens = args.context
                 batch.append((s, 1))
-            t = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+            t = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
-            t_no = _cpu_time(lambda: runner.execute_model(batch), args.repeat)
+            t_no = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
             runner._attention = attention
             f = step_flops(cfg, batch)
             print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "
-                  f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; attention {1 - t_no / t:4.0%} of the step")
-        del runner, model
+                  f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; "
+                  f"attention {1 - t_no / t:4.0%} of the step")
+        runner = model = None  # free them before the next dtype loads
 
 
 if __name__ == "__main__":

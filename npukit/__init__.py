@@ -8,7 +8,8 @@ import importlib
 
 # NOTE: imported eagerly (it is stdlib-only at import time) so that `npukit.doctor` is the function, not the
 # submodule of the same name that a later `import npukit.doctor` would otherwise bind here.
-from .doctor import doctor
+from .doctor import doctor  # noqa: F401 - re-exported
+from .plan import plan  # noqa: F401 - stdlib-only at import time too; same reason as doctor
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,7 @@ _EXPORTS = {
     "EMBEDDED": "npukit.samples",
 }
 
-__all__ = sorted([*_EXPORTS, "doctor"])
+__all__ = sorted([*_EXPORTS, "doctor", "plan"])
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The `npukit` command line: doctor | download | chat | quickstart | serve | bench | graduate.
+"""The `npukit` command line: doctor | download | chat | quickstart | serve | bench | plan | graduate.
 
     npukit doctor [--json]                      check torch / torch_npu / CANN / device / env vars
     npukit download Qwen/Qwen2.5-0.5B-Instruct  fetch a model (HF, mirror, openMind, ModelScope)
@@ -6,6 +6,7 @@
     npukit quickstart                           doctor + load SmolLM2 + one timed answer
     npukit serve                                OpenAI-compatible server on the engine (like `vllm serve`)
     npukit bench serve | throughput             benchmarks (like `vllm bench serve | throughput`)
+    npukit plan Qwen/Qwen3-32B --device 300I-Duo will it fit? memory per device for every tensor-parallel size
     npukit graduate                             the equivalent vLLM commands for your settings
 
 Adding a subcommand (`bench`, `serve`, ...): write `_cmd_xxx(args) -> int` and register it in
@@ -166,13 +167,22 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`npukit COMMAND ...`: the learning commands here, the serving / benchmark / graduate ones from their
+    modules (each module owns its flags: add_xxx_args)."""
     from npukit import __version__
-    from npukit.hub import SOURCES  # npukit.hub imports nothing heavy at module level
 
     parser = argparse.ArgumentParser(
         prog="npukit", description="Learn and tune LLM inference on Ascend NPUs (torch_npu), with CUDA / CPU fallback.")
     parser.add_argument("--version", action="version", version=f"npukit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_doctor_and_download(sub)
+    _add_chat_and_quickstart(sub)
+    _add_serve_bench_graduate(sub)
+    return parser
+
+
+def _add_doctor_and_download(sub) -> None:
+    from npukit.hub import SOURCES  # npukit.hub imports nothing heavy at module level
 
     p = sub.add_parser("doctor", help="check torch / torch_npu / CANN / device / environment and explain problems",
                        description="Check the Python / torch / torch_npu / CANN stack, the device and environment "
@@ -196,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_download)
 
+
+def _add_chat_and_quickstart(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model (one-shot with --prompt, else interactive)",
                        description="Chat with a model. With --prompt: answer once and exit. Without: an interactive "
                                    "session (/reset clears the history, /exit quits). Replies stream as they are "
@@ -215,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit (default: 64)")
     p.set_defaults(func=_cmd_quickstart)
 
+
+def _add_serve_bench_graduate(sub) -> None:
     from npukit.bench.serve import add_bench_serve_args, run_bench_serve
     from npukit.bench.throughput import add_bench_throughput_args, run_bench_throughput
     from npukit.graduate import add_graduate_args, run_graduate
+    from npukit.plan import add_plan_args, run_plan
     from npukit.serving.server import add_serve_args, run_serve
 
     p = sub.add_parser("serve", help="OpenAI-compatible server over npukit's engine (like `vllm serve`)")
@@ -239,10 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_throughput_args(q)
     q.set_defaults(func=run_bench_throughput)
 
+    p = sub.add_parser("plan", help="will it fit? weights, KV cache and activations per device for every "
+                                    "tensor-parallel size, before any download",
+                       description="The memory bill of a model (from its config.json only) on an Ascend NPU, a GPU or "
+                                   "this machine's device: weight bytes and KV bytes per token (exact), activations "
+                                   "and workspace (estimates), and for every valid --tensor-parallel-size the KV "
+                                   "tokens per device, how many max-model-len sequences fit, the smallest size "
+                                   "that fits and the `vllm serve` command it implies.")
+    add_plan_args(p)
+    p.set_defaults(func=run_plan)
+
     p = sub.add_parser("graduate", help="print the equivalent `vllm serve` / `vllm bench` commands")
     add_graduate_args(p)
     p.set_defaults(func=run_graduate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

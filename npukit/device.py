@@ -52,7 +52,8 @@ _INSTALL_HINT = {
             "your torch and CANN (`pip install \"npukit[npu]\"`, see `npukit doctor` for the pairing table) and "
             "source CANN's environment: `source /usr/local/Ascend/ascend-toolkit/set_env.sh`. "
             "Or use device='auto'."),
-    "cuda": "CUDA is not available: install a CUDA build of torch on a machine with an NVIDIA GPU, or use device='auto'.",
+    "cuda": "CUDA is not available: install a CUDA build of torch on a machine with an NVIDIA GPU, "
+            "or use device='auto'.",
     "mps": "MPS is only available on Apple-silicon Macs; use device='auto'.",
 }
 

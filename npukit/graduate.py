@@ -97,7 +97,8 @@ class Graduation:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes) + "</ul>")
         rows = "".join(
             f"<tr><td><code>{html.escape(r.npukit)}</code></td><td>{html.escape(str(r.value))}</td>"
-            f"<td><code>{html.escape(r.vllm_flag)}{'' if r.vllm_value is None else ' ' + html.escape(str(r.vllm_value))}"
+            f"<td><code>{html.escape(r.vllm_flag)}"
+            f"{'' if r.vllm_value is None else ' ' + html.escape(str(r.vllm_value))}"
             f"</code></td><td>{html.escape(r.note)}</td></tr>" for r in self.table)
         parts.append("<table><tr><th>npukit</th><th>value</th><th>vLLM flag</th><th>note</th></tr>" + rows + "</table>")
         return "".join(parts)
@@ -178,21 +179,7 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
     (default: a table of Ascend parts), `weight_bytes` or `num_parameters` (default: counted from a
     local folder, or read from a size in the model name such as "32B").
     """
-    from_llm = None
-    if config is not None and hasattr(config, "config") and hasattr(config, "model"):
-        from_llm, config = config, config.config
-    if config is None:
-        from npukit.engine.config import EngineConfig
-
-        config = EngineConfig()
-    if from_llm is not None:
-        report = getattr(from_llm.model, "load_report", None)
-        if model is None:
-            model = getattr(from_llm.model.config, "_name_or_path", None)
-        if dtype == "auto":
-            dtype = str(getattr(from_llm.model, "dtype", "auto")).removeprefix("torch.")
-        if weight_bytes is None and report is not None:
-            weight_bytes = report.weight_bytes
+    config, model, dtype, weight_bytes = _from_llm(config, model, dtype, weight_bytes)
     if not model:
         raise ValueError("graduate() needs model= (a hub id like 'Qwen/Qwen2.5-7B-Instruct' or a model folder).")
     if device not in ("npu", "cuda"):
@@ -202,23 +189,58 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
     if chip and device == "npu" and family is None:
         raise ValueError(f"unknown Ascend chip {chip!r}: use one of {', '.join(ASCEND_HBM_GIB)} (or leave it out).")
 
-    notes: list[str] = []
-    table: list[FlagMapping] = []
-    args: list[str] = []
-    vllm_model = EMBEDDED_HUB_IDS.get(model, model)
+    g = Graduation(model=EMBEDDED_HUB_IDS.get(model, model), serve_args=[], bench_commands={})
+    _model_notes(model, g.model, host, g.notes)
+    vllm_dtype, enforce_eager, args = _dtype_flags(dtype, device, family, g.notes, g.table)
+    args += _engine_flags(config, device, g.notes, g.table)
+    memory, tp_args = _tensor_parallel(config, model, vllm_dtype, device, family, device_memory_gib,
+                                       num_parameters, weight_bytes, g.notes, g.table)
+    g.tensor_parallel_size = memory.tp
+    args += tp_args
+    args += _kv_cache_flags(config, device, memory, g.notes, g.table)
+    if enforce_eager:
+        args.append("--enforce-eager")
+        g.table.append(FlagMapping("(eager PyTorch)", "always", "--enforce-eager", None, "no graph capture"))
+    g.serve_args = (["--served-model-name", served_model_name] if served_model_name else []) + [
+        "--host", host, "--port", str(port)] + args
+    g.bench_commands = _bench_commands(g.model, args, served_model_name, host, port, input_len, output_len,
+                                       num_prompts, max_concurrency, backend, g.notes)
+    return g
+
+
+def _from_llm(config, model, dtype, weight_bytes):
+    """(EngineConfig, model, dtype, weight_bytes), filled in from an LLM where one is given."""
+    from npukit.engine.config import EngineConfig
+
+    if config is None or not (hasattr(config, "config") and hasattr(config, "model")):
+        return config or EngineConfig(), model, dtype, weight_bytes
+    llm, config = config, config.config
+    report = getattr(llm.model, "load_report", None)
+    if model is None:
+        model = getattr(llm.model.config, "_name_or_path", None)
+    if dtype == "auto":
+        dtype = str(getattr(llm.model, "dtype", "auto")).removeprefix("torch.")
+    if weight_bytes is None and report is not None:
+        weight_bytes = report.weight_bytes
+    return config, model, dtype, weight_bytes
+
+
+def _model_notes(model: str, vllm_model: str, host: str, notes: list[str]) -> None:
     if vllm_model != model:
         notes.append(f"'{model}' is npukit's embedded copy of {vllm_model}; vLLM loads it from the hub "
                      "(or pass the local folder).")
     if model == "tiny-llama":
         notes.append("tiny-llama is a random test model built locally; point vLLM at its folder "
                      "(npukit.samples.sample_path('tiny-llama')) -- its answers are noise.")
-    server_args = (["--served-model-name", served_model_name] if served_model_name else []) + [
-        "--host", host, "--port", str(port)]
     if host == "127.0.0.1":
         notes.append("vLLM listens on every interface unless told otherwise; the command keeps npukit's "
                      "--host 127.0.0.1 (this machine only). Add --api-key before opening it up.")
 
-    # -- dtype and the Ascend parts without bf16 / graph mode
+
+def _dtype_flags(dtype: str, device: str, family: str | None, notes: list[str],
+                 table: list[FlagMapping]) -> tuple[str, bool, list[str]]:
+    """(vLLM's dtype, whether --enforce-eager is needed, the --dtype flag): the Ascend parts without bf16 /
+    graph mode get float16 and eager mode."""
     enforce_eager = False
     vllm_dtype = dtype
     if family in NO_BF16_CHIPS:
@@ -232,36 +254,60 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         notes.append("float16 on NPU: on an Atlas 300I Duo (310P) or 910A, which have no bf16 and no graph "
                      "mode, also add --enforce-eager (pass chip='310P' to get it in the command); on 910B "
                      "bfloat16 is usually the better choice.")
-    if vllm_dtype != "auto":
-        args += ["--dtype", vllm_dtype]
     table.append(FlagMapping("dtype", dtype, "--dtype", vllm_dtype if vllm_dtype != "auto" else None,
                              "auto: the model's own dtype in vLLM; npukit's auto picks per device"))
+    return vllm_dtype, enforce_eager, (["--dtype", vllm_dtype] if vllm_dtype != "auto" else [])
 
-    # -- engine knobs that map one to one
-    def knob(name: str, flag: str, value, note: str = "") -> None:
-        table.append(FlagMapping(name, value, flag, value, note))
-        if value is not None:
-            args.extend([flag, str(value)])
 
-    knob("block_size", "--block-size", config.block_size,
-         f"vLLM-Ascend uses {ASCEND_BLOCK_SIZE}" if device == "npu" else "vLLM's default is 16")
+# EngineConfig fields that are not one to one: the KV cache size (see _kv_cache_flags) and the tensor-parallel
+# size (see _tensor_parallel); every other field with a vLLM flag (field metadata "vllm") maps one to one in
+# _engine_flags.
+NOT_ONE_TO_ONE = ("num_kv_blocks", "kv_cache_memory_fraction", "tensor_parallel_size")
+UNSET_NOTES = {"max_model_len": "unset: the model's context length"}
+
+
+def _engine_flags(config, device: str, notes: list[str], table: list[FlagMapping]) -> list[str]:
+    """The one-to-one flags, read from EngineConfig's field metadata: value flags, --flag / --no-flag for
+    booleans, nothing for an unset (None) field."""
+    from npukit.engine.config import engine_fields
+
+    args: list[str] = []
+    for f in engine_fields():
+        flag, value = f.metadata.get("vllm"), getattr(config, f.name)
+        if flag is None or f.name in NOT_ONE_TO_ONE:
+            continue
+        if isinstance(value, bool):
+            used = flag if value else "--no-" + flag.removeprefix("--")
+            table.append(FlagMapping(f.name, value, used, None))
+            args.append(used)
+        elif value is None:
+            table.append(FlagMapping(f.name, None, flag, None, UNSET_NOTES.get(f.name, "unset: vLLM's default")))
+        else:
+            table.append(FlagMapping(f.name, value, flag, value, _field_note(f.name, config, device, notes)))
+            args += [flag, str(value)]
+    return args
+
+
+def _field_note(name: str, config, device: str, notes: list[str]) -> str:
+    if name != "block_size":
+        return ""
     if device == "npu" and config.block_size != ASCEND_BLOCK_SIZE:
         notes.append(f"--block-size {config.block_size} mirrors npukit; vLLM-Ascend's attention kernels are "
                      f"tuned for --block-size {ASCEND_BLOCK_SIZE} (its default): try it.")
-    knob("max_num_seqs", "--max-num-seqs", config.max_num_seqs)
-    knob("max_num_batched_tokens", "--max-num-batched-tokens", config.max_num_batched_tokens)
-    if config.max_model_len is not None:
-        knob("max_model_len", "--max-model-len", config.max_model_len)
-    else:
-        table.append(FlagMapping("max_model_len", None, "--max-model-len", None, "unset: the model's context length"))
-    for name, flag in (("enable_prefix_caching", "--enable-prefix-caching"),
-                       ("enable_chunked_prefill", "--enable-chunked-prefill")):
-        on = bool(getattr(config, name))
-        used = flag if on else flag.replace("--enable-", "--no-enable-")
-        table.append(FlagMapping(name, on, used, None))
-        args.append(used)
+    return f"vLLM-Ascend uses {ASCEND_BLOCK_SIZE}" if device == "npu" else "vLLM's default is 16"
 
-    # -- memory: weights vs device memory -> tensor parallel size and --gpu-memory-utilization
+
+@dataclass
+class _Memory:
+    weight_bytes: int | None
+    device_memory_gib: float | None
+    tp: int
+
+
+def _tensor_parallel(config, model, vllm_dtype, device, family, device_memory_gib, num_parameters, weight_bytes,
+                     notes: list[str], table: list[FlagMapping]) -> tuple[_Memory, list[str]]:
+    """(weights, device memory and tensor parallel size; the --tensor-parallel-size flag): the weights vs the
+    device memory decide how many cards."""
     dtype_bytes = DTYPE_BYTES.get(vllm_dtype if vllm_dtype != "auto" else "bfloat16")
     if weight_bytes is None:
         if num_parameters is None:
@@ -277,8 +323,12 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         if family is None:
             notes.append(f"Assuming {device_memory_gib} GiB per NPU (Atlas 800T A2 / 910B); pass chip= or "
                          "device_memory_gib= for your card (npu-smi info shows it).")
-    tp = 1
-    if weight_bytes is not None and device_memory_gib:
+    tp, args = config.tensor_parallel_size, []
+    if tp > 1:
+        args = ["--tensor-parallel-size", str(tp)]
+        notes.append(f"--tensor-parallel-size {tp} as in npukit; `npukit plan {model} --device ...` shows whether "
+                     "a smaller size fits your devices.")
+    elif weight_bytes is not None and device_memory_gib:
         per_card = WEIGHT_SHARE_PER_DEVICE * device_memory_gib * GiB
         tp = 1 << max(0, math.ceil(math.log2(weight_bytes / per_card))) if weight_bytes > per_card else 1
         if tp > 1:
@@ -286,25 +336,32 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
                          f"{device_memory_gib:g} GiB card (the rest is KV cache and activations): "
                          f"--tensor-parallel-size {tp} splits them over {tp} cards (one card fails with "
                          "'NPU out of memory').")
-            args += ["--tensor-parallel-size", str(tp)]
+            args = ["--tensor-parallel-size", str(tp)]
         if tp > 8:
             notes.append("More than 8 cards: one Ascend server usually has 8 NPUs, so this needs several nodes "
                          "(--pipeline-parallel-size) or a quantised model (e.g. W8A8) to fit.")
-    table.append(FlagMapping("(weights vs device memory)", f"{weight_bytes / GiB:.1f} GiB" if weight_bytes else "?",
-                             "--tensor-parallel-size", tp, "npukit runs on one device"))
+    why = ("as in npukit" if config.tensor_parallel_size > 1 else
+           f"weights {weight_bytes / GiB:.1f} GiB vs device memory" if weight_bytes else "weights unknown")
+    table.append(FlagMapping("tensor_parallel_size", config.tensor_parallel_size, "--tensor-parallel-size", tp, why))
+    return _Memory(weight_bytes, device_memory_gib, tp), args
 
+
+def _kv_cache_flags(config, device: str, memory: _Memory, notes: list[str], table: list[FlagMapping]) -> list[str]:
+    """num_kv_blocks -> --num-gpu-blocks-override; kv_cache_memory_fraction -> --gpu-memory-utilization
+    (not the same quantity: translated when the weight size and device memory are known)."""
+    args: list[str] = []
     if config.num_kv_blocks is not None:
         table.append(FlagMapping("num_kv_blocks", config.num_kv_blocks, "--num-gpu-blocks-override",
                                  config.num_kv_blocks, "a fixed KV cache size, as in npukit"))
         args += ["--num-gpu-blocks-override", str(config.num_kv_blocks)]
         if config.block_size != ASCEND_BLOCK_SIZE and device == "npu":
             notes.append("--num-gpu-blocks-override counts blocks of --block-size tokens: keep both together.")
-    frac = config.kv_cache_memory_fraction
+    frac, weight_bytes = config.kv_cache_memory_fraction, memory.weight_bytes
     if config.num_kv_blocks is not None:
         table.append(FlagMapping("kv_cache_memory_fraction", frac, "--gpu-memory-utilization", None,
                                  "unused: num_kv_blocks fixes the KV cache size"))
-    elif weight_bytes is not None and device_memory_gib:
-        total = device_memory_gib * GiB * tp
+    elif weight_bytes is not None and memory.device_memory_gib:
+        total = memory.device_memory_gib * GiB * memory.tp
         gmu = (weight_bytes + frac * max(0.0, total - weight_bytes)) / total
         gmu = round(min(0.95, max(0.1, gmu + 0.02)), 2)  # + a little for activations
         table.append(FlagMapping("kv_cache_memory_fraction", frac, "--gpu-memory-utilization", gmu,
@@ -321,11 +378,13 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
         notes.append(f"Memory: npukit's kv_cache_memory_fraction={frac} (share of the memory left after the weights) "
                      f"has no direct vLLM flag; vLLM's --gpu-memory-utilization (default "
                      f"{VLLM_DEFAULT_GPU_MEMORY_UTILIZATION}) is a share of the whole device memory, weights included.")
-    if enforce_eager:
-        args.append("--enforce-eager")
-        table.append(FlagMapping("(eager PyTorch)", "always", "--enforce-eager", None, "no graph capture"))
+    return args
 
-    # -- benchmarks
+
+def _bench_commands(vllm_model: str, engine_flags: list[str], served_model_name, host: str, port: int,
+                    input_len: int, output_len: int, num_prompts: int, max_concurrency: int, backend: str,
+                    notes: list[str]) -> dict[str, str]:
+    """vllm bench serve / throughput and npukit bench serve, for the same workload."""
     name = served_model_name or vllm_model
     endpoint = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
     bench_serve = ["vllm", "bench", "serve", "--backend", backend, "--endpoint", endpoint, "--model", name]
@@ -338,17 +397,15 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
                     "--num-prompts", str(num_prompts), "--max-concurrency", str(max_concurrency)]
     throughput = ["vllm", "bench", "throughput", "--model", vllm_model, "--input-len", str(input_len),
                   "--output-len", str(output_len), "--num-prompts", str(num_prompts)]
-    throughput += args  # the engine flags; the server flags do not apply offline
+    throughput += engine_flags  # the engine flags; the server flags do not apply offline
     npukit_bench = ["npukit", "bench", "serve", "--backend", backend, "--base-url", f"http://{host}:{port}",
                     "--random-input-len", str(input_len), "--random-output-len", str(output_len),
                     "--num-prompts", str(num_prompts), "--max-concurrency", str(max_concurrency)]
-    bench_commands = {
+    return {
         "online: vllm bench serve (against the server above)": _format_command(bench_serve),
         "offline: vllm bench throughput": _format_command(throughput),
         "the same measurement with npukit's client (works against both servers)": _format_command(npukit_bench),
     }
-    return Graduation(model=vllm_model, serve_args=server_args + args, bench_commands=bench_commands, notes=notes, table=table,
-                      tensor_parallel_size=tp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -124,30 +124,6 @@ def download(
     return _download_optional(repo_id, source=source, **options)
 
 
-def cached_path(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_dir: str | os.PathLike | None = None,
-    allow_patterns: str | list[str] | None = None,
-) -> Path | None:
-    """The folder of an already-downloaded HF repo (or a local model folder), or None. Never uses the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    folder = Path(repo_id).expanduser()
-    if folder.is_dir() or str(repo_id).startswith(("/", "./", "../", "~")):
-        return folder.resolve() if (folder / "config.json").is_file() else None
-    try:
-        return Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
-            allow_patterns=allow_patterns, local_files_only=True, tqdm_class=_silent_tqdm(),
-        ))
-    except LocalEntryNotFoundError:
-        return None
-
-
 def describe_sources() -> str:
     """Where models can come from, the mirror to use in mainland China, and the current settings."""
     from huggingface_hub import constants
@@ -320,7 +296,10 @@ def _existing_parent(path: Path) -> Path:
 
 def _check_writable(target: Path, ctx: _Ctx) -> None:
     base = _existing_parent(target)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+    if not base.is_dir():
+        raise NotWritableError(f"{base} is a file, not a folder, so {ctx.repo_id!r} cannot be saved under {target}. "
+                               "Pass a folder as local_dir (an existing one, or a new path to create).")
+    if not os.access(base, os.W_OK | os.X_OK):
         raise NotWritableError(_not_writable_message(ctx, base))
 
 
@@ -370,7 +349,6 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
     status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain
                    if getattr(getattr(e, "response", None), "status_code", None) is not None), None)
     where = ctx.endpoint or f"the {ctx.source} hub"
-    name = ctx.repo_id.rsplit("/", 1)[-1]
     # NOTE: messages never include the token: only whether one was passed.
 
     if names & {"GatedRepoError", "AccessWhiteListError"}:
@@ -402,7 +380,8 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
                 "ConnectTimeout", "ReadTimeout", "TimeoutError"}:
         return HubConnectionError(_no_network_message(ctx, "cannot connect"))
     if status is not None and status >= 500:
-        return HubConnectionError(_no_network_message(ctx, f"the server answered HTTP {status}: down or overloaded, retry later"))
+        return HubConnectionError(_no_network_message(
+            ctx, f"the server answered HTTP {status}: down or overloaded, retry later"))
     if "LocalEntryNotFoundError" in names:
         return NotCachedError(_not_cached_message(ctx, "the hub could not be used"))
     if "HFValidationError" in names or "OMValidationError" in names:
@@ -410,6 +389,12 @@ def _explain(exc: BaseException, ctx: _Ctx) -> HubError | None:
             f"{ctx.repo_id!r} is neither an existing folder nor a valid repo id. Repo ids look like 'org/name' "
             "(letters, digits, '-', '_', '.'); local folders must exist (check the path with `ls`)."
         )
+    return _explain_local(chain, ctx)
+
+
+def _explain_local(chain: list[BaseException], ctx: _Ctx) -> HubError | None:
+    """The errors of this machine in an exception chain: a folder we may not write to, a full disk."""
+    name = ctx.repo_id.rsplit("/", 1)[-1]
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return NotWritableError(_not_writable_message(ctx, Path(e.filename) if e.filename else ctx.target))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,8 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tu
     return torch.float32, reasons + ["float32: no half precision works on this device"]
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None, source: str = "hf") -> tuple[Path, str]:
+def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                       source: str = "hf") -> tuple[Path, str]:
     """Embedded name, local folder or hub id -> a local folder and where it came from."""
     name = str(name_or_path)
     if name in EMBEDDED:
@@ -144,6 +146,36 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
     return download(name, source=source, revision=revision), f"{source}:{name}"
 
 
+def find_bad_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a model folder that cannot be read (JSON that does not parse, a safetensors file
+    whose header is broken or cut short), with the reason; None if they all read."""
+    if not Path(folder).is_dir():
+        return None
+    for f in sorted(Path(folder).glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return f, f"{type(e).__name__}: {e}"
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError is not importable by a stable name
+            return f, f"{type(e).__name__}: {e}"
+    return None
+
+
+def _load_error_message(origin: str, path: Path, e: Exception) -> str:
+    bad = find_bad_file(path)
+    if bad is not None:
+        return (f"could not load {origin} from {path}: {bad[0].name} is damaged ({bad[1]}). Download that file "
+                "again (npukit download <model>, or delete it and rerun) or copy it again from a good copy.")
+    return (f"could not load {origin} from {path}: {type(e).__name__}: {e}. Check that the folder holds "
+            "config.json, the weights (*.safetensors) and the tokenizer files, complete and readable.")
+
+
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", *, revision: str | None = None, source: str = "hf",
                trust_remote_code: bool = False):
@@ -159,13 +191,13 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
 
     before = _device.memory_stats(dev).allocated
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in notebooks and the CLI
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load {origin} from {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - OSError, JSONDecodeError, SafetensorError, ...: name the file
+        raise ModelLoadError(_load_error_message(origin, path, e)) from e
     finally:
         if bars:
             hf_logging.enable_progress_bar()

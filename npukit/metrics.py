@@ -5,8 +5,6 @@
 - ``summarize`` / ``summarize_requests``: mean, median, p90, p99, std, variance, min, max, range, and the
   throughput over a batch of requests, laid out like ``vllm bench serve``.
 - ``time_generation``: time one HF ``model.generate`` call token by token (a streamer stamps each token).
-- ``benchmark``: run a timed function several times and summarise the runs (what people do by hand with
-  ``time.time()`` and ``statistics``).
 - ``PeakMemory`` / ``peak_memory``: peak device memory over a block of code (process RSS on CPU).
 
 All times are seconds from ``time.perf_counter()``; all memory sizes are bytes.
@@ -17,7 +15,7 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +32,6 @@ __all__ = [
     "peak_memory",
     "GenerationTiming",
     "time_generation",
-    "BenchmarkResult",
-    "benchmark",
     "format_bytes",
     "format_seconds",
 ]
@@ -546,86 +542,3 @@ def median_range(summary: Summary, scale: float = 1e3, unit: str = "ms") -> str:
         return f"{summary.median * scale:.1f} {unit} (one run)"
     return (f"{summary.median * scale:.1f} {unit} (range {summary.min * scale:.1f}-{summary.max * scale:.1f} {unit}, "
             f"n={summary.count})")
-
-
-# --------------------------------------------------------------------------------------------------
-# Repeated runs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchmarkResult:
-    """Repeated runs of one timed function: every run and the distribution of each metric."""
-
-    runs: list[GenerationTiming | RequestMetrics]
-    ttft: Summary | None
-    tpot: Summary | None
-    e2e: Summary | None
-    output_tokens_per_s: Summary | None
-    peak_memory_bytes: Summary | None
-    num_output_tokens: Summary | None
-
-    def summaries(self) -> list[Summary]:
-        keys = ("ttft", "tpot", "e2e", "output_tokens_per_s", "peak_memory_bytes", "num_output_tokens")
-        return [s for s in (getattr(self, k) for k in keys) if s is not None]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "runs": [r.to_dict() for r in self.runs],
-            **{k: (v.to_dict() if v is not None else None) for k, v in self.__dict__.items() if k != "runs"},
-        }
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.runs)} runs"]
-        for s in self.summaries():
-            f = lambda v: _format_value(v, s.unit)  # noqa: E731
-            lines.append(
-                f"  {s.name:<14} mean {f(s.mean):>12} | median {f(s.median):>12} | p99 {f(s.p99):>12} | "
-                f"variance {s.variance:.4g} | range {f(s.range)}"
-            )
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        stats = ("mean", "median", "p90", "p99", "std", "variance", "min", "max", "range")
-        head = "<tr><th>metric</th>" + "".join(f"<th>{s}</th>" for s in stats) + "</tr>"
-        body = ""
-        for s in self.summaries():
-            cells = "".join(
-                f"<td>{html.escape(f'{s.variance:.4g}' if k == 'variance' else _format_value(getattr(s, k), s.unit))}</td>"
-                for k in stats
-            )
-            body += f"<tr><td><b>{html.escape(s.name)}</b></td>{cells}</tr>"
-        return f"<p>{len(self.runs)} runs</p><table>{head}{body}</table>"
-
-
-def benchmark(fn: Callable[[], GenerationTiming | RequestMetrics], repeat: int = 5, warmup: int = 1) -> BenchmarkResult:
-    """Call ``fn`` ``warmup`` times (discarded), then ``repeat`` times, and summarise the runs.
-
-    ``fn`` returns a ``GenerationTiming`` or a ``RequestMetrics``, e.g.
-    ``benchmark(lambda: time_generation(model, tok, prompt, max_new_tokens=64), repeat=5)``.
-    """
-    if repeat < 1 or warmup < 0:
-        raise ValueError(f"benchmark() needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}.")
-    for _ in range(warmup):
-        fn()
-    runs = [fn() for _ in range(repeat)]
-    metrics: list[RequestMetrics] = []
-    for r in runs:
-        m = r.metrics if isinstance(r, GenerationTiming) else r
-        if not isinstance(m, RequestMetrics):
-            raise TypeError(f"benchmark(fn): fn must return a GenerationTiming or RequestMetrics, got {type(r).__name__}.")
-        metrics.append(m)
-
-    def maybe(values, name, unit):
-        values = [v for v in values if v is not None]
-        return summarize(values, name=name, unit=unit) if values else None
-
-    return BenchmarkResult(
-        runs=runs,
-        ttft=maybe([m.ttft for m in metrics], "TTFT", "s"),
-        tpot=maybe([m.tpot for m in metrics], "TPOT", "s"),
-        e2e=maybe([m.e2e for m in metrics], "E2E", "s"),
-        output_tokens_per_s=maybe([m.output_tokens_per_s for m in metrics], "tok/s", "tok/s"),
-        peak_memory_bytes=maybe([getattr(r, "peak_memory_bytes", None) for r in runs], "peak memory", "B"),
-        num_output_tokens=maybe([m.num_output_tokens for m in metrics], "output tokens", "tok"),
-    )

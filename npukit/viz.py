@@ -5,7 +5,7 @@ Every function draws on ``ax`` (or ``axes``) when given, else on a new ``Plot`` 
 registered with pyplot (so it is never shown twice and needs no ``%matplotlib`` magic).
 
     draw_block_tables({"A": seq_a.block_table, "B": seq_b.block_table}, {"A": 40, "B": 33}, block_size=16)
-    draw_timeline(*timeline_rows(result))          # result: npukit.bench.workload.RunResult
+    draw_timeline(*timeline_rows(result))          # result: npukit.bench.workload.WorkloadRun
     draw_latency_histograms(result.metrics)        # TTFT / TPOT / ITL histograms
     draw_sweep("max_num_seqs", [1, 4, 16], results)
 """
@@ -82,20 +82,7 @@ def draw_block_tables(block_tables: dict[str, Sequence[int]], num_tokens: dict[s
     several sequences share are dark and show how many. ``highlight=(name, position)`` marks the slot
     of one token in both views.
     """
-    from matplotlib.patches import Rectangle
-
-    if not block_tables:
-        raise ValueError("block_tables is empty: pass {name: block_table} of at least one sequence")
-    missing = [n for n in block_tables if n not in num_tokens]
-    if missing:
-        raise ValueError(f"num_tokens has no entry for {missing}: give the number of tokens of every sequence")
-    for name, table in block_tables.items():
-        if num_tokens[name] > len(table) * block_size:
-            raise ValueError(f"{name}: {num_tokens[name]} tokens do not fit in {len(table)} blocks of {block_size}")
-    used = sorted({b for t in block_tables.values() for b in t})
-    num_blocks = num_blocks if num_blocks is not None else (max(used) + 1 if used else 1)
-    if used and max(used) >= num_blocks:
-        raise ValueError(f"block id {max(used)} is outside the pool of {num_blocks} blocks")
+    num_blocks = _check_block_tables(block_tables, num_tokens, block_size, num_blocks)
     names = list(block_tables)
     colours = _colours(len(names))
     colour = {n: colours[i] for i, n in enumerate(names)}
@@ -112,63 +99,101 @@ def draw_block_tables(block_tables: dict[str, Sequence[int]], num_tokens: dict[s
     else:
         ax_l, ax_p = axes
         fig = ax_l.figure
+    _draw_logical(ax_l, block_tables, num_tokens, block_size, colour, owners)
+    _draw_physical(ax_p, num_blocks, columns, colour, owners)
+    if highlight is not None:
+        _draw_highlight(ax_l, ax_p, block_tables, highlight, block_size, columns, rows)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
 
-    # logical view
+
+def _check_block_tables(block_tables, num_tokens, block_size: int, num_blocks: int | None) -> int:
+    """Validate draw_block_tables' input; returns the pool size (default: the largest block id + 1)."""
+    if not block_tables:
+        raise ValueError("block_tables is empty: pass {name: block_table} of at least one sequence")
+    missing = [n for n in block_tables if n not in num_tokens]
+    if missing:
+        raise ValueError(f"num_tokens has no entry for {missing}: give the number of tokens of every sequence")
+    for name, table in block_tables.items():
+        if num_tokens[name] > len(table) * block_size:
+            raise ValueError(f"{name}: {num_tokens[name]} tokens do not fit in {len(table)} blocks of {block_size}")
+    used = sorted({b for t in block_tables.values() for b in t})
+    num_blocks = num_blocks if num_blocks is not None else (max(used) + 1 if used else 1)
+    if used and max(used) >= num_blocks:
+        raise ValueError(f"block id {max(used)} is outside the pool of {num_blocks} blocks")
+    return num_blocks
+
+
+def _draw_logical(ax, block_tables, num_tokens, block_size: int, colour, owners) -> None:
+    """One row per sequence: its logical blocks, each showing its physical id, shaded by how full it is."""
+    from matplotlib.patches import Rectangle
+
+    names = list(block_tables)
+    longest = max(len(t) for t in block_tables.values())
     for r, name in enumerate(names):
         y = len(names) - 1 - r
         table, n = block_tables[name], num_tokens[name]
         for i, b in enumerate(table):
             filled = max(0, min(block_size, n - i * block_size)) / block_size
             shared = len(owners[b]) > 1
-            ax_l.add_patch(Rectangle((i, y + 0.1), 0.95, 0.8, facecolor="white", edgecolor=colour[name], lw=1.5))
-            ax_l.add_patch(Rectangle((i, y + 0.1), 0.95 * filled, 0.8, lw=0,
-                                     facecolor=SHARED_COLOUR if shared else colour[name], alpha=0.55 if shared else 0.35))
-            ax_l.text(i + 0.475, y + 0.5, str(b), ha="center", va="center", fontsize=9,
-                      fontweight="bold" if shared else "normal")
-    ax_l.set_xlim(-0.1, max(longest, 1) + 0.1)
-    ax_l.set_ylim(-0.1, len(names) + 0.1)
-    ax_l.set_xticks([i + 0.475 for i in range(longest)], [str(i) for i in range(longest)], fontsize=8)
-    ax_l.set_yticks([len(names) - 0.5 - r for r in range(len(names))],
-                    [f"{name} ({num_tokens[name]} tok)" for name in names], fontsize=9)
-    for label, name in zip(ax_l.get_yticklabels(), names):
+            ax.add_patch(Rectangle((i, y + 0.1), 0.95, 0.8, facecolor="white", edgecolor=colour[name], lw=1.5))
+            ax.add_patch(Rectangle((i, y + 0.1), 0.95 * filled, 0.8, lw=0,
+                                   facecolor=SHARED_COLOUR if shared else colour[name], alpha=0.55 if shared else 0.35))
+            ax.text(i + 0.475, y + 0.5, str(b), ha="center", va="center", fontsize=9,
+                    fontweight="bold" if shared else "normal")
+    ax.set_xlim(-0.1, max(longest, 1) + 0.1)
+    ax.set_ylim(-0.1, len(names) + 0.1)
+    ax.set_xticks([i + 0.475 for i in range(longest)], [str(i) for i in range(longest)], fontsize=8)
+    ax.set_yticks([len(names) - 0.5 - r for r in range(len(names))],
+                  [f"{name} ({num_tokens[name]} tok)" for name in names], fontsize=9)
+    for label, name in zip(ax.get_yticklabels(), names):
         label.set_color(colour[name])
-    ax_l.tick_params(axis="y", length=0)
-    ax_l.set_xlabel("logical block (position // block_size); number = physical block id")
-    ax_l.set_title(f"block tables ({block_size} tokens per block)", fontsize=10)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel("logical block (position // block_size); number = physical block id")
+    ax.set_title(f"block tables ({block_size} tokens per block)", fontsize=10)
     for side in ("top", "right", "left"):
-        ax_l.spines[side].set_visible(False)
+        ax.spines[side].set_visible(False)
 
-    # physical view
+
+def _draw_physical(ax, num_blocks: int, columns: int, colour, owners) -> None:
+    """The block pool in rows of `columns`: free, owned (the owner's colour) or shared (dark, ×count)."""
+    from matplotlib.patches import Rectangle
+
+    rows = -(-num_blocks // columns)
     for b in range(num_blocks):
         x, y = b % columns, rows - 1 - b // columns
         who = owners.get(b, [])
         face = FREE_COLOUR if not who else (SHARED_COLOUR if len(who) > 1 else colour[who[0]])
-        ax_p.add_patch(Rectangle((x, y), 0.92, 0.88, facecolor=face, edgecolor="#999999", lw=0.5,
-                                 alpha=1.0 if len(who) > 1 else 0.75))
+        ax.add_patch(Rectangle((x, y), 0.92, 0.88, facecolor=face, edgecolor="#999999", lw=0.5,
+                               alpha=1.0 if len(who) > 1 else 0.75))
         label = f"{b}" + (f"\n×{len(who)}" if len(who) > 1 else "")
-        ax_p.text(x + 0.46, y + 0.44, label, ha="center", va="center", fontsize=7,
-                  color="white" if who else "#777777")
-    ax_p.set_xlim(-0.05, columns)
-    ax_p.set_ylim(-0.05, rows)
-    ax_p.set_aspect("equal")
-    ax_p.axis("off")
-    ax_p.set_title(f"physical block pool ({len(used)}/{num_blocks} used; dark = shared)", fontsize=10)
+        ax.text(x + 0.46, y + 0.44, label, ha="center", va="center", fontsize=7,
+                color="white" if who else "#777777")
+    ax.set_xlim(-0.05, columns)
+    ax.set_ylim(-0.05, rows)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(f"physical block pool ({len(owners)}/{num_blocks} used; dark = shared)", fontsize=10)
 
-    if highlight is not None:
-        name, pos = highlight
-        table = block_tables[name]
-        slot = slot_of(table, pos, block_size)
-        i, off = divmod(pos, block_size)
-        y = len(names) - 1 - names.index(name)
-        ax_l.plot(i + 0.95 * (off + 0.5) / block_size, y + 0.05, marker="^", color="#cf222e", markersize=8)
-        b = table[i]
-        bx, by = b % columns, rows - 1 - b // columns
-        ax_p.add_patch(Rectangle((bx - 0.05, by - 0.05), 1.02, 0.98, fill=False, edgecolor="#cf222e", lw=2))
-        ax_l.set_title(f"block tables ({block_size} tokens per block); ▲ {name} token {pos} -> block {b}, "
-                       f"offset {off}, slot {b} × {block_size} + {off} = {slot}", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+
+def _draw_highlight(ax_l, ax_p, block_tables, highlight: tuple[str, int], block_size: int, columns: int,
+                    rows: int) -> None:
+    """Mark one token's slot: a triangle in its logical block, a frame around its physical block."""
+    from matplotlib.patches import Rectangle
+
+    names = list(block_tables)
+    name, pos = highlight
+    table = block_tables[name]
+    slot = slot_of(table, pos, block_size)
+    i, off = divmod(pos, block_size)
+    y = len(names) - 1 - names.index(name)
+    ax_l.plot(i + 0.95 * (off + 0.5) / block_size, y + 0.05, marker="^", color="#cf222e", markersize=8)
+    b = table[i]
+    bx, by = b % columns, rows - 1 - b // columns
+    ax_p.add_patch(Rectangle((bx - 0.05, by - 0.05), 1.02, 0.98, fill=False, edgecolor="#cf222e", lw=2))
+    ax_l.set_title(f"block tables ({block_size} tokens per block); ▲ {name} token {pos} -> block {b}, "
+                   f"offset {off}, slot {b} × {block_size} + {off} = {slot}", fontsize=9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +202,7 @@ def draw_block_tables(block_tables: dict[str, Sequence[int]], num_tokens: dict[s
 
 
 def timeline_rows(result, x: str = "step") -> tuple[dict[str, list[float]], dict[str, list[tuple[float, float]]]]:
-    """(tokens, held) of a run's step log (``npukit.bench.workload.RunResult``):
+    """(tokens, held) of a run's step log (``npukit.bench.workload.WorkloadRun``):
     ``tokens[request]`` = when it got each token (the end of its step), ``held[request]`` = the (start, end)
     spans of consecutive steps in which it held a place in the batch (more than one span when it was
     preempted). ``x`` = "step" (step k spans [k, k + 1]) or "time" (seconds since the start).
@@ -345,7 +370,7 @@ def draw_sweep(knob: str, values: Sequence[Any], runs: Sequence[Any], *, ax=None
 
 def draw_bench_concurrency(concurrencies: Sequence[int], results: Sequence[Any], *, axes=None, title: str = ""):
     """TTFT / TPOT (mean, median, p99) and output throughput against ``--max-concurrency`` from
-    ``npukit.bench.BenchResult``s (one per concurrency)."""
+    ``npukit.bench.ServingBenchmarkResult``s (one per concurrency)."""
     if len(concurrencies) != len(results) or not results:
         raise ValueError(f"got {len(concurrencies)} concurrencies for {len(results)} results")
     if axes is None:
@@ -396,4 +421,72 @@ def draw_step_times(points: Sequence[Any], *, ax=None, title: str = "", toleranc
     ax2.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right", framealpha=0.9)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Fit and split: the memory bill per tensor-parallel size, and how TP cuts a layer
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_memory_bill(plan, *, ax=None, title: str | None = None):
+    """Stacked bars per tensor-parallel size of an ``npukit.plan`` result: weights, activations, workspace and
+    the KV cache that is left, against the device memory and the ``gpu_memory_utilization`` budget (GiB)."""
+    fig, ax = _figure_of(ax, 8, 4)
+    gib = 1024 ** 3
+    tps = [str(p.tensor_parallel_size) for p in plan.plans]
+    parts = [("weights", [p.weight_bytes_per_device for p in plan.plans]),
+             ("activations", [p.activation_bytes_per_device for p in plan.plans]),
+             ("workspace", [plan.workspace_bytes_per_device] * len(tps)),
+             ("KV cache", [p.kv_cache_bytes_per_device for p in plan.plans])]
+    bottom = [0.0] * len(tps)
+    for (name, values), colour in zip(parts, _colours(len(parts))):
+        v = [x / gib for x in values]
+        ax.bar(tps, v, bottom=bottom, label=name, color=colour)
+        bottom = [b + x for b, x in zip(bottom, v)]
+    mem = plan.device.memory_bytes / gib
+    ax.axhline(mem, color=SHARED_COLOUR, lw=1.5, label=f"{plan.device.name} memory")
+    ax.axhline(mem * plan.gpu_memory_utilization, color=SHARED_COLOUR, lw=1, ls="--",
+               label=f"x {plan.gpu_memory_utilization:g} (gpu-memory-utilization)")
+    for i, p in enumerate(plan.plans):
+        if not p.fits:
+            ax.text(i, bottom[i], "does not fit", ha="center", va="bottom", color=PALETTE[3], fontsize=9)
+    ax.set_xlabel("tensor-parallel size")
+    ax.set_ylabel("GiB per device")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) on {plan.device.name}")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def draw_tp_split(tensor_parallel_size: int = 2, *, ax=None):
+    """One decoder layer under Megatron tensor parallelism: which weights are cut by columns (output
+    features: heads, MLP rows), which by rows (input features), and where the all-reduces go."""
+    from matplotlib.patches import Rectangle
+
+    tp = tensor_parallel_size
+    fig, ax = _figure_of(ax, 10, 3.2)
+    colours = _colours(tp)
+    # (label, x, width, height, split): split "col" cuts the height (outputs), "row" cuts the width (inputs)
+    boxes = [("q/k/v_proj", 0.0, 1.0, 2.0, "col"), ("attention\n(own heads)", 1.4, 0.9, 2.0, "col"),
+             ("o_proj", 2.7, 2.0, 1.0, "row"), ("gate/up_proj", 5.6, 1.0, 2.0, "col"),
+             ("down_proj", 7.0, 2.0, 1.0, "row")]
+    for label, x, w, h, split in boxes:
+        for r in range(tp):
+            if split == "col":
+                rect = Rectangle((x, h - (r + 1) * h / tp), w, h / tp)
+            else:
+                rect = Rectangle((x + r * w / tp, 0), w / tp, h)
+            rect.set(facecolor=colours[r], edgecolor="white", alpha=0.85)
+            ax.add_patch(rect)
+        ax.text(x + w / 2, -0.25, label, ha="center", va="top", fontsize=9)
+    for x in (4.9, 9.2):
+        ax.annotate("all-reduce", (x, 0.5), xytext=(x + 0.05, 1.6), fontsize=9, ha="center",
+                    arrowprops=dict(arrowstyle="->", color=SHARED_COLOUR))
+    for r in range(tp):
+        ax.add_patch(Rectangle((0.2 + 1.3 * r, 2.45), 0.25, 0.2, facecolor=colours[r]))
+        ax.text(0.5 + 1.3 * r, 2.55, f"rank {r}", va="center", fontsize=9)
+    ax.set_xlim(-0.3, 10.2)
+    ax.set_ylim(-0.9, 2.8)
+    ax.axis("off")
+    ax.set_title(f"One decoder layer at tensor-parallel size {tp}: columns (heads) split, rows split + all-reduce")
     return fig

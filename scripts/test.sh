@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every test: unit tests, the notebooks under nbval, and browser tests of the dashboards in a real
+# Run every test: ruff, unit tests, the notebooks under nbval, and browser tests of the dashboards in a real
 # JupyterLab (Debian's chromium driven by playwright). Installs the test tools it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ if [ ! -x /usr/bin/chromium ]; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
 fi
+
+"$PY" -m ruff check npukit tests benchmarks  # lint first (pyproject.toml's [tool.ruff]): seconds, not minutes
 
 export NPUKIT_ARTIFACTS=${NPUKIT_ARTIFACTS:-artifacts}
 # NOTE: the notebooks' stored outputs come from a CPU run in fp32 (NPUKIT_DEVICE=cpu NPUKIT_DTYPE=float32);

@@ -1,7 +1,6 @@
 """Shared fixtures: the embedded models, loaded once per test session on the CPU in fp32."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

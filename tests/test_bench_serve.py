@@ -6,8 +6,15 @@ import time
 
 import pytest
 
-from npukit.bench.serve import (BenchmarkError, BenchPrompt, bench_serve_main, load_tokenizer, random_prompts,
-                          read_prompts, run_serving_benchmark)
+from npukit.bench.serve import (
+    BenchmarkError,
+    BenchPrompt,
+    bench_serve_main,
+    load_tokenizer,
+    random_prompts,
+    read_prompts,
+    run_serving_benchmark,
+)
 from npukit.serving import ServerThread
 
 FIRST_DELAY, TOKEN_DELAY, NUM_TOKENS = 0.050, 0.020, 6
@@ -207,3 +214,11 @@ def test_against_npukit_serve_over_the_real_engine(tiny):
         assert time.perf_counter() - t0 >= r.summary["duration"]
     assert (r.summary["completed"], r.summary["total_output_tokens"]) == (8, 64)
     assert all(q.output_len == 8 and q.ttft > 0 for q in r.requests)
+
+
+def test_cli_compares_two_servers_in_one_run(fake_server, capsys):
+    rc = bench_serve_main(["--base-url", fake_server.url, "--compare-url", fake_server.url + "/v1", "--num-prompts",
+                           "2", "--random-input-len", "3", "--random-output-len", "3", "--disable-tqdm"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("Serving Benchmark Result") == 2
+    assert "| output tok/s |" in out and "| mean TPOT (ms) |" in out and "/ server (" in out

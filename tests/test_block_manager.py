@@ -3,7 +3,8 @@ free / prefix hits, checked against a simulated KV cache (each slot holds the to
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from npukit.engine.block_manager import BlockManager, hash_block
@@ -161,7 +162,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.seqs))
-        child = make_seq(parent.token_ids[: parent.num_computed_tokens] or parent.token_ids, rid=parent.request_id, index=1)
+        child = make_seq(parent.token_ids[: parent.num_computed_tokens] or parent.token_ids, rid=parent.request_id,
+                         index=1)
         if parent.num_computed_tokens != len(child.token_ids):
             return
         self.bm.fork(parent, child)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from tests.jupyter_fixture import run_notebook_in_browser, screenshot, shutdown_kernel, widget_output
 
 expect = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)").expect

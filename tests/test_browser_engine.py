@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 # NOTE: the fixtures (jupyter_lab, browser, lab_page) come from the root conftest's pytest_plugins; importing
 # them here again would start a second session-wide playwright beside the first.
 from tests.jupyter_fixture import run_notebook_in_browser, screenshot, shutdown_kernel, widget_output

@@ -13,8 +13,13 @@ from transformers import LlamaConfig
 from npukit.dashboards import GenerationDashboard, LatencyDashboard, PrecisionDashboard
 from npukit.dashboards.base import Dashboard, action
 from npukit.dashboards.generation import sampling_settings, stream_chat
-from npukit.dashboards.latency import (kv_bytes_per_token, kv_cache_bytes, kv_cache_usage, kv_formula,
-                                       synthetic_prompt_ids)
+from npukit.dashboards.latency import (
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    kv_cache_usage,
+    kv_formula,
+    synthetic_prompt_ids,
+)
 from npukit.dashboards.precision import compare_precisions, logit_drift
 from npukit.metrics import format_bytes
 
@@ -207,7 +212,8 @@ def test_generation_dashboard_streams_into_widget(tiny):
     run = dash.runs[-1]
     assert len(outputs) >= 2  # streamed piece by piece, then the final render
     assert "Hello!" in dash.output.value
-    assert readouts and "TTFT" in dash.readout.value and f"{run.metrics.num_output_tokens} new tokens" in dash.readout.value
+    assert readouts and "TTFT" in dash.readout.value
+    assert f"{run.metrics.num_output_tokens} new tokens" in dash.readout.value
     assert "done:" in dash.status.value
     assert dash.runs_table.value.count("<tr>") == 2  # header + one run
     assert dash.progress.value == run.metrics.num_output_tokens

@@ -29,7 +29,8 @@ def test_engine_knobs_map_to_vllm_flags():
     # the printed command is a valid shell line that gives back the same argv
     assert shlex.split(g.serve_command.replace("\\\n", " ")) == ["vllm", "serve", g.model] + a
     rows = {r.npukit: r for r in g.table}
-    assert rows["block_size"].vllm_flag == "--block-size" and rows["num_kv_blocks"].vllm_flag == "--num-gpu-blocks-override"
+    assert rows["block_size"].vllm_flag == "--block-size"
+    assert rows["num_kv_blocks"].vllm_flag == "--num-gpu-blocks-override"
     assert rows["kv_cache_memory_fraction"].vllm_flag == "--gpu-memory-utilization"
     assert "Ascend" in rows["block_size"].note or "128" in rows["block_size"].note
     assert any("--block-size 128" in n for n in g.notes)  # the Ascend recommendation

@@ -17,8 +17,16 @@ from safetensors.numpy import load_file, save
 
 from npukit import hub as npuhub
 from npukit.hub import (
-    HubAuthError, HubConnectionError, MissingPackageError, NotAModelFolderError, NotCachedError,
-    NotEnoughDiskError, NotWritableError, RepoNotFoundError, cached_path, describe_sources, download,
+    HubAuthError,
+    HubConnectionError,
+    MissingPackageError,
+    NotAModelFolderError,
+    NotCachedError,
+    NotEnoughDiskError,
+    NotWritableError,
+    RepoNotFoundError,
+    describe_sources,
+    download,
 )
 from tests.hub_fixture import FakeHub
 
@@ -171,14 +179,18 @@ def test_hub_unreachable_falls_back_to_the_cache(hub, closed_port_endpoint):
     assert download(REPO, endpoint=closed_port_endpoint, progress=False) == first
 
 
-def test_cached_path(hub, tmp_path):
-    assert cached_path(REPO) is None
+def test_offline_download_needs_the_whole_snapshot(hub, tmp_path):
+    """(Was a test of hub.cached_path, a test-only helper: the same cache semantics through download.)"""
+    with pytest.raises(NotCachedError):
+        _get(hub, offline=True)
     path = _get(hub, allow_patterns="*.json")
-    assert cached_path(REPO, allow_patterns="*.json") == path
-    assert cached_path(REPO) is None  # the weights were not downloaded: the snapshot is incomplete
-    assert cached_path(REPO, revision="v1.0") is None
+    assert _get(hub, allow_patterns="*.json", offline=True) == path
+    with pytest.raises(NotCachedError):  # the weights were not downloaded: the snapshot is incomplete
+        _get(hub, offline=True)
+    with pytest.raises(NotCachedError):
+        _get(hub, revision="v1.0", offline=True)
     _get(hub)
-    assert cached_path(REPO) == path
+    assert _get(hub, offline=True) == path
 
 
 # -- errors -----------------------------------------------------------------------------------------------------------
@@ -292,7 +304,6 @@ def test_local_folder(tmp_path):
     (folder / "config.json").write_text("{}")
     assert download(str(folder)) == folder.resolve()
     assert download(str(folder), source="local") == folder.resolve()
-    assert cached_path(str(folder)) == folder.resolve()
 
 
 def test_local_folder_without_config(tmp_path):
@@ -363,3 +374,12 @@ def test_describe_sources(monkeypatch):
     assert "OPENMIND_HUB_ENDPOINT" in text and "modelscope" in text and "HF_HUB_OFFLINE" in text
     assert constants.HF_HUB_CACHE in text
     assert npuhub.SOURCES == ("hf", "openmind", "modelscope", "local")
+
+
+def test_local_dir_that_is_a_file_says_so(hub, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(NotWritableError) as info:
+        _get(hub, local_dir=a_file)
+    assert "is a file, not a folder" in str(info.value) and "permission" not in str(info.value)
+    assert hub.requests == []

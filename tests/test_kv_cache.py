@@ -21,13 +21,19 @@ def test_slot_mapping_follows_the_block_table():
         slot_mapping_for([7], 0, 5, 4)
 
 
+def gather_slots(cache, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V at the given slots ``[n]`` -> ``[n, num_kv_heads, head_dim]`` (what the runner's gathers must equal)."""
+    kc, vc = cache.k_caches[layer], cache.v_caches[layer]
+    return kc.view(-1, *kc.shape[2:])[slots], vc.view(-1, *vc.shape[2:])[slots]
+
+
 def test_write_then_gather_roundtrip():
     cache = _cache(num_layers=1)
     assert cache.k_caches[0].shape == (6, 4, 2, 3) and cache.num_blocks == 6 and cache.block_size == 4
     k, v = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
     slots = torch.tensor(slot_mapping_for([5, 0], 0, 5, 4))  # 20, 21, 22, 23, 0
     cache.write(0, k, v, slots)
-    kk, vv = cache.gather_slots(0, slots)
+    kk, vv = gather_slots(cache, 0, slots)
     assert torch.equal(kk, k) and torch.equal(vv, v)
     kb, vb = cache.gather_blocks(0, torch.tensor([5, 0]), 1)  # one sequence, blocks 5 then 0
     assert kb.shape == (1, 8, 2, 3)

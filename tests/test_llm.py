@@ -192,7 +192,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny, tiny_ids):
     for kw in ({}, {"num_kv_blocks": 24, "max_num_batched_tokens": 16}):  # also under preemption + chunking
         outs = tiny_llm(tiny, **kw).generate(prompts, params, use_tqdm=False)
         assert outs[5].outputs[0].token_ids == alone
-    unseeded = tiny_llm(tiny).generate([tiny_ids[5]] * 4, SamplingParams(temperature=1.0, max_tokens=12), use_tqdm=False)
+    unseeded = tiny_llm(tiny).generate([tiny_ids[5]] * 4, SamplingParams(temperature=1.0, max_tokens=12),
+                                       use_tqdm=False)
     assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1
 
 
@@ -286,7 +287,8 @@ def test_bad_requests_are_rejected_and_do_not_disturb_running_ones(tiny, tiny_id
         (dict(prompt=""), ValueError, "the prompt is empty"),
         (dict(prompt=3.5), TypeError, "a prompt must be a string or a list of token ids"),
         (dict(prompt=[1, 2], sampling_params=SamplingParams(n=9)), ValueError, "max_num_seqs=8"),
-        (dict(prompt=[1, 2], sampling_params={"temperature": 0}), TypeError, "sampling_params must be a SamplingParams"),
+        (dict(prompt=[1, 2], sampling_params={"temperature": 0}), TypeError,
+         "sampling_params must be a SamplingParams"),
         (dict(prompt=[1, 2], request_id=ids[0]), ValueError, "is already running"),
     ]
     for kw, exc, msg in bad:

@@ -85,6 +85,23 @@ def test_local_folder_loads(tiny, tmp_path):
     assert torch.equal(w1.to(torch.bfloat16), w2)
 
 
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_damaged_model_folder_names_the_file(tmp_path, damage):
+    import shutil
+
+    from npukit.samples import sample_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(sample_path("tiny-llama"), folder)
+    target = folder / damage
+    if not target.exists():
+        pytest.skip(f"the tiny model has no {damage}")
+    target.write_bytes(target.read_bytes()[:40])  # cut short, as an interrupted copy leaves it
+    with pytest.raises(loading.ModelLoadError) as info:
+        npukit.load_model(folder, device="cpu", dtype="float32")
+    assert f"{damage} is damaged" in str(info.value) and "again" in str(info.value)
+
+
 def test_cpu_matmul_gflops_counts_the_rows_it_multiplies():
     import torch
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,14 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npukit.metrics import (
-    BenchmarkResult,
     GenerationTiming,
     PeakMemory,
-    peak_memory,
     RequestMetrics,
-    benchmark,
     format_bytes,
     format_seconds,
+    peak_memory,
     summarize,
     summarize_requests,
     time_generation,
@@ -253,51 +250,6 @@ def test_time_generation_bad_input(tiny):
         time_generation(model, tok, 3.14)
     with pytest.raises(ValueError, match="one non-empty prompt"):
         time_generation(model, tok, torch.zeros(2, 3, dtype=torch.long))
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def test_benchmark_summarises_runs_and_discards_warmup():
-    calls = []
-    fake = [
-        make_request(0.0, [0.1, 0.2, 0.3], 0.3),
-        make_request(0.0, [0.2, 0.4, 0.6], 0.6),
-        make_request(0.0, [0.3, 0.6, 0.9], 0.9),
-    ]
-    warm = make_request(0.0, [5.0, 6.0], 7.0)  # a slow first run that must not count
-    seq = [warm, *fake]
-
-    def fn():
-        calls.append(1)
-        return seq[len(calls) - 1]
-
-    res = benchmark(fn, repeat=3, warmup=1)
-    assert isinstance(res, BenchmarkResult) and len(calls) == 4 and res.runs == fake
-    assert res.ttft.mean == pytest.approx(0.2)
-    assert res.ttft.range == pytest.approx(0.2)
-    assert res.tpot.median == pytest.approx(0.2)  # (0.6 - 0.2) / 2
-    assert res.output_tokens_per_s.mean == pytest.approx(np.mean([3 / 0.3, 3 / 0.6, 3 / 0.9]))
-    assert res.peak_memory_bytes is None  # RequestMetrics carry no memory
-    text = str(res)
-    assert text.startswith("3 runs") and "variance" in text and "range" in text
-    assert "<table>" in res._repr_html_()
-    json.dumps(res.to_dict())
-
-
-def test_benchmark_with_time_generation(tiny):
-    model, tok = tiny
-    res = benchmark(lambda: time_generation(model, tok, "hi", max_new_tokens=3, min_new_tokens=3), repeat=2, warmup=0)
-    assert res.ttft.count == 2 and res.num_output_tokens.mean == 3
-    assert res.peak_memory_bytes is not None and res.peak_memory_bytes.min > 0
-    assert not math.isnan(res.e2e.mean)
-
-
-def test_benchmark_errors():
-    with pytest.raises(ValueError, match="repeat >= 1"):
-        benchmark(lambda: None, repeat=0)
-    with pytest.raises(TypeError, match="GenerationTiming or RequestMetrics"):
-        benchmark(lambda: 1.0, repeat=1, warmup=0)
 
 
 def test_compare_ttft_times_the_same_prompt_three_ways(tiny):

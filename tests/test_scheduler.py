@@ -2,7 +2,8 @@
 "model" whose next token is a function of the whole sequence). The real runner is exercised in
 tests/test_llm.py."""
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from npukit.engine.block_manager import BlockManager
 from npukit.engine.config import EngineConfig
@@ -103,7 +104,8 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_budget():
     e.add("b", range(30, 32), 2)
     for _ in range(3):
         e.step()
-    assert [[(s.request_id, n) for s, n in o.scheduled] for o in e.steps] == [[("a", 4)], [("a", 4)], [("a", 2), ("b", 2)]]
+    assert ([[(s.request_id, n) for s, n in o.scheduled] for o in e.steps]
+            == [[("a", 4)], [("a", 4)], [("a", 2), ("b", 2)]])
     e.run()
     assert all(s.is_finished for seqs in e.requests.values() for s in seqs)
 

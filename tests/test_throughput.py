@@ -11,12 +11,20 @@ from types import SimpleNamespace
 import pytest
 
 from npukit.bench import throughput
+from npukit.bench.flops import step_flops, useful_flops
+from npukit.bench.throughput import (
+    CONTINUOUS_NAME,
+    ENGINE_NAME,
+    VLLM_PYTHON_ENV,
+    StepRecorder,
+    kv_blocks_for,
+    main,
+    resolve_vllm_python,
+    static_padding,
+)
+from npukit.bench.workload import Workload, make_workload, run_workload
 from npukit.engine import LLM
 from npukit.samples import sample_path
-from npukit.bench.flops import step_flops, useful_flops
-from npukit.bench.throughput import (CONTINUOUS_NAME, ENGINE_NAME, VLLM_PYTHON_ENV, StepRecorder, kv_blocks_for, main,
-                                     resolve_vllm_python, static_padding)
-from npukit.bench.workload import Workload, make_workload, run_workload
 
 SMALL = ["--model", "tiny-llama", "--num-prompts", "4", "--prompt-len", "8", "24", "--output-len", "2", "6"]
 
@@ -159,6 +167,7 @@ def test_a_failing_vllm_peer_is_reported_and_the_rest_kept(fake_peer, workload, 
     (["--prompt-len", "900", "1000", "--output-len", "30", "40"], "longer than tiny-llama's max_position_embeddings"),
     (["--output-len", "8", "4"], "output_len must be a positive int or a (min, max) pair"),
     (["--model", "/no/such/model"], "could not set up '/no/such/model'"),
+    (["--max-num-seqs", "0"], "max_num_seqs must be a positive int"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, capsys):
     assert main([*SMALL, *argv]) == 2

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from npukit import viz
-from npukit.metrics import RequestMetrics
 from npukit.bench.workload import schedule_result, static_schedule
+from npukit.metrics import RequestMetrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,12 +63,12 @@ def test_timeline_rows_of_a_static_schedule():
 
 
 def test_timeline_rows_split_when_a_request_leaves_the_batch():
-    from npukit.bench.workload import RunResult, StepRecord
+    from npukit.bench.workload import StepRecord, WorkloadRun
 
     # request 0 is preempted after step 1 and admitted again at step 3
     steps = [StepRecord(0, 0.5, ["0", "1"], ["0", "1"]), StepRecord(1, 1.0, ["0", "1"], ["0", "1"]),
              StepRecord(2, 1.5, ["1"], ["1"]), StepRecord(3, 2.5, ["0"], ["0"])]
-    run = RunResult("r", [RequestMetrics(0.0), RequestMetrics(0.0)], steps, wall_time=2.5)
+    run = WorkloadRun("r", [RequestMetrics(0.0), RequestMetrics(0.0)], steps, wall_time=2.5)
     tokens, held = viz.timeline_rows(run, x="time")
     assert held == {"0": [(0.0, 1.0), (1.5, 2.5)], "1": [(0.0, 1.5)]}
     assert tokens == {"0": [0.5, 1.0, 2.5], "1": [0.5, 1.0, 1.5]}

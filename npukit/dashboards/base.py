@@ -87,7 +87,8 @@ class Dashboard:
         display(self)
 
     def header(self, subtitle: str = "") -> widgets.HTML:
-        sub = f" <span style='color:{MUTED_COLOUR};font-weight:normal'>{html.escape(subtitle)}</span>" if subtitle else ""
+        style = f"color:{MUTED_COLOUR};font-weight:normal"
+        sub = f" <span style='{style}'>{html.escape(subtitle)}</span>" if subtitle else ""
         return widgets.HTML(f"<h3 style='margin:4px 0'>{html.escape(self.title)}{sub}</h3>")
 
     # --- status and progress -------------------------------------------------------------------

@@ -15,12 +15,19 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from npukit.bench.workload import (
+    StepRecord,
+    Workload,
+    WorkloadRun,
+    greedy_params,
+    make_workload,
+    run_static_batches,
+    run_workload,
+)
+from npukit.engine.config import engine_fields
 from npukit.metrics import format_seconds
-from npukit.bench.workload import (RunResult, StepRecord, Workload, greedy_params, make_workload, run_static_batches,
-                             run_workload)
 
 from .base import Dashboard, action, figure_png, html_table, new_figure, resolve_model
-
 
 # ------------------------------------------------------------------------------------------------
 # The dashboard
@@ -32,6 +39,30 @@ ENGINE_COLOUR, STATIC_COLOUR = "#4c72b0", "#dd8452"
 def _slider(cls, value, lo, hi, description, step=1):
     return cls(value=value, min=lo, max=hi, step=step, description=description,
                style={"description_width": "initial"}, layout=widgets.Layout(width="300px"))
+
+
+# EngineConfig fields with a widget tuned for this dashboard (built in EngineDashboard.__init__), and those
+# left to their defaults here: num_kv_blocks is set directly (no memory fraction), max_model_len follows
+# the model. Any other field gets a generic widget from its type and default (engine_widgets).
+TUNED = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "enable_prefix_caching",
+         "enable_chunked_prefill")
+NOT_SHOWN = ("kv_cache_memory_fraction", "max_model_len")
+
+
+def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget]:
+    """One widget per EngineConfig field (cli=True), in field order: the tuned ones, a generic one otherwise."""
+    out = {}
+    for f in engine_fields():
+        if f.name in NOT_SHOWN or not f.metadata.get("cli", True):
+            continue
+        if f.name in tuned:
+            out[f.name] = tuned[f.name]
+        elif f.type in (bool, "bool"):
+            out[f.name] = widgets.Checkbox(value=bool(f.default), description=f.name, indent=False)
+        else:
+            cls = widgets.FloatText if str(f.type).startswith("float") else widgets.IntText
+            out[f.name] = cls(value=f.default or 0, description=f.name, style={"description_width": "initial"})
+    return out
 
 
 class EngineDashboard(Dashboard):
@@ -47,11 +78,11 @@ class EngineDashboard(Dashboard):
         super().__init__()
         self.model, self.tokenizer, self.model_name = resolve_model(model, tokenizer, device=device, dtype=dtype)
         self.seed = seed
-        self.runs: list[RunResult] = []           # every engine run, in order (the table's rows)
-        self.static: RunResult | None = None      # the last static-batching run
+        self.runs: list[WorkloadRun] = []           # every engine run, in order (the table's rows)
+        self.static: WorkloadRun | None = None      # the last static-batching run
         self._static_warm = False                 # HF generate's first call is slow: warm it up once
-        self.last: RunResult | None = None        # the last engine run
-        # engine knobs
+        self.last: WorkloadRun | None = None        # the last engine run
+        # engine knobs: one widget per EngineConfig field (a generic one for fields not tuned below)
         self.max_num_seqs = _slider(widgets.IntSlider, max_num_seqs, 1, 256, "max_num_seqs")
         self.max_num_batched_tokens = _slider(widgets.IntSlider, max_num_batched_tokens, 16, 8192,
                                               "max_num_batched_tokens", step=16)
@@ -64,6 +95,10 @@ class EngineDashboard(Dashboard):
                                                layout=narrow)
         self.chunked_prefill = widgets.Checkbox(value=enable_chunked_prefill, description="chunked prefill",
                                                 indent=False, layout=narrow)
+        self.engine_widgets = engine_widgets({
+            "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
+            "enable_prefix_caching": self.prefix_caching, "enable_chunked_prefill": self.chunked_prefill})
         # workload
         self.num_requests = _slider(widgets.IntSlider, num_requests, 1, 256, "requests")
         self.prompt_len = _slider(widgets.IntSlider, prompt_len, 1, 2048, "prompt tokens (max)")
@@ -81,12 +116,17 @@ class EngineDashboard(Dashboard):
         self._update_capacity()
         self.table = widgets.HTML()
         self.chart = widgets.Image(format="png", layout=widgets.Layout(max_width="960px"))
+        self.widget = self._layout()
+
+    def _layout(self) -> widgets.VBox:
         dtype_name = str(self.model.dtype).removeprefix("torch.")
-        self.widget = widgets.VBox([
+        return widgets.VBox([
             self.header(f"{self.model_name}, {dtype_name} on {self.model.device}"),
             widgets.HTML("<b>engine</b>"),
             widgets.HBox([self.max_num_seqs, self.max_num_batched_tokens]),
             widgets.HBox([self.num_kv_blocks, self.block_size, self.prefix_caching, self.chunked_prefill]),
+            *([widgets.HBox(extra)] if (extra := [w for name, w in self.engine_widgets.items() if name not in TUNED])
+              else []),
             self.capacity,
             widgets.HTML("<b>workload</b> (greedy, every request generates exactly its output length)"),
             widgets.HBox([self.num_requests, self.shared_prefix_len]),
@@ -103,11 +143,8 @@ class EngineDashboard(Dashboard):
 
     # --- inputs ------------------------------------------------------------------------------------
     def knobs(self) -> dict[str, Any]:
-        """The engine knobs as set in the widgets (LLM keyword arguments)."""
-        return {"max_num_seqs": self.max_num_seqs.value, "max_num_batched_tokens": self.max_num_batched_tokens.value,
-                "block_size": self.block_size.value, "num_kv_blocks": self.num_kv_blocks.value,
-                "enable_prefix_caching": self.prefix_caching.value,
-                "enable_chunked_prefill": self.chunked_prefill.value}
+        """The engine knobs as set in the widgets (LLM keyword arguments: EngineConfig's fields)."""
+        return {name: w.value for name, w in self.engine_widgets.items()}
 
     def workload(self) -> Workload:
         """The workload as set in the widgets: lengths uniform in [max/2, max] (at least the shared prefix + 1)."""
@@ -144,7 +181,7 @@ class EngineDashboard(Dashboard):
         return LLM(self.model, self.tokenizer, **self.knobs())
 
     @action("running the workload…")
-    def run(self) -> RunResult:
+    def run(self) -> WorkloadRun:
         workload = self.workload()
         longest = max(len(p) for p in workload.prompts)
         if not self.chunked_prefill.value and longest > self.max_num_batched_tokens.value:

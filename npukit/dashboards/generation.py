@@ -18,8 +18,15 @@ from typing import Any, Callable
 import ipywidgets as widgets
 import torch
 
-from npukit.chat import PRESETS, THINK_END, THINK_START, apply_chat_template, generation_config, \
-    render_chat_template, split_thinking
+from npukit.chat import (
+    PRESETS,
+    THINK_END,
+    THINK_START,
+    apply_chat_template,
+    generation_config,
+    render_chat_template,
+    split_thinking,
+)
 from npukit.metrics import RequestMetrics, format_seconds
 
 from .base import MUTED_COLOUR, Dashboard, action, figure_png, html_table, new_figure, resolve_model

@@ -150,7 +150,8 @@ class LatencyDashboard(Dashboard):
         self.summary = widgets.HTML()
         self.chart = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
         dtype_name = str(self.model.dtype).removeprefix("torch.")
-        self.formula = widgets.HTML(f"KV cache per token ({dtype_name}): {kv_formula(self.model.config, self.model.dtype)}")
+        formula = kv_formula(self.model.config, self.model.dtype)
+        self.formula = widgets.HTML(f"KV cache per token ({dtype_name}): {formula}")
         self.widget = widgets.VBox([
             self.header(f"{self.model_name}, {dtype_name} on {self.model.device}"),
             widgets.HBox([self.prompt_tokens, self.max_new_tokens, self.repeats]),

@@ -93,6 +93,40 @@ def _free(model) -> None:
     device_mod.empty_cache(dev)
 
 
+def _time_one(m, tok, prompt: str, max_new_tokens: int, result: PrecisionResult) -> list[int]:
+    """Time a greedy reply into result (after a warm-up); returns the prompt's token ids."""
+    from npukit.metrics import time_generation
+
+    ids = _chat_ids(tok, prompt)
+    time_generation(m, tok, ids, max_new_tokens=2)  # warm-up: first calls pay one-off costs
+    timing = time_generation(m, tok, ids, max_new_tokens=max_new_tokens)
+    result.ttft, result.tpot, result.tokens_per_s = timing.ttft, timing.tpot, timing.output_tokens_per_s
+    result.text, result.token_ids = timing.text, timing.token_ids
+    return ids
+
+
+def _generated_logits(m, seq: list[int], n_prompt: int) -> torch.Tensor:
+    """float32 CPU logits of the positions that predict the generated tokens (n_prompt-1 … end-1): that is
+    where drift matters."""
+    with torch.inference_mode():
+        logits = m(torch.tensor([seq], device=m.device)).logits[0]
+    return logits[max(n_prompt - 1, 0):].float().cpu()
+
+
+def _precision_order(prompt, max_new_tokens, dtypes, reference) -> list[str]:
+    """Check the arguments; the dtype names to run, the reference first."""
+    from npukit.loading import parse_dtype
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type a sentence for the model to continue")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    names = [str(parse_dtype(d)).removeprefix("torch.") for d in dtypes]  # raises on unknown names
+    reference = str(parse_dtype(reference)).removeprefix("torch.")
+    # NOTE: the reference runs first: its greedy tokens are what every other precision is compared on.
+    return [reference] + [d for d in dict.fromkeys(names) if d != reference]
+
+
 def compare_precisions(
     model: str = "smollm2-135m-instruct",
     dtypes: tuple[str, ...] | list[str] = PRECISIONS,
@@ -109,19 +143,13 @@ def compare_precisions(
     A precision the device lacks gives a result with ``error`` set; the others still run. ``on_step(text)``
     is called as each stage finishes, ``on_result(result)`` as each precision finishes (for dashboards).
     """
-    from npukit.loading import load_model, parse_dtype
-    from npukit.metrics import time_generation
+    from npukit.loading import load_model
 
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: type a sentence for the model to continue")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    names = [str(parse_dtype(d)).removeprefix("torch.") for d in dtypes]  # raises on unknown names
-    reference = str(parse_dtype(reference)).removeprefix("torch.")
-    # NOTE: the reference runs first: its greedy tokens are what every other precision is compared on.
-    order = [reference] + [d for d in dict.fromkeys(names) if d != reference]
+    order = _precision_order(prompt, max_new_tokens, dtypes, reference)
+    reference = order[0]
     dev = device_mod.resolve(device)
     step = on_step or (lambda text: None)
+    finished = on_result or (lambda result: None)
 
     results: list[PrecisionResult] = []
     seq: list[int] = []
@@ -137,28 +165,18 @@ def compare_precisions(
             result.error = str(e)
             results.append(result)
             step(f"{name}: skipped")
-            if on_result:
-                on_result(result)
+            finished(result)
             continue
         report = m.load_report
-        result.weight_bytes = report.weight_bytes
+        result.weight_bytes, result.load_seconds = report.weight_bytes, report.seconds
         result.memory_delta = report.memory_after - report.memory_before
-        result.load_seconds = report.seconds
         step(f"{name}: loaded")
 
-        ids = _chat_ids(tok, prompt)
-        time_generation(m, tok, ids, max_new_tokens=2)  # warm-up: first calls pay one-off costs
-        timing = time_generation(m, tok, ids, max_new_tokens=max_new_tokens)
-        result.ttft, result.tpot, result.tokens_per_s = timing.ttft, timing.tpot, timing.output_tokens_per_s
-        result.text, result.token_ids = timing.text, timing.token_ids
+        ids = _time_one(m, tok, prompt, max_new_tokens, result)
         step(f"{name}: timed")
-
         if name == reference:
-            seq, n_prompt = ids + timing.token_ids, len(ids)
-        with torch.inference_mode():
-            logits = m(torch.tensor([seq], device=m.device)).logits[0]
-        # Positions n_prompt-1 … end-1 predict the generated tokens: that is where drift matters.
-        logits = logits[max(n_prompt - 1, 0):].float().cpu()
+            seq, n_prompt = ids + result.token_ids, len(ids)
+        logits = _generated_logits(m, seq, n_prompt)
         if name == reference:
             ref_logits = logits
         drift = logit_drift(logits, ref_logits)
@@ -167,8 +185,7 @@ def compare_precisions(
         step(f"{name}: compared")
         _free(m)
         results.append(result)
-        if on_result:
-            on_result(result)
+        finished(result)
     return results
 
 

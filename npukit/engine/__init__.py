@@ -5,7 +5,7 @@
     llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
 
 Modules, in the order a request meets them: config (EngineConfig), sampling_params, sequence, scheduler,
-block_manager, runner (+ kv_cache), sampling (the Sampler), llm.
+block_manager, runner (+ kv_cache), sampling (the Sampler), output (detokenizer, stops, RequestOutput), llm.
 The names below load on first use, so `npukit.engine.config` (stdlib only) imports without torch.
 """
 from __future__ import annotations

@@ -6,9 +6,17 @@ command-line flag. Everything else reads the fields:
 - `LLM(model, **engine_args)` keeps the keyword arguments that are fields (like nano-vllm's `Config`);
 - `add_engine_args(parser)` / `engine_args(namespace)`: the `npukit serve`, `bench throughput` and
   `graduate` flags (`--block-size` for `block_size`, `--no-enable-prefix-caching` for booleans);
-- `npukit.graduate` maps each field to its vLLM flag; the engine dashboard and the vLLM peer read them too.
+- `npukit.graduate` maps each field with a `vllm` flag one to one (`_engine_flags`; the two KV-cache sizing
+  fields are translated by `_kv_cache_flags`);
+- the engine dashboard shows a widget per field (`dashboards/engine.engine_widgets`: a generic one unless
+  it tunes it), `bench/workload.KNOBS` records every field of a run, `bench/vllm_peer.ENGINE_FLAGS` takes
+  the vLLM flags of the fields in `PEER_ENGINE_FIELDS`.
 
-So adding a setting is one field here (plus the code that uses it).
+NOTE: adding a setting touches exactly: one `setting(...)` field here (default, `vllm=` flag or None, `help=`;
+`cli=False` to keep it off the command line), a check in `__post_init__` if it needs one, and the engine
+code that uses it. Every command line, graduate's table, the dashboard and the run records follow
+(tests/test_engine_config.py checks that). Only if vLLM's flag means something different (as
+kv_cache_memory_fraction) does graduate need a translation of its own.
 
 | npukit                    | vllm serve                    |
 |---------------------------|-------------------------------|
@@ -20,6 +28,7 @@ So adding a setting is one field here (plus the code that uses it).
 | max_model_len             | --max-model-len               |
 | enable_prefix_caching     | --enable-prefix-caching       |
 | enable_chunked_prefill    | --enable-chunked-prefill      |
+| tensor_parallel_size      | --tensor-parallel-size        |
 
 (*) not the same quantity: see the field's note.
 This module is stdlib only: the CLI imports it to build its flags without loading torch.
@@ -61,6 +70,10 @@ class EngineConfig:
         True, vllm="--enable-prefix-caching", help="reuse the KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = setting(
         True, vllm="--enable-chunked-prefill", help="split long prompts across steps")
+    # NOTE: N > 1 spawns N - 1 worker processes (npukit.parallel); the heads must divide by N.
+    tensor_parallel_size: int = setting(
+        1, vllm="--tensor-parallel-size", vllm_alias=True,
+        help="split every layer over this many processes / devices (Megatron tensor parallelism)")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -74,7 +87,8 @@ class EngineConfig:
              f"block_size must be a positive int (vLLM uses 16 on GPU, 128 on Ascend), got {self.block_size!r}")
         need(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks > 0),
              f"num_kv_blocks must be None (auto) or a positive int, got {self.num_kv_blocks!r}")
-        need(isinstance(self.kv_cache_memory_fraction, (int, float)) and not isinstance(self.kv_cache_memory_fraction, bool)
+        fraction = self.kv_cache_memory_fraction
+        need(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
              and 0.0 < self.kv_cache_memory_fraction <= 1.0,
              f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
         need(is_int(self.max_num_seqs) and self.max_num_seqs > 0,
@@ -83,6 +97,8 @@ class EngineConfig:
              f"max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
         need(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len > 0),
              f"max_model_len must be None or a positive int, got {self.max_model_len!r}")
+        need(is_int(self.tensor_parallel_size) and self.tensor_parallel_size > 0,
+             f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
@@ -118,11 +134,12 @@ def _arg_type(f: dataclasses.Field):
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
-                    exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+                    exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """One flag per EngineConfig field (except `exclude` and fields marked cli=False).
 
-    Unset flags parse to None (the field's default applies) unless `defaults` names a value for them."""
-    defaults = defaults or {}
+    Unset flags parse to None (the field's default applies) unless `defaults` names a value for them.
+    `notes[name]` replaces a field's help line where a command fills the default in its own way."""
+    defaults, notes = defaults or {}, notes or {}
     group = parser.add_argument_group("engine settings (EngineConfig; vLLM's flag in brackets)")
     for f in engine_fields():
         if f.name in exclude or not f.metadata.get("cli", True):
@@ -130,7 +147,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any]
         default = defaults.get(f.name)
         shown = f.default if default is None else default
         vllm = f.metadata.get("vllm")
-        text = f.metadata["help"] + ("" if shown is None else f" (default: {shown})") + (f" [vLLM: {vllm}]" if vllm else "")
+        text = (notes.get(f.name, f.metadata["help"]) + ("" if shown is None else f" (default: {shown})")
+                + (f" [vLLM: {vllm}]" if vllm else ""))
         flags = [cli_flag(f)] + ([vllm] if f.metadata.get("vllm_alias") and vllm != cli_flag(f) else [])
         if f.type in (bool, "bool"):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,

@@ -24,9 +24,13 @@ def kv_shape(model_config) -> tuple[int, int, int]:
     return model_config.num_hidden_layers, num_kv_heads, head_dim
 
 
-def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, K and V: 2 * layers * block_size * kv_heads * head_dim * itemsize."""
+def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes one block takes over all layers, K and V: 2 * layers * block_size * kv_heads * head_dim * itemsize
+    (on one rank under tensor parallelism: its share of the KV heads, at least one)."""
+    from ..parallel.sharding import kv_heads_per_rank
+
     num_layers, num_kv_heads, head_dim = kv_shape(model_config)
+    num_kv_heads = kv_heads_per_rank(num_kv_heads, tensor_parallel_size)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
@@ -85,11 +89,6 @@ class KVCache:
         shape = (num_seqs, -1, *kc.shape[2:])
         # NOTE: index_select on the block dim copies whole contiguous blocks: ~4x faster than kc[ids] on CPU.
         return kc.index_select(0, block_ids).view(shape), vc.index_select(0, block_ids).view(shape)
-
-    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V at the given slots ``[n]`` -> ``[n, num_kv_heads, head_dim]``."""
-        kc, vc = self.k_caches[layer], self.v_caches[layer]
-        return kc.view(-1, *kc.shape[2:])[slots], vc.view(-1, *vc.shape[2:])[slots]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of a shared last block)."""

@@ -1,9 +1,13 @@
 """LLM: the user-facing engine, shaped like `vllm.LLM` (offline) plus the `add_request / step / abort`
 loop that `vllm.LLMEngine` offers to servers.
 
-One step = scheduler.schedule() -> runner.execute_model() -> sampler -> append tokens, detokenize,
-check stop conditions -> free the blocks of finished sequences. Everything a step touches is O(number
-of scheduled sequences).
+One step is three calls (as nano-vllm's `LLMEngine.step`):
+
+    batch = scheduler.schedule()                  # which sequences compute how many tokens (scheduler.py)
+    executed = self._execute(batch)               # runner forward + sampler; changes no sequence
+    outputs = self._process_outputs(batch, executed)  # commit, then detokenize / stop / outputs (output.py)
+
+Everything a step touches is O(number of scheduled sequences).
 
     llm = LLM("smollm2-135m-instruct")
     outs = llm.generate(["Hello", "Paris is"], SamplingParams(temperature=0, max_tokens=32))
@@ -12,52 +16,27 @@ of scheduled sequences).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..metrics import RequestMetrics
-from .block_manager import BlockManager
 from ..samples import DEFAULT_MODEL
+from .block_manager import BlockManager
 from .config import EngineConfig, engine_fields
-from .sampling import Sampler
+from .output import CompletionOutput, OutputProcessor, RequestOutput, RequestState, SampledToken
+from .sampling import Sampler, SamplerOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 
-
-@dataclass
-class CompletionOutput:
-    """One sample of a request (vLLM's CompletionOutput)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None  # per output token: {token_id: logprob}, top-k + sampled
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None (still running)
-    stop_reason: int | str | None = None  # the stop token id / stop string that ended it (None for EOS)
-
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step, or its final result (vLLM's RequestOutput)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+__all__ = ["LLM", "EngineStats", "StepTiming", "RequestOutput", "CompletionOutput"]
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,17 +57,28 @@ class EngineStats:
     num_generated_tokens: int
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    stop_ids: tuple[int, ...]  # what min_tokens masks: EOS (unless ignore_eos) + stop_token_ids
-    stop_hold: int             # chars held back from unfinished text (a stop string may be forming)
-    finished: bool = False
+@dataclass
+class StepTiming:
+    """One step that ran the model, as the step hooks see it (see LLM.step_hooks). Seconds."""
+
+    seconds: float          # the whole step: schedule + execute + process outputs
+    execute_seconds: float  # the model forward (index building included)
+    prepare_seconds: float  # index building (runner.prepare_inputs), inside execute_seconds
+    num_entries: int        # scheduled sequences
+    num_decodes: int        # of which computed one token
+    num_tokens: int         # tokens computed
+
+
+@dataclass
+class Executed:
+    """What _execute hands to _process_outputs: the rows it sampled and the sequences that failed."""
+
+    failed: list[Sequence]  # scheduled sequences whose forward failed alone
+    execute_seconds: float
+    prepare_seconds: float
+    seqs: list[Sequence] = field(default_factory=list)      # one per sampled row (new n > 1 samples too)
+    children: list[Sequence] = field(default_factory=list)  # the new samples (not forked yet)
+    samples: SamplerOutput | None = None                    # aligned with seqs
 
 
 class LLM:
@@ -103,9 +93,11 @@ class LLM:
             known = ", ".join(f.name for f in engine_fields())
             raise TypeError(f"LLM() got unknown engine settings {sorted(unknown)}; the settings are EngineConfig's "
                             f"fields: {known}")
+        model_path = None  # what tensor-parallel workers load
         if isinstance(model, str) or hasattr(model, "__fspath__"):
             from ..loading import load_model
 
+            model_path = str(model)
             model, loaded_tokenizer = load_model(model, device=device, dtype=dtype)
             tokenizer = tokenizer or loaded_tokenizer
         elif tokenizer is None:
@@ -119,7 +111,18 @@ class LLM:
                 cfg.max_model_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
         if cfg.num_kv_blocks is None:
             cfg.num_kv_blocks = self._auto_num_blocks()
-        self.runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
+        if cfg.tensor_parallel_size > 1:
+            from ..parallel.executor import TensorParallelRunner
+
+            report = getattr(model, "load_report", None)
+            model_path = model_path or (report.path if report is not None else None)
+            if model_path is None:
+                raise ValueError("tensor_parallel_size > 1: the workers load the model themselves, so pass a name or "
+                                 "folder (or a model from npukit.load_model, which records its path)")
+            self.runner = TensorParallelRunner(model, model_path, cfg.block_size, cfg.num_kv_blocks,
+                                               cfg.tensor_parallel_size)
+        else:
+            self.runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.sampler = Sampler()
@@ -127,11 +130,23 @@ class LLM:
         # (the scheduler can always make progress by preempting the others).
         self.max_seq_len = min(cfg.max_model_len, cfg.num_kv_blocks * cfg.block_size)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        self.eos_token_ids = self._eos_token_ids()
-        self.requests: dict[str, _Request] = {}  # unfinished requests
+        self.output_processor = OutputProcessor(tokenizer, self._eos_token_ids(), self.max_seq_len)
+        self.requests: dict[str, RequestState] = {}  # unfinished requests
         self._ids = itertools.count()
-        self._lock = threading.RLock()  # add_request / abort may come from another thread than step
+        self._lock = threading.RLock()  # add_request / abort / step may come from different threads
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+        # The one way to observe steps: each hook is called with a StepTiming after every step that ran the
+        # model (npukit.bench.throughput.StepRecorder adds one). Empty by default: no cost.
+        self.step_hooks: list[Callable[[StepTiming], None]] = []
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a request (unless ignore_eos); the output processor checks them."""
+        return self.output_processor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: tuple[int, ...]) -> None:
+        self.output_processor.eos_token_ids = tuple(ids)
 
     # ------------------------------------------------------------------ setup helpers
     def _auto_num_blocks(self) -> int:
@@ -140,7 +155,7 @@ class LLM:
 
         cfg = self.config
         param = next(self.model.parameters())
-        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, param.dtype)
+        per_block = kv_bytes_per_block(self.model.config, cfg.block_size, param.dtype, cfg.tensor_parallel_size)
         free = device_mod.memory_stats(param.device).free
         budget = int(free * cfg.kv_cache_memory_fraction)
         if param.device.type == "cpu":
@@ -200,6 +215,13 @@ class LLM:
         if not cfg.enable_chunked_prefill and len(ids) > cfg.max_num_batched_tokens:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than max_num_batched_tokens="
                              f"{cfg.max_num_batched_tokens}, and chunked prefill is off; enable_chunked_prefill=True")
+        # NOTE: every id the sampler will index with must lie in the vocabulary (SamplingParams cannot
+        # know it): an out-of-range id would raise inside step() and fail the whole batch.
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}) for this model, got {bad[:5]}")
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"logprobs={params.logprobs} is more than the vocabulary ({self.vocab_size} tokens)")
         if params.n > cfg.max_num_seqs:
             raise ValueError(f"n={params.n} samples cannot run together with max_num_seqs={cfg.max_num_seqs}")
         return text, ids, params
@@ -217,12 +239,8 @@ class LLM:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running; use a unique id")
         now = time.perf_counter() if arrival_time is None else arrival_time
-        seq = Sequence(request_id, list(ids), params, arrival_time=now)
-        seq.prefix_offset, seq.read_offset = max(0, len(ids) - 5), len(ids)
-        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        hold = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop_list), default=1) - 1
-        req = _Request(request_id, text, list(ids), params, [seq],
-                       RequestMetrics(arrival_time=now, num_prompt_tokens=len(ids)), stop_ids, hold)
+        seq = Sequence(request_id, list(ids), params)
+        req = self.output_processor.new_request(request_id, text, ids, params, seq, now)
         self.requests[request_id] = req
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
@@ -237,6 +255,7 @@ class LLM:
             self.scheduler.finish(req.seqs, "abort")
             req.finished = True
             req.metrics.finish()
+            self.output_processor.make_output(req)  # its latest output says "abort"
             return True
 
     def has_unfinished_requests(self) -> bool:
@@ -247,132 +266,144 @@ class LLM:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the outputs of the requests that got tokens or finished."""
-        with self._lock:
-            return self._step()
+        """One engine step: schedule -> execute (forward + sample) -> process outputs. Returns the outputs
+        of the requests that got tokens or finished (each is also kept as its request's latest output).
 
-    @torch.inference_mode()
-    def _step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if out.is_empty:
+        NOTE: transactional: schedule() may admit, preempt and allocate, but no sequence advances before
+        process_outputs commits the step, so a step that raises leaves every sequence as it was. A failure
+        that one request causes fails that request only (finish_reason "error"): see _execute."""
+        with self._lock, torch.inference_mode():
+            start = time.perf_counter()
+            batch = self._schedule()
+            if batch.is_empty:
+                return []
+            executed = self._execute(batch)
+            outputs = self._process_outputs(batch, executed)
+            self._record_step(batch, executed, start)
+            return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        batch = self.scheduler.schedule()
+        if batch.is_empty and self.scheduler.waiting and not self.scheduler.running:
             # NOTE: cannot happen while sequence lengths are capped at max_seq_len (one sequence alone
             # always fits); fail loudly rather than spin if that promise is ever broken.
-            if self.scheduler.waiting and not self.scheduler.running:
-                head = self.scheduler.waiting[0]
-                raise RuntimeError(f"engine stalled: request {head.request_id!r} ({len(head.token_ids)} tokens) "
-                                   f"cannot be scheduled with an empty batch; please report this")
-            return []
-        if out.blocks_to_copy:
-            self.runner.copy_blocks(out.blocks_to_copy)
-        logits = self.runner.execute_model(out.scheduled)
-        self.scheduler.update(out)
-        self.num_steps += 1
+            head = self.scheduler.waiting[0]
+            raise RuntimeError(f"engine stalled: request {head.request_id!r} ({len(head.token_ids)} tokens) "
+                               f"cannot be scheduled with an empty batch; please report this")
+        return batch
 
+    def _execute(self, batch: SchedulerOutput) -> Executed:
+        """Forward + sample without changing any sequence's progress. Rows whose forward or sampling fails
+        alone are reported in `failed`; a forward that fails for every sequence re-raises."""
+        if batch.blocks_to_copy:
+            self.runner.copy_blocks(batch.blocks_to_copy)
+        t = time.perf_counter()
+        prepare_before = self.runner.prepare_seconds
+        logits, computed, failed = self._forward(batch.scheduled)
+        ex = Executed(failed=failed, execute_seconds=time.perf_counter() - t,
+                      prepare_seconds=self.runner.prepare_seconds - prepare_before)
         rows: list[int] = []
-        seqs: list[Sequence] = []
-        for row, (seq, _) in enumerate(out.scheduled):
-            if seq.num_computed_tokens < len(seq.token_ids):
+        for row, (seq, n) in enumerate(computed):
+            if seq.num_computed_tokens + n < len(seq.token_ids):
                 continue  # a prefill chunk: no token to sample yet
+            ex.seqs.append(seq)
             rows.append(row)
-            seqs.append(seq)
-            p = seq.sampling_params
-            if p.n > 1 and seq.index == 0 and seq.num_output_tokens == 0:
-                # NOTE: the n samples share the prompt's blocks (fork); a shared block is copied only
-                # when one of them writes into it (copy-on-write in BlockManager.append_slots).
-                req = self.requests[seq.request_id]
-                for i in range(1, p.n):
-                    child = Sequence(seq.request_id, list(seq.token_ids), p, index=i, arrival_time=seq.arrival_time,
-                                     num_prompt_tokens=seq.num_prompt_tokens,
-                                     prefix_offset=seq.prefix_offset, read_offset=seq.read_offset)
-                    self.scheduler.fork(seq, child)
-                    req.seqs.append(child)
-                    rows.append(row)
-                    seqs.append(child)
-        if not seqs:
-            return []
-        sample_logits = logits if rows == list(range(len(out.scheduled))) else logits[rows]
-        stop_ids = [self.requests[s.request_id].stop_ids for s in seqs]
-        result = self.sampler(sample_logits, seqs, stop_ids)
+            for child in self._new_samples(seq):  # n > 1: the other samples start from the same logits
+                ex.seqs.append(child)
+                ex.children.append(child)
+                rows.append(row)
+        if ex.seqs:
+            sample_logits = logits if rows == list(range(len(computed))) else logits[rows]
+            ex.samples = self._sample(sample_logits, ex.seqs)
+        return ex
 
+    def _forward(self, scheduled: list[tuple[Sequence, int]]):
+        """(logits, the entries they belong to, the sequences that failed). If the batch's forward raises,
+        each sequence runs alone and those that fail alone fail. If every one of two or more fails alone,
+        no request explains the failure: the batch's error is re-raised (nothing has advanced)."""
+        try:
+            return self.runner.execute_model(scheduled), scheduled, []
+        except Exception as batch_error:
+            # NOTE: nothing advanced yet, so rerunning writes the same K/V into the same slots.
+            logits, ok, failed = [], [], []
+            for entry in scheduled:
+                try:
+                    logits.append(self.runner.execute_model([entry]))
+                    ok.append(entry)
+                except Exception as e:
+                    _log.warning("request %s failed in the model forward: %r", entry[0].request_id, e)
+                    failed.append(entry[0])
+            if not ok and len(scheduled) > 1:
+                raise batch_error
+            return (torch.cat(logits) if logits else None), ok, failed
+
+    def _new_samples(self, seq: Sequence) -> list[Sequence]:
+        """The samples 1..n-1 of a request with n > 1 at its first token (forked when the step commits)."""
+        p = seq.sampling_params
+        if p.n == 1 or seq.index != 0 or seq.num_output_tokens != 0:
+            return []
+        return [Sequence(seq.request_id, list(seq.token_ids), p, index=i, num_prompt_tokens=seq.num_prompt_tokens,
+                         prefix_offset=seq.prefix_offset, read_offset=seq.read_offset) for i in range(1, p.n)]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """The sampler's output for every row. If the batched sampler raises, the rows are sampled one by
+        one and the rows that raise alone come back with ok=False (like rows with NaN logits)."""
+        stop_ids = [self.requests[s.request_id].stop_ids for s in seqs]
+        try:
+            return self.sampler(logits, seqs, stop_ids)
+        except Exception:
+            rows: list[SamplerOutput | None] = []
+            for i, seq in enumerate(seqs):
+                try:
+                    rows.append(self.sampler(logits[i:i + 1], [seq], stop_ids[i:i + 1]))
+                except Exception as e:
+                    _log.warning("request %s failed in the sampler: %r", seq.request_id, e)
+                    rows.append(None)
+            return SamplerOutput.concat(rows)
+
+    def _process_outputs(self, batch: SchedulerOutput, ex: Executed) -> list[RequestOutput]:
+        """Commit the step (advance the sequences), then append the sampled tokens, detokenize, check stops,
+        free what finished and build the touched requests' outputs."""
+        failed = {s.seq_id for s in ex.failed}
+        self.scheduler.update(batch, failed)
         now = time.perf_counter()
-        touched: dict[str, _Request] = {}
-        done: dict[str, list[Sequence]] = {}  # finish reason -> sequences (freed together below)
-        for i, seq in enumerate(seqs):
-            req = self.requests[seq.request_id]
-            touched[req.request_id] = req
-            if not result.ok[i]:  # NaN / inf logits: this sequence ends, the others go on
-                done.setdefault("error", []).append(seq)
+        touched: dict[str, RequestState] = {s.request_id: self.requests[s.request_id] for s in ex.failed}
+        done: dict[str, list[Sequence]] = {"error": list(ex.failed)}  # finish reason -> sequences
+        result, children = ex.samples, {id(c) for c in ex.children}
+        for i, seq in enumerate(ex.seqs):
+            req = touched.setdefault(seq.request_id, self.requests[seq.request_id])
+            if children and id(seq) in children:  # a new sample of an n > 1 request: shares the prompt's blocks
+                req.seqs.append(seq)
+                self.scheduler.fork(req.seqs[0], seq)
+            if not result.ok[i]:  # the sampler failed on this row, or NaN / inf logits: this sequence ends
+                done["error"].append(seq)
                 continue
-            seq.append_token(result.token_ids[i], now, result.logprobs[i])
-            seq.cumulative_logprob += result.sampled_logprobs[i]
-            req.metrics.record_token(now)
+            sample = SampledToken(seq, result.token_ids[i], result.logprobs[i], result.sampled_logprobs[i])
+            reason = self.output_processor.process(req, sample, now)
             self.num_generated_tokens += 1
-            reason = self._check_stop(seq, req)
             if reason is not None:
                 done.setdefault(reason, []).append(seq)
         for reason, finished in done.items():
             self.scheduler.finish(finished, reason)
-        outputs = []
-        for req in touched.values():
-            if all(s.is_finished for s in req.seqs) and len(req.seqs) == req.params.n:
-                req.finished = True
-                req.metrics.finish(now)
-                del self.requests[req.request_id]
-            outputs.append(self._output(req))
-        return outputs
+        self.num_steps += 1
+        return [self._request_output(req, now) for req in touched.values()]
 
-    def _check_stop(self, seq: Sequence, req: _Request) -> str | None:
-        """Detokenize the new token and decide whether seq stops (sets seq.stop_reason)."""
-        p, token = req.params, seq.token_ids[-1]
-        new_text = self._detokenize(seq, p.skip_special_tokens)
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop"
-            if token in p.stop_token_ids:
-                seq.stop_reason = token
-                return "stop"
-            if p.stop_list and new_text:
-                text = seq.output_text
-                for stop in p.stop_list:
-                    # NOTE: the stop string can only end inside the new text: search just that window.
-                    idx = text.find(stop, max(0, len(text) - len(new_text) - len(stop) + 1))
-                    if idx != -1:
-                        seq.output_text = text[: idx + len(stop)] if p.include_stop_str_in_output else text[:idx]
-                        seq.stop_reason = stop
-                        return "stop"
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length"
-        if len(seq.token_ids) >= self.max_seq_len:
-            return "length"
-        return None
+    def _request_output(self, req: RequestState, now: float | None = None) -> RequestOutput:
+        if not req.finished and req.all_samples_finished:
+            req.finished = True
+            req.metrics.finish(now)
+            del self.requests[req.request_id]
+        return self.output_processor.make_output(req)
 
-    def _detokenize(self, seq: Sequence, skip_special_tokens: bool) -> str:
-        """Incremental detokenization (as vLLM): decode a small window around the new token and keep
-        only complete characters; a token that ends mid-character waits for the next one."""
-        ids, decode = seq.token_ids, self.tokenizer.decode
-        prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip_special_tokens)
-        full = decode(ids[seq.prefix_offset:], skip_special_tokens=skip_special_tokens)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
-            seq.output_text += delta
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return delta
-        return ""
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for seq in sorted(req.seqs, key=lambda s: s.index):
-            text = seq.output_text
-            if req.stop_hold and not seq.is_finished:  # do not show what may become a stop string
-                text = text[: max(0, len(text) - req.stop_hold)]
-            want_lp = req.params.logprobs is not None
-            outs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
-                logprobs=list(seq.output_logprobs) if want_lp else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+    def _record_step(self, batch: SchedulerOutput, ex: Executed, start: float) -> None:
+        if not self.step_hooks:
+            return
+        timing = StepTiming(seconds=time.perf_counter() - start, execute_seconds=ex.execute_seconds,
+                            prepare_seconds=ex.prepare_seconds, num_entries=len(batch.scheduled),
+                            num_decodes=sum(1 for _, n in batch.scheduled if n == 1),
+                            num_tokens=batch.num_batched_tokens)
+        for hook in list(self.step_hooks):
+            hook(timing)
 
     # ------------------------------------------------------------------ offline API
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -403,7 +434,8 @@ class LLM:
 
         single = isinstance(messages, (list, tuple)) and (not messages or isinstance(messages[0], dict))
         conversations = [messages] if single else list(messages)
-        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(conversations)
+        params = (sampling_params if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(conversations))
         if len(params) != len(conversations):
             raise ValueError(f"got {len(params)} sampling_params for {len(conversations)} conversations")
         prepared = []
@@ -416,53 +448,50 @@ class LLM:
 
     def _run(self, prepared, use_tqdm: bool) -> list[RequestOutput]:
         with self._lock:
-            ids = [self._add(text, ids, params) for text, ids, params in prepared]
-            reqs = [self.requests[rid] for rid in ids]
-        final: dict[str, RequestOutput] = {}
+            reqs = [self.requests[self._add(text, ids, params)] for text, ids, params in prepared]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+            bar = tqdm(total=len(reqs), desc="Processed prompts", dynamic_ncols=True)
         try:
-            pending = set(ids)
+            # NOTE: read the requests' own state, not step()'s return value: another thread may run the
+            # step that finishes them (each request keeps its latest output).
+            pending = list(reqs)
             while pending:
-                progressed = self.step()
-                for o in progressed:
-                    if o.finished and o.request_id in pending:
-                        final[o.request_id] = o
-                        pending.discard(o.request_id)
-                        if bar is not None:
-                            bar.update(1)
-                if not progressed and not self.scheduler.has_unfinished():
-                    break  # the rest were aborted (e.g. by another thread)
+                self.step()
+                still = [r for r in pending if not r.finished]
+                if bar is not None and len(still) < len(pending):
+                    bar.update(len(pending) - len(still))
+                pending = still
         except BaseException:
-            for rid in ids:  # e.g. KeyboardInterrupt in a notebook: leave the engine clean
-                self.abort(rid)
+            for req in reqs:  # e.g. KeyboardInterrupt in a notebook: leave the engine clean
+                self.abort(req.request_id)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return [final[req.request_id] if req.request_id in final else self._output(req) for req in reqs]
+        with self._lock:
+            return [req.output or self.output_processor.make_output(req) for req in reqs]
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one request (n=1) piece by piece as it is generated."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError(f"stream() streams one sample; got n={params.n}")
-        rid = self.add_request(prompt, params)
+        with self._lock:
+            rid = self.add_request(prompt, params)
+            req = self.requests[rid]
         sent = 0
         try:
             while True:
-                done = False
-                for o in self.step():
-                    if o.request_id == rid:
-                        text = o.outputs[0].text
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
-                        done = o.finished
-                if done or rid not in self.requests:
+                self.step()
+                out = req.output  # NOTE: its own state: another thread may have run the step
+                text = out.outputs[0].text if out is not None else ""
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                if req.finished:
                     return
         finally:
             self.abort(rid)  # closed early (break, exception): free its blocks; no-op when finished
@@ -487,6 +516,12 @@ class LLM:
                 num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
                 num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done by `del llm` and at exit); a no-op at TP 1."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     def reset_prefix_cache(self) -> None:
         with self._lock:
             self.block_manager.reset_prefix_cache()
@@ -495,4 +530,5 @@ class LLM:
         c = self.config
         return (f"LLM({type(self.model).__name__}, block_size={c.block_size}, num_kv_blocks={c.num_kv_blocks}, "
                 f"max_num_seqs={c.max_num_seqs}, max_num_batched_tokens={c.max_num_batched_tokens}, "
-                f"max_model_len={c.max_model_len})")
+                f"max_model_len={c.max_model_len}"
+                + (f", tensor_parallel_size={c.tensor_parallel_size})" if c.tensor_parallel_size > 1 else ")"))

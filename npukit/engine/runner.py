@@ -21,9 +21,15 @@ model, 1 and 2 threads. Not kept: plain vectorised loops pay a horizontal sum pe
 this path needs hand-written SIMD micro-kernels (what vLLM-CPU ships) or the NPU ops below.
 Supported: LlamaForCausalLM (SmolLM2), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias),
 Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the masks.
+Tensor parallelism: given a ``shard`` (``npukit.parallel.group.Shard``), the runner keeps only its rank's slice of
+each weight (the table in ``npukit.parallel.sharding``), attends over its own heads with its own slice of
+the KV cache, and all-reduces after o_proj and down_proj; rank 0 gets the logits. Without a shard it
+references the HF weights, never copies them.
 """
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +40,13 @@ from .kv_cache import KVCache, kv_shape
 # On CPU one decode attention call gathers at most this many bytes of K (and as many of V); see __init__.
 CPU_DECODE_CHUNK_BYTES = 1 << 20
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# _LayerWeights field -> the module whose split (npukit.parallel.sharding.SPLITS) it follows; fields not listed
+# (norms, q_norm / k_norm, the row-parallel biases o_b and down_b) are replicated on every rank.
+_FIELD_MODULES = {"q_w": "q_proj", "q_b": "q_proj", "k_w": "k_proj", "k_b": "k_proj", "v_w": "v_proj",
+                  "v_b": "v_proj", "o_w": "o_proj", "gate_w": "gate_proj", "gate_b": "gate_proj",
+                  "up_w": "up_proj", "up_b": "up_proj", "down_w": "down_proj"}
 
 
 class UnsupportedModelError(ValueError):
@@ -90,6 +103,17 @@ class _DecodeBucket:
 
 
 @dataclass
+class StepEntry:
+    """One batch entry as plain data (what rank 0 sends to tensor-parallel workers): the new tokens of a
+    sequence at positions num_computed_tokens.., and its block table."""
+
+    request_id: str
+    num_computed_tokens: int
+    new_token_ids: list[int]
+    block_table: list[int]
+
+
+@dataclass
 class StepInputs:
     """Everything the layers need for one step, built once (host lists -> tensors)."""
 
@@ -129,7 +153,7 @@ class ModelRunner:
     """
 
     def __init__(self, model, block_size: int, num_kv_blocks: int, *, decode_chunk_bytes: int | None = None,
-                 use_npu_fused_ops: bool = False):
+                 use_npu_fused_ops: bool = False, shard=None):
         config = model.config
         model_type = getattr(config, "model_type", None)
         inner = getattr(model, "model", None)
@@ -143,7 +167,6 @@ class ModelRunner:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(num_kv_blocks, int) or num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be a positive int, got {num_kv_blocks!r}")
-        self.model = model
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
         self.device = model.lm_head.weight.device
@@ -151,12 +174,18 @@ class ModelRunner:
         num_layers, self.num_kv_heads, self.head_dim = kv_shape(config)
         self.num_heads = config.num_attention_heads
         self.eps = config.rms_norm_eps
+        self.vocab_size = model.lm_head.weight.shape[0]
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head_w = model.lm_head.weight
         self.rotary_emb = inner.rotary_emb
         self.scaling = inner.layers[0].self_attn.scaling
         self.layers = [self._layer_weights(layer, config) for layer in inner.layers[:num_layers]]
+        self.shard = shard
+        if shard is not None:
+            self._keep_shard(shard, config.intermediate_size)
+        else:
+            self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:
@@ -167,11 +196,40 @@ class ModelRunner:
             raise ValueError(f"use_npu_fused_ops=True needs the model on an Ascend NPU (torch_npu); it is on "
                              f"{self.device}. Leave it False elsewhere.")
         self.use_npu_fused_ops = use_npu_fused_ops
+        self.prepare_seconds = 0.0  # total time in build_inputs (index building), for StepTiming
         self.windows = sorted({w.sliding_window for w in self.layers}, key=lambda w: (w is not None, w or 0))
         if use_npu_fused_ops and self.windows != [None]:
             raise ValueError("use_npu_fused_ops does not handle sliding-window layers; leave it False")
         self.kv_cache = KVCache.allocate(num_layers, num_kv_blocks, block_size, self.num_kv_heads,
                                          self.head_dim, self.dtype, self.device)
+
+    def _keep_shard(self, shard, intermediate_size: int) -> None:
+        """Replace every weight by this rank's slice (copies), per npukit.parallel.sharding.SPLITS."""
+        from ..parallel import sharding as sh
+
+        sh.check_tp(self.num_heads, self.num_kv_heads, intermediate_size, shard.world_size)
+        tp, rank, kv = shard.world_size, shard.rank, self.num_kv_heads
+        cut = functools.partial(sh.shard_tensor, tp=tp, rank=rank, head_dim=self.head_dim, num_kv_heads=kv)
+        tied = self.lm_head_w.data_ptr() == self.embed.data_ptr()
+        self.embed = cut(self.embed, sh.SPLITS["embed_tokens"])
+        self.lm_head_w = self.embed if tied else cut(self.lm_head_w, sh.SPLITS["lm_head"])
+        self.vocab_start = rank * self.embed.shape[0]
+        for lw in self.layers:
+            for name, module in _FIELD_MODULES.items():
+                t = getattr(lw, name)
+                if t is not None:
+                    setattr(lw, name, cut(t, sh.SPLITS[module]))
+        self.num_heads //= tp
+        self.num_kv_heads = sh.kv_heads_per_rank(kv, tp)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this runner uses (a rank's shard under tensor parallelism), tied ones once."""
+        seen: dict[int, int] = {}
+        for t in [self.embed, self.final_norm, self.lm_head_w] + [
+                v for lw in self.layers for v in vars(lw).values() if isinstance(v, torch.Tensor)]:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
 
     @staticmethod
     def _layer_weights(layer, config) -> _LayerWeights:
@@ -194,17 +252,10 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ step inputs
-    def prepare_inputs(self, batch) -> StepInputs:
-        """Flatten a batch of (seq, num_new_tokens): decode rows first (longest context first), then prefills."""
-        bs = self.block_size
-        decodes = sorted(((i, s, n) for i, (s, n) in enumerate(batch) if n == 1),
-                         key=lambda e: -e[1].num_computed_tokens)
-        prefills = [(i, s, n) for i, (s, n) in enumerate(batch) if n != 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        rows: dict[int, tuple[int, int]] = {}  # entry index -> (start row, end row)
-        for i, seq, n in decodes + prefills:
+    def step_entries(self, batch) -> list[StepEntry]:
+        """Check a batch of (seq, num_new_tokens) and turn it into plain StepEntry data."""
+        bs, entries = self.block_size, []
+        for seq, n in batch:
             start = seq.num_computed_tokens
             if n < 1 or start + n > len(seq.token_ids):
                 raise ValueError(
@@ -216,10 +267,29 @@ class ModelRunner:
                     f"sequence {seq.request_id!r}: block table has {len(seq.block_table)} blocks of {bs} tokens, "
                     f"too few for positions up to {start + n - 1}; allocate blocks before execute_model"
                 )
+            entries.append(StepEntry(seq.request_id, start, seq.token_ids[start:start + n], seq.block_table))
+        return entries
+
+    def prepare_inputs(self, batch) -> StepInputs:
+        """Flatten a batch of (seq, num_new_tokens): decode rows first (longest context first), then prefills."""
+        return self.build_inputs(self.step_entries(batch))
+
+    def build_inputs(self, entries: list[StepEntry]) -> StepInputs:
+        """The step's index tensors from plain entries (see prepare_inputs)."""
+        bs = self.block_size
+        decodes = sorted(((i, e, len(e.new_token_ids)) for i, e in enumerate(entries) if len(e.new_token_ids) == 1),
+                         key=lambda x: -x[1].num_computed_tokens)
+        prefills = [(i, e, len(e.new_token_ids)) for i, e in enumerate(entries) if len(e.new_token_ids) != 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: dict[int, tuple[int, int]] = {}  # entry index -> (start row, end row)
+        for i, e, n in decodes + prefills:
+            start = e.num_computed_tokens
             rows[i] = (len(input_ids), len(input_ids) + n)
-            input_ids.extend(seq.token_ids[start:start + n])
+            input_ids.extend(e.new_token_ids)
             positions.extend(range(start, start + n))
-            table = seq.block_table
+            table = e.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
 
         as_long = self._as_long
@@ -233,7 +303,7 @@ class ModelRunner:
             input_ids=as_long(input_ids), positions=as_long(positions), slot_mapping=as_long(slots),
             decode_buckets=[] if npu_table is not None else self._decode_buckets([s for _, s, _ in decodes]),
             prefills=[self._prefill(seq, n, rows[i][0]) for i, seq, n in prefills],
-            rows=[rows[i] for i in range(len(batch))],
+            rows=[rows[i] for i in range(len(entries))],
             num_decodes=len(decodes), npu_block_table=npu_table, npu_context_lens=npu_lens,
         )
 
@@ -300,15 +370,25 @@ class ModelRunner:
         return spans
 
     # ------------------------------------------------------------------ forward
-    @torch.inference_mode()
-    def execute_model(self, batch, all_logits: bool = False) -> torch.Tensor:
+    def execute_model(self, batch, all_logits: bool = False) -> torch.Tensor | None:
         """Float32 logits of the last new token of each entry (all new tokens with all_logits=True).
 
         Does not mutate the sequences: the engine advances num_computed_tokens after the step.
+        Under tensor parallelism only rank 0 gets logits; the other ranks get None.
         """
         if not batch:
             raise ValueError("execute_model needs at least one (seq, num_new_tokens) entry")
-        inputs = self.prepare_inputs(batch)
+        return self.execute_entries(self.step_entries(batch), all_logits)
+
+    def execute_entries(self, entries: list[StepEntry], all_logits: bool = False) -> torch.Tensor | None:
+        """execute_model for plain entries (what a tensor-parallel worker receives)."""
+        t = time.perf_counter()
+        inputs = self.build_inputs(entries)
+        self.prepare_seconds += time.perf_counter() - t  # read by LLM's per-step timing (StepTiming)
+        return self.execute(inputs, all_logits)
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs, all_logits: bool = False) -> torch.Tensor | None:
         if all_logits:
             idx = [r for start, end in inputs.rows for r in range(start, end)]
         else:
@@ -316,11 +396,17 @@ class ModelRunner:
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
         hidden = _rms_norm(hidden, self.final_norm, self.eps)
-        return F.linear(hidden, self.lm_head_w).float()
+        logits = F.linear(hidden, self.lm_head_w)
+        if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
+            logits = self.shard.gather_last_dim(logits)
+            if logits is None:
+                return None
+            logits = logits[:, :self.vocab_size]
+        return logits.float()
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Hidden states after the last decoder layer (before the final norm), ``[T, hidden]``."""
-        x = F.embedding(inp.input_ids, self.embed)
+        x = self._embed(inp.input_ids)
         cos, sin = self.rotary_emb(x, inp.positions[None, :])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, head_dim]
         num_tokens = x.shape[0]
@@ -342,19 +428,37 @@ class ModelRunner:
             else:
                 self.kv_cache.write(layer_idx, k, v, inp.slot_mapping)
             attn = self._attention(layer_idx, lw.sliding_window, q, k, v, inp)
-            x = x + F.linear(attn, lw.o_w, lw.o_b)
+            x = x + self._row_parallel(attn, lw.o_w, lw.o_b)
             x = x + self._mlp(lw, _rms_norm(x, lw.post_norm, self.eps))
         return x
 
-    @staticmethod
-    def _mlp(lw: _LayerWeights, h: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return F.embedding(ids, self.embed)
+        # NOTE: a vocab shard: ids outside it look up row 0 and are zeroed; the all-reduce adds the shards.
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.embed)
+        x.masked_fill_(outside[:, None], 0)
+        self.shard.all_reduce(x)
+        return x
+
+    def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
+        if self.shard is None:
+            return F.linear(x, w, b)
+        y = F.linear(x, w)
+        self.shard.all_reduce(y)
+        return y if b is None else y + b
+
+    def _mlp(self, lw: _LayerWeights, h: torch.Tensor) -> torch.Tensor:
         gate = F.linear(h, lw.gate_w, lw.gate_b)
         up = F.linear(h, lw.up_w, lw.up_b)
         if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
             gate = F.silu(gate, inplace=True).mul_(up)
         else:
             gate = lw.act(gate) * up
-        return F.linear(gate, lw.down_w, lw.down_b)
+        return self._row_parallel(gate, lw.down_w, lw.down_b)
 
     def _attention(self, layer_idx: int, window: int | None, q, k, v, inp: StepInputs) -> torch.Tensor:
         """Attention output ``[T, num_heads * head_dim]`` for all rows of the step."""

@@ -12,7 +12,8 @@ default "raw_logprobs").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence as Seq
+from typing import TYPE_CHECKING
+from typing import Sequence as Seq
 
 import torch
 
@@ -26,6 +27,13 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]  # None where the request did not ask for logprobs
     sampled_logprobs: list[float]             # logprob of each sampled token (raw model distribution)
     ok: list[bool]                            # False: the row's logits were not finite (NaN / +inf)
+
+    @classmethod
+    def concat(cls, parts: list[SamplerOutput | None]) -> SamplerOutput:
+        """One output from one-row outputs; None (a row that could not be sampled) becomes ok=False."""
+        parts = [p or cls([0], [None], [0.0], [False]) for p in parts]
+        return cls(*([x for p in parts for x in getattr(p, name)]
+                     for name in ("token_ids", "logprobs", "sampled_logprobs", "ok")))
 
 
 class Sampler:
@@ -124,10 +132,12 @@ class Sampler:
             x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + log_min_p, float("-inf"))
         # NOTE: one uniform number per sampled token and row; a seeded row draws it from its own
         # generator, so its samples depend only on its seed and its logits, not on the batch.
+        # NOTE: every generator exists before any number is drawn, so a seed that cannot seed one raises
+        # before any other row's generator advanced (the engine then retries the rows one by one).
+        gens = [(j, _generator(seqs[i], dev)) for j, i in enumerate(rows) if sub[j].seed is not None]
         u = torch.rand(len(rows), device=dev)
-        for j, i in enumerate(rows):
-            if sub[j].seed is not None:
-                u[j] = torch.rand(1, generator=_generator(seqs[i], dev), device=dev)[0]
+        for j, gen in gens:
+            u[j] = torch.rand(1, generator=gen, device=dev)[0]
         sampled = torch.empty(len(rows), dtype=torch.long, device=dev)
         trunc = [j for j, p in enumerate(sub) if p.top_k > 0 or p.top_p < 1.0]
         plain = [j for j, p in enumerate(sub) if not (p.top_k > 0 or p.top_p < 1.0)]
@@ -147,8 +157,9 @@ def _generator(seq: "Sequence", device: torch.device) -> torch.Generator:
     # NOTE: one generator per sequence, created on its first sample and advanced by exactly one
     # number per sampled token.
     if seq.generator is None:
-        seq.generator = torch.Generator(device=device)
-        seq.generator.manual_seed(seq.sampling_params.seed_for(seq.index))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seq.sampling_params.seed_for(seq.index))  # may raise: then seq keeps no generator
+        seq.generator = gen
     return seq.generator
 
 

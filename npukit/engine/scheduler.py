@@ -18,7 +18,6 @@ NOTE: invariants
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -107,8 +106,6 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
             reserved += places
             out.scheduled.append((seq, num_new))
@@ -124,10 +121,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, out: SchedulerOutput) -> None:
-        """After the runner computed `out.scheduled`: advance num_computed_tokens, cache full blocks."""
+    def update(self, out: SchedulerOutput, failed: frozenset[int] | set[int] = frozenset()) -> None:
+        """Commit a step whose forward and sampling succeeded: advance num_computed_tokens and cache the
+        full blocks of every scheduled sequence except those in `failed` (seq_ids; the engine finishes them).
+
+        NOTE: the engine calls this only after the whole step succeeded; until then a step changes no
+        sequence's num_computed_tokens, so a failed step leaves every sequence as it was (its new blocks
+        are allocated but hold no computed tokens, and the next schedule() computes the same tokens)."""
         bm = self.block_manager
         for seq, num_new in out.scheduled:
+            if seq.seq_id in failed:
+                continue
             before = seq.num_computed_tokens
             seq.num_computed_tokens = before + num_new
             bm.cache_full_blocks(seq, before)
@@ -137,7 +141,6 @@ class Scheduler:
         """Add child (a new sample of parent's request) to the running batch, sharing its blocks."""
         self.block_manager.fork(parent, child)
         child.status = SequenceStatus.RUNNING
-        child.first_scheduled_time = parent.first_scheduled_time
         self.running.append(child)
 
     def finish(self, seqs: list[Sequence], reason: str) -> None:
@@ -150,7 +153,6 @@ class Scheduler:
                 self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = seq.finish_reason or reason
-            seq.finish_time = time.perf_counter()
             finished.add(seq.seq_id)
         if finished:
             self.running = [s for s in self.running if s.seq_id not in finished]

@@ -52,16 +52,11 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list, repr=False)
     # per-sequence random generator of a seeded request (created by the sampler on first use)
     generator: "torch.Generator | None" = field(default=None, repr=False)
-    # incremental detokenization state (see LLM._detokenize)
+    # incremental detokenization state (see output.detokenize_incrementally)
     output_text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
-    # metrics (time.perf_counter() seconds); see npukit.metrics.RequestMetrics
-    arrival_time: float = 0.0
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    finish_time: float | None = None
+    # NOTE: no timestamps here: a request's times live in its RequestMetrics (output.RequestState.metrics).
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
@@ -95,10 +90,7 @@ class Sequence:
         n = len(self.token_ids) if num_tokens is None else num_tokens
         return (n + block_size - 1) // block_size
 
-    def append_token(self, token_id: int, now: float, logprobs: dict[int, float] | None = None) -> None:
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
-        if self.first_token_time is None:
-            self.first_token_time = now
-        self.token_times.append(now)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
