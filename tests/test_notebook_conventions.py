@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# NOTE: notebooks 00-08 follow these conventions (issue 9); later notebooks join the list as they adopt them.
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0[0-8]_*.ipynb"))
 
 
 def cells(path, kind):
