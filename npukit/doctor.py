@@ -26,8 +26,13 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from npukit.npu_smi import (SAMPLE_NPU_SMI_INFO, SAMPLE_NPU_SMI_USAGEMEM, describe_chips,  # noqa: F401
-                            parse_npu_smi_info, parse_npu_smi_usagemem)
+from npukit.npu_smi import (  # noqa: F401
+    SAMPLE_NPU_SMI_INFO,
+    SAMPLE_NPU_SMI_USAGEMEM,
+    describe_chips,
+    parse_npu_smi_info,
+    parse_npu_smi_usagemem,
+)
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 STATUSES = (PASS, WARN, FAIL)

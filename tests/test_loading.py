@@ -107,5 +107,6 @@ def test_cpu_matmul_gflops_counts_the_rows_it_multiplies():
 
     from npukit.loading import cpu_matmul_gflops
 
-    one, many = cpu_matmul_gflops(torch.float32, hidden=64, tokens=1), cpu_matmul_gflops(torch.float32, hidden=64, tokens=32)
+    one = cpu_matmul_gflops(torch.float32, hidden=64, tokens=1)
+    many = cpu_matmul_gflops(torch.float32, hidden=64, tokens=32)
     assert one > 0 and many > 0

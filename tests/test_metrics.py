@@ -253,7 +253,7 @@ def test_time_generation_bad_input(tiny):
 
 
 def test_compare_ttft_times_the_same_prompt_three_ways(tiny):
-    from npukit.metrics import compare_ttft, generate_one_token_seconds, median_range
+    from npukit.metrics import compare_ttft, generate_one_token_seconds
 
     model, tok = tiny
     assert generate_one_token_seconds(model, tok, "Hello there", synchronize=False) > 0

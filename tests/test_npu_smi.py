@@ -1,8 +1,13 @@
 import stat
 
 from npukit.doctor import PASS, WARN, check_npu_smi
-from npukit.npu_smi import (SAMPLE_NPU_SMI_INFO, SAMPLE_NPU_SMI_USAGEMEM, describe_chips, parse_npu_smi_info,
-                            parse_npu_smi_usagemem)
+from npukit.npu_smi import (
+    SAMPLE_NPU_SMI_INFO,
+    SAMPLE_NPU_SMI_USAGEMEM,
+    describe_chips,
+    parse_npu_smi_info,
+    parse_npu_smi_usagemem,
+)
 from tests.test_doctor import make_env
 
 # The layout of a 310P card (Atlas 300I Duo): two chips per card, no HBM column, Device column in the chip row.

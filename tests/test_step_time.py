@@ -43,9 +43,9 @@ def test_step_gaps_count_engine_steps_between_tokens():
 
 
 def test_step_gaps_on_a_real_preempting_run(tiny):
+    from npukit.bench.workload import Workload, run_workload
     from npukit.engine import LLM
     from npukit.step_time import step_gaps
-    from npukit.bench.workload import Workload, run_workload
 
     model, tok = tiny
     workload = Workload([[100 + i] * 8 for i in range(4)], [24] * 4)
