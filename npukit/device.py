@@ -185,8 +185,35 @@ def supports_dtype(device: str | torch.device, dtype: torch.dtype) -> tuple[bool
     return _probe(str(dev), dtype)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include a native bf16 dot product (AVX512-BF16, AMX, AVX10).
+_BF16_ISA_MARKERS = ("BF16", "AMX", "AVX512_CORE_FP16", "AVX10", "ALL")
+
+
+def cpu_isa_cap() -> str | None:
+    """Why bf16 matmul cannot be native here because an environment variable caps the CPU's ISA, or None.
+
+    ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` makes an AVX512-BF16 machine behave like an
+    AVX2-only one (torch's own kernels and oneDNN's). Each variable caps only its own library.
+    """
+    # NOTE: oneDNN's bf16 check (torch.ops.mkldnn._is_mkldnn_bf16_supported) already honours
+    # ONEDNN_MAX_CPU_ISA=AVX2, but answers True for AVX512_CORE (bf16 emulated, slower than fp32 there),
+    # and it ignores ATEN_CPU_CAPABILITY entirely: so read both caps here.
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if onednn and not any(m in onednn for m in _BF16_ISA_MARKERS):
+        return f"ONEDNN_MAX_CPU_ISA={onednn} caps oneDNN below AVX512-BF16"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if aten and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return f"ATEN_CPU_CAPABILITY={aten} caps torch's CPU kernels at {torch.backends.cpu.get_cpu_capability()}"
+    return None
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matmul (AVX512-BF16 / AMX), where bf16 beats fp32."""
+    """True when this CPU has native bf16 matmul (AVX512-BF16 / AMX), where bf16 beats fp32.
+
+    False when ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` cap the ISA below that (`cpu_isa_cap`).
+    """
+    if cpu_isa_cap() is not None:
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:

@@ -26,6 +26,14 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from npukit.npu_smi import (  # noqa: F401
+    SAMPLE_NPU_SMI_INFO,
+    SAMPLE_NPU_SMI_USAGEMEM,
+    describe_chips,
+    parse_npu_smi_info,
+    parse_npu_smi_usagemem,
+)
+
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 STATUSES = (PASS, WARN, FAIL)
 
@@ -410,8 +418,10 @@ def _probe_device(import_errors: dict[str, str]) -> DeviceFacts:
             facts.bf16, facts.bf16_reason = dev.supports_dtype(facts.kind, torch.bfloat16)
         else:
             facts.bf16 = True
+            cap = dev.cpu_isa_cap()
             facts.bf16_reason = ("native bf16 matmul" if dev.cpu_has_fast_bf16()
-                                 else "works, but this CPU has no native bf16: fp32 is faster")
+                                 else f"works, but this CPU has no native bf16{f' ({cap})' if cap else ''}: "
+                                      "fp32 is faster")
     except Exception as e:
         facts.error = _error_text(e)
     return facts
@@ -587,7 +597,15 @@ def check_npu_smi(env: Environment, timeout: float = 10.0) -> Check:
         return Check("npu-smi", WARN, f"`npu-smi info` exited {out.returncode}: {msg[0] if msg else ''}",
                      "Check the NPU driver and firmware; in a container, mount the davinci devices.")
     first = next((ln.strip("|+= ").strip() for ln in out.stdout.splitlines() if "npu-smi" in ln.lower()), "")
-    return Check("npu-smi", PASS, f"{exe} works{': ' + first if first else ''}")
+    detail = f"{exe} works{': ' + first.split()[1] if len(first.split()) > 1 else ''}"
+    chips = parse_npu_smi_info(out.stdout)
+    if chips:
+        detail += f"; {len(chips)} chip(s): " + "; ".join(describe_chips(chips).splitlines())
+    sick = [c for c in chips if c.health.upper() != "OK"]
+    if sick:
+        return Check("npu-smi", WARN, detail, f"npu {sick[0].npu} reports health {sick[0].health}: "
+                     "check `npu-smi info -t health -i N` and the driver log before trusting timings.")
+    return Check("npu-smi", PASS, detail)
 
 
 def _writable(path: Path) -> tuple[bool, str]:

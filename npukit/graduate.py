@@ -25,7 +25,9 @@ from typing import Any
 GiB = 1024 ** 3
 
 # Device memory per NPU (GiB) of common Ascend parts; override with device_memory_gib=.
-ASCEND_HBM_GIB = {"910B4": 32, "910B": 64, "910_93": 64, "910A": 32, "310P": 48}
+# NOTE: memory per NPU as torch_npu sees it. An Atlas 300I Duo card carries two 310P chips;
+# each chip shows 43.24 GiB to a program (seed 004: Qwen3-32B in fp16 runs out of memory there at TP 1).
+ASCEND_HBM_GIB = {"910B4": 32, "910B": 64, "910_93": 64, "910A": 32, "310P": 43.24}
 NO_BF16_CHIPS = ("310P", "910A")  # Atlas 300I Duo (310P) and 910A: no bf16, no graph mode
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 ASCEND_BLOCK_SIZE = 128

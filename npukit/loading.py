@@ -75,9 +75,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576) -> float:
-    """Measured GFLOP/s of a decode-shaped matmul (32 tokens × hidden × 4·hidden) on this CPU."""
-    a = torch.randn(32, hidden).to(dtype)
+def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576, tokens: int = 32) -> float:
+    """Measured GFLOP/s of a matmul of ``tokens`` rows (tokens × hidden × 4·hidden) on this CPU.
+
+    32 rows (the default, what ``dtype="auto"`` compares) is a batch of decoding sequences or a short
+    prompt; 1 row is one sequence decoding alone, where reading the weights dominates.
+    """
+    a = torch.randn(tokens, hidden).to(dtype)
     w = torch.randn(4 * hidden, hidden).to(dtype)
     with torch.inference_mode():
         for _ in range(3):
@@ -88,7 +92,7 @@ def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576) -> float:
             for _ in range(10):
                 torch.nn.functional.linear(a, w)
             best = min(best, time.perf_counter() - t)
-    return 2 * 32 * hidden * 4 * hidden * 10 / best / 1e9
+    return 2 * tokens * hidden * 4 * hidden * 10 / best / 1e9
 
 
 def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tuple[torch.dtype, list[str]]:
@@ -111,7 +115,8 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tu
                 return torch.bfloat16, [f"CPU has native bf16: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s"]
             reasons.append(f"CPU bf16 not faster: measured bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s")
         else:
-            reasons.append("CPU has no native bf16 (AVX512-BF16/AMX)")
+            cap = _device.cpu_isa_cap()
+            reasons.append(f"CPU has no native bf16 (AVX512-BF16/AMX){': ' + cap if cap else ''}")
         return torch.float32, reasons + ["float32 is fastest here"]
     for dtype in (torch.bfloat16, torch.float16):
         ok, why = _device.supports_dtype(dev, dtype)

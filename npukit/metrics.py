@@ -496,3 +496,49 @@ def time_generation(
         peak_memory_bytes=mem.peak_bytes,
         device=str(device),
     )
+
+
+def generate_one_token_seconds(model, tokenizer, prompt_or_ids, *, synchronize: bool = True) -> float:
+    """TTFT the way many tutorials time it: the wall time of one ``generate(max_new_tokens=1)`` call.
+
+    With ``synchronize=False`` the clock is read without waiting for the device (on an NPU / GPU that can
+    stop the clock before the queued kernels ran; on a CPU it changes nothing).
+    """
+    device = model.device
+    input_ids = _prompt_to_ids(tokenizer, prompt_or_ids).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if synchronize:
+        device_mod.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False,
+                       pad_token_id=pad)
+    if synchronize:
+        device_mod.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def compare_ttft(model, tokenizer, prompt_or_ids, *, repeats: int = 3, max_new_tokens: int = 8) -> dict[str, Summary]:
+    """Three ways to time the first token of the same prompt, each summarised over its runs:
+
+    - ``"first call (cold)"``: one ``generate(max_new_tokens=1)`` before any warm-up. On Ascend this includes
+      compiling each operator for its shapes the first time it runs; on any device, allocator growth.
+    - ``"generate(max_new_tokens=1)"``: the same call, warm, ``repeats`` times.
+    - ``"streamed first token"``: ``time_generation``'s stamp of the first streamed token, ``repeats`` times.
+    """
+    if repeats < 1:
+        raise ValueError(f"compare_ttft() needs repeats >= 1, got {repeats}")
+    cold = generate_one_token_seconds(model, tokenizer, prompt_or_ids)
+    warm = [generate_one_token_seconds(model, tokenizer, prompt_or_ids) for _ in range(repeats)]
+    streamed = [time_generation(model, tokenizer, prompt_or_ids, max_new_tokens=max_new_tokens).metrics.ttft
+                for _ in range(repeats)]
+    return {name: summarize(values, name=name, unit="s") for name, values in
+            (("first call (cold)", [cold]), ("generate(max_new_tokens=1)", warm), ("streamed first token", streamed))}
+
+
+def median_range(summary: Summary, scale: float = 1e3, unit: str = "ms") -> str:
+    """``"12.3 ms (range 11.8-14.0 ms, n=3)"``: how notebooks print a measured value."""
+    if summary.count == 1:
+        return f"{summary.median * scale:.1f} {unit} (one run)"
+    return (f"{summary.median * scale:.1f} {unit} (range {summary.min * scale:.1f}-{summary.max * scale:.1f} {unit}, "
+            f"n={summary.count})")

@@ -393,6 +393,37 @@ def draw_bench_concurrency(concurrencies: Sequence[int], results: Sequence[Any],
     return fig
 
 
+def draw_step_times(points: Sequence[Any], *, ax=None, title: str = "", tolerance: float = 1.5):
+    """Median decode step time per batch size (range as error bars), on log-2 batch axis, with the
+    memory-bound region (step time within ``tolerance`` × batch 1's) shaded and the compute-bound rest named."""
+    from npukit.step_time import bend
+
+    if not points:
+        raise ValueError("no points: run npukit.step_time.decode_step_times first")
+    fig, ax = _figure_of(ax, 6.5, 3.6)
+    xs = [p.batch for p in points]
+    med = [p.median * 1e3 for p in points]
+    err = [[m - p.min * 1e3 for m, p in zip(med, points)], [p.max * 1e3 - m for m, p in zip(med, points)]]
+    ax.errorbar(xs, med, yerr=err, fmt="o-", color=PALETTE[0], capsize=3, label="decode step (median, range)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set(xlabel="sequences decoding together", ylabel="ms per step", ylim=(0, max(p.max for p in points) * 1.15e3),
+           title=title or "one decode step vs batch size")
+    knee = bend(points, tolerance)
+    last_flat = max((p.batch for p in points if knee is None or p.batch < knee), default=xs[0])
+    ax.axvspan(xs[0] / 1.3, last_flat * 1.3, color=PALETTE[2], alpha=0.12)
+    ax.text(xs[0], ax.get_ylim()[1] * 0.93, "memory-bound:\nextra sequences almost free", fontsize=8, va="top")
+    if knee is not None:
+        ax.text(knee, ax.get_ylim()[1] * 0.93, "compute-bound:\ntime grows with batch", fontsize=8, va="top")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p.tokens_per_s for p in points], "s--", color=PALETTE[1], label="decode tok/s")
+    ax2.set_ylabel("tok/s")
+    ax2.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right", framealpha=0.9)
+    return fig
+
+
 # ------------------------------------------------------------------------------------------------
 # Fit and split: the memory bill per tensor-parallel size, and how TP cuts a layer
 # ------------------------------------------------------------------------------------------------

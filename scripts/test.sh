@@ -14,5 +14,10 @@ fi
 "$PY" -m ruff check npukit tests benchmarks  # lint first (pyproject.toml's [tool.ruff]): seconds, not minutes
 
 export NPUKIT_ARTIFACTS=${NPUKIT_ARTIFACTS:-artifacts}
+# NOTE: the notebooks' stored outputs come from a CPU run in fp32 (NPUKIT_DEVICE=cpu NPUKIT_DTYPE=float32);
+# nbval compares against them, so run them the same way unless told otherwise. With the notebooks' default
+# ("auto") they still run top to bottom, but generated text may differ (bf16 on some CPUs, NPUs, GPUs).
+export NPUKIT_DEVICE=${NPUKIT_DEVICE:-cpu}
+export NPUKIT_DTYPE=${NPUKIT_DTYPE:-float32}
 "$PY" -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg \
   --nbval-cell-timeout 300 "$@"

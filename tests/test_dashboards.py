@@ -331,3 +331,23 @@ def test_latency_dashboard_too_long_is_an_error(tiny):
     dash.run()
     assert "exceeds the model" in dash.status.value and "context (1024)" in dash.status.value
     assert dash.results == {}
+
+
+def test_snapshot_is_a_static_png_of_the_last_run(tiny):
+    model, tok = tiny
+    dash = LatencyDashboard(model, tok, prompt_tokens=8, max_new_tokens=4, repeats=1, cache="both")
+    with pytest.raises(ValueError, match="run it first"):
+        dash.snapshot()
+    dash.run()
+    snap = dash.snapshot()
+    assert snap._repr_png_() == bytes(dash.chart.value) and snap._repr_png_().startswith(PNG_MAGIC)
+    assert repr(snap) == "<static chart: LatencyDashboard(model='tiny-llama'), last run>"
+
+
+def test_generation_dashboard_snapshot_draws_the_token_stream(tiny):
+    model, tok = tiny
+    dash = GenerationDashboard(model, tok, prompt="Hello!", max_new_tokens=6)
+    with pytest.raises(ValueError):
+        dash.snapshot()
+    dash.generate()
+    assert dash.snapshot()._repr_png_().startswith(PNG_MAGIC)

@@ -60,3 +60,38 @@ def test_synchronize_and_empty_cache_are_safe_on_cpu():
     device.reset_peak_memory_stats("cpu")
     assert device.device_count("cpu") == 1 and device.device_count("npu") == 0
     assert isinstance(device.device_name("cpu"), str)
+
+
+def _fresh_python(code: str, **env) -> str:
+    """Run `code` in a new interpreter (ATEN_CPU_CAPABILITY is read once, when torch starts)."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_isa_caps_turn_off_fast_bf16_and_auto_picks_fp32():
+    # NOTE: on an AVX512-BF16 machine this is the AVX2 imitation the notebooks are checked under; on an
+    # AVX2-only machine the answer is the same without the variables.
+    code = ("import torch; from npukit import device; from npukit.loading import choose_dtype; "
+            "print(device.cpu_has_fast_bf16(), choose_dtype(torch.device('cpu'))[0])")
+    for env in ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"},
+                {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}):
+        assert _fresh_python(code, **env) == "False torch.float32", env
+
+
+def test_isa_cap_reason_names_the_variable(monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in device.cpu_isa_cap()
+    assert device.cpu_has_fast_bf16() is False
+    for isa in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert device.cpu_isa_cap() is None
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert device.cpu_isa_cap() is None  # no variable: the CPU's own answer decides

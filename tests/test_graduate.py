@@ -47,7 +47,7 @@ def test_memory_fraction_becomes_gpu_memory_utilization_with_an_explanation():
 
 def test_tensor_parallel_size_from_weights_vs_device_memory():
     assert graduate(None, "m", num_parameters=7e9, dtype="bfloat16", chip="910B").tensor_parallel_size == 1
-    big = graduate(None, "Qwen/Qwen3-32B", dtype="float16", chip="310P")  # 32B from the name, 48 GiB cards
+    big = graduate(None, "Qwen/Qwen3-32B", dtype="float16", chip="310P")  # 32B from the name, 43.24 GiB chips
     assert big.tensor_parallel_size == 2 and flag_value(big.serve_args, "--tensor-parallel-size") == "2"
     assert any("out of memory" in n for n in big.notes)
     huge = graduate(None, "m", num_parameters=72e9, dtype="bfloat16", device_memory_gib=64)

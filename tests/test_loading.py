@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import npukit
+import npukit.hub  # noqa: F401  (npukit.hub.NotAModelFolderError below; npukit imports it lazily)
 from npukit import loading
 
 
@@ -99,3 +100,13 @@ def test_damaged_model_folder_names_the_file(tmp_path, damage):
     with pytest.raises(loading.ModelLoadError) as info:
         npukit.load_model(folder, device="cpu", dtype="float32")
     assert f"{damage} is damaged" in str(info.value) and "again" in str(info.value)
+
+
+def test_cpu_matmul_gflops_counts_the_rows_it_multiplies():
+    import torch
+
+    from npukit.loading import cpu_matmul_gflops
+
+    one = cpu_matmul_gflops(torch.float32, hidden=64, tokens=1)
+    many = cpu_matmul_gflops(torch.float32, hidden=64, tokens=32)
+    assert one > 0 and many > 0

@@ -250,3 +250,23 @@ def test_time_generation_bad_input(tiny):
         time_generation(model, tok, 3.14)
     with pytest.raises(ValueError, match="one non-empty prompt"):
         time_generation(model, tok, torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_compare_ttft_times_the_same_prompt_three_ways(tiny):
+    from npukit.metrics import compare_ttft, generate_one_token_seconds
+
+    model, tok = tiny
+    assert generate_one_token_seconds(model, tok, "Hello there", synchronize=False) > 0
+    res = compare_ttft(model, tok, "Hello there", repeats=3, max_new_tokens=2)
+    assert list(res) == ["first call (cold)", "generate(max_new_tokens=1)", "streamed first token"]
+    assert res["first call (cold)"].count == 1 and res["streamed first token"].count == 3
+    assert all(s.min > 0 for s in res.values())
+    with pytest.raises(ValueError):
+        compare_ttft(model, tok, "Hello", repeats=0)
+
+
+def test_median_range_text():
+    from npukit.metrics import median_range, summarize
+
+    assert median_range(summarize([0.010, 0.012, 0.020])) == "12.0 ms (range 10.0-20.0 ms, n=3)"
+    assert median_range(summarize([2.0]), scale=1, unit="s") == "2.0 s (one run)"

@@ -26,6 +26,19 @@ import ipywidgets as widgets
 OK_COLOUR, WARN_COLOUR, ERROR_COLOUR, MUTED_COLOUR = "#1a7f37", "#9a6700", "#cf222e", "#57606a"
 
 
+class Snapshot:
+    """A PNG with a stable one-line ``text/plain`` (so nbval compares the line, not the pixels)."""
+
+    def __init__(self, png: bytes, title: str) -> None:
+        self.png, self.title = png, title
+
+    def _repr_png_(self) -> bytes:
+        return self.png
+
+    def __repr__(self) -> str:
+        return f"<static chart: {self.title}>"
+
+
 class Dashboard:
     """Base class: ``self.widget`` (the top container), ``self.status`` and ``self.progress``."""
 
@@ -51,6 +64,21 @@ class Dashboard:
         data = self.widget._repr_mimebundle_(**kwargs) or {}
         data["text/plain"] = self.describe()
         return data
+
+    def snapshot(self) -> "Snapshot":
+        """A static copy of the dashboard's chart (a PNG that a saved notebook keeps, unlike widgets).
+
+        GitCode's notebook preview, nbviewer and printed handouts do not run widgets: end a cell with
+        ``dash.snapshot()`` after ``dash.run()`` so that they show the plot of that run.
+        """
+        png = self._snapshot_png()
+        if not png:
+            raise ValueError(f"{type(self).__name__} has nothing to show yet: run it first (dash.run() or its button)")
+        return Snapshot(png, f"{self.describe()}, last run")
+
+    def _snapshot_png(self) -> bytes:
+        chart = getattr(self, "chart", None)
+        return bytes(chart.value) if chart is not None else b""
 
     def show(self) -> None:
         """Display the dashboard in the notebook (same as ending a cell with it)."""

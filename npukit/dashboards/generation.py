@@ -29,7 +29,7 @@ from npukit.chat import (
 )
 from npukit.metrics import RequestMetrics, format_seconds
 
-from .base import MUTED_COLOUR, Dashboard, action, html_table, resolve_model
+from .base import MUTED_COLOUR, Dashboard, action, figure_png, html_table, new_figure, resolve_model
 
 BOX_STYLE = "border:1px solid #d0d7de;border-radius:6px;padding:6px;min-height:3em"
 KNOBS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
@@ -295,6 +295,21 @@ class GenerationDashboard(Dashboard):
         return run
 
     @action("resetting…")
+    def _snapshot_png(self) -> bytes:
+        """The last reply's token stream: when each token arrived (its TTFT, then one point per token)."""
+        if not self.runs:
+            return b""
+        m = self.runs[-1].metrics
+        times = [t - m.arrival_time for t in m.token_times]
+        fig = new_figure(7, 2.6)
+        ax = fig.subplots()
+        ax.plot(range(1, len(times) + 1), [t * 1e3 for t in times], "o-", ms=3)
+        if times:
+            ax.annotate("TTFT", (1, times[0] * 1e3), textcoords="offset points", xytext=(8, -4), fontsize=8)
+        ax.set(xlabel="output token", ylabel="ms since the request", title="token stream of the last run "
+               "(slope = TPOT)", ylim=(0, None))
+        return figure_png(fig)
+
     def reset(self) -> None:
         """Forget the conversation (the runs table stays)."""
         self.history.clear()
