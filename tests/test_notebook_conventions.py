@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-# NOTE: notebooks 00-08 follow these conventions (issue 9); later notebooks join the list as they adopt them.
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0[0-8]_*.ipynb"))
+# NOTE: every notebook follows these conventions (issue 9).
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def cells(path, kind):
