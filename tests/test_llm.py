@@ -11,13 +11,7 @@ from npukit.engine.runner import UnsupportedModelError
 GREEDY = dict(temperature=0.0, ignore_eos=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two busy cores: one intra-op thread is several times faster than two fighting for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 SMOL_PROMPTS = [
     "Hi",

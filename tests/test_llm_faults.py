@@ -5,7 +5,6 @@ import random
 import threading
 
 import pytest
-import torch
 
 from npukit.engine import LLM, SamplingParams
 
@@ -13,12 +12,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 NEW = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
