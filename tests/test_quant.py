@@ -168,3 +168,15 @@ def test_llm_and_load_model_take_quantization_and_the_cli_flag_parses():
     assert engine_args(parser.parse_args(["--quantization", "w8a8"]))["quantization"] == "w8a8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "int4"])
+
+
+def test_graduate_flags_for_quantization_say_that_vllm_does_not_quantise_at_load():
+    from npukit.quant.vllm_flags import vllm_quantization
+
+    assert vllm_quantization(None, "npu") == ([], [])
+    flags, notes = vllm_quantization("w8a8", "npu")
+    assert flags == ["--quantization", "ascend"] and "msModelSlim (W8A8_DYNAMIC" in notes[0]
+    flags, notes = vllm_quantization("w8a16", "cuda")
+    assert flags == [] and "LLM-Compressor" in notes[0]
+    with pytest.raises(ValueError, match="unknown quantization"):
+        vllm_quantization("int4", "npu")

@@ -15,7 +15,19 @@ EVAL_TEXT = (
     "where they were. When electric lamps arrived, the keeper's work changed: there was no oil to carry, but "
     "the generator needed care, and storms still cut the power. In 1990 the light became automatic, and the "
     "last keeper moved to the village below, where he taught children how the lens bends light into a beam "
-    "that can be seen thirty kilometres away."
+    "that can be seen thirty kilometres away.\n\n"
+    "A recipe for bread needs only four things: flour, water, salt and yeast. Mix them, knead the dough for "
+    "ten minutes until it is smooth, and leave it in a warm place for an hour. It will double in size. Shape "
+    "it into a loaf, let it rise again, and bake it in a hot oven for about forty minutes. The crust should be "
+    "brown and the loaf should sound hollow when you tap the bottom.\n\n"
+    "Q: Why is the sky blue?\nA: Sunlight contains every colour. Air molecules scatter short wavelengths, such "
+    "as blue, much more than long ones, such as red, so blue light reaches our eyes from every direction.\n"
+    "Q: How many days are there in a leap year?\nA: There are 366 days in a leap year.\n\n"
+    "def mean(values):\n    if not values:\n        raise ValueError(\"mean of an empty list\")\n"
+    "    return sum(values) / len(values)\n\n"
+    "The committee met on Tuesday to discuss the new library. Most members agreed that the building should "
+    "have more space for children, a quiet reading room and longer opening hours at weekends. The budget, "
+    "however, allows only two of the three, and a vote is planned for next month."
 )
 
 
