@@ -169,6 +169,19 @@ def _time_us(fn, device: torch.device, budget_s: float = 0.25) -> float:
 def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
     """{rows: (best kernel, {kernel: µs or error})} for random int8 weights of shape [n, k]."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        # NOTE: timed on one thread: on a busy machine a multi-threaded kernel waits for a descheduled
+        # sibling thread (we saw 100x swings), while one thread ranks the kernels by the work they do.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _probe_rows(method, dev, dtype, n, k, rows)
+        finally:
+            torch.set_num_threads(threads)
+    return _probe_rows(method, dev, dtype, n, k, rows)
+
+
+def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
     g = torch.Generator().manual_seed(0)
     w, w_scale = quantize_per_channel(torch.randn(n, k, generator=g))
     w, w_scale = w.to(dev), w_scale.to(dev)
