@@ -112,8 +112,8 @@ class LLM:
         elif tokenizer is None:
             raise ValueError("LLM(model=<a loaded model>) also needs its tokenizer: LLM(model, tokenizer) "
                              "(or pass a name / path and npukit.load_model loads both)")
-        elif self.config.quantization != getattr(model, "quantization", None) and self.config.quantization:
-            from ..quant import quantize_model  # a loaded float model: quantised in place
+        elif self.config.quantization and getattr(model, "quantization", None) != self.config.quantization:
+            from ..quant import quantize_model  # NOTE: a loaded model is quantised in place (its Linears swapped)
 
             quantize_model(model, self.config.quantization, tokenizer=tokenizer)
         self.config.quantization = getattr(model, "quantization", None)  # e.g. a model quantised beforehand
