@@ -65,6 +65,12 @@ class LoadReport:
         return f"<table>{body}</table>"
 
 
+def _state_dict_bytes(model) -> int:
+    from .quant.linear import state_dict_bytes
+
+    return state_dict_bytes(model)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -178,8 +184,11 @@ def _load_error_message(origin: str, path: Path, e: Exception) -> str:
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", *, revision: str | None = None, source: str = "hf",
-               trust_remote_code: bool = False):
-    """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how."""
+               trust_remote_code: bool = False, quantization: str | None = None):
+    """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how.
+
+    quantization: "w8a16" or "w8a8" quantises the decoder's linear layers after loading (npukit.quant;
+    ``model.quant_report`` says which kernels were picked and what it saved)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -202,14 +211,20 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
         if bars:
             hf_logging.enable_progress_bar()
     model.to(dev).eval()
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if quantization is not None:
+        from .quant import quantize_model
+
+        reasons.append(f"quantised: {quantize_model(model, quantization, tokenizer=tokenizer).kernels}")
     _device.synchronize(dev)
     seconds = time.perf_counter() - t0
 
     model.load_report = LoadReport(
         source=origin, path=str(path), device=str(dev), device_name=_device.device_name(dev),
         dtype=str(torch_dtype).removeprefix("torch."), reasons=reasons, seconds=seconds,
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        num_parameters=num_parameters,
+        # NOTE: parameters and buffers (a quantised layer's int8 weight and scales are buffers), tied ones once
+        weight_bytes=_state_dict_bytes(model),
         memory_before=before, memory_after=_device.memory_stats(dev).allocated,
     )
     return model, tokenizer

@@ -29,6 +29,10 @@ kv_cache_memory_fraction) does graduate need a translation of its own.
 | enable_prefix_caching     | --enable-prefix-caching       |
 | enable_chunked_prefill    | --enable-chunked-prefill      |
 | tensor_parallel_size      | --tensor-parallel-size        |
+| quantization              | --quantization (**)           |
+
+(**) npukit quantises the float checkpoint at load (w8a16 / w8a8); vLLM-Ascend's `--quantization ascend`
+loads a checkpoint that msModelSlim already quantised (see npukit.quant).
 
 (*) not the same quantity: see the field's note.
 This module is stdlib only: the CLI imports it to build its flags without loading torch.
@@ -42,10 +46,15 @@ from typing import Any
 
 
 def setting(default: Any, *, vllm: str | None, help: str, cli: bool = True,  # noqa: A002 - argparse's name
-            vllm_alias: bool = False) -> Any:
+            vllm_alias: bool = False, choices: tuple | None = None) -> Any:
     """A field of EngineConfig: its default, the vLLM flag it mirrors (None: vLLM has none) and its help.
-    vllm_alias: the CLI also accepts the vLLM flag (only where it means exactly the same)."""
-    return field(default=default, metadata={"vllm": vllm, "help": help, "cli": cli, "vllm_alias": vllm_alias})
+    vllm_alias: the CLI also accepts the vLLM flag (only where it means exactly the same).
+    choices: the values a string field accepts."""
+    return field(default=default, metadata={"vllm": vllm, "help": help, "cli": cli, "vllm_alias": vllm_alias,
+                                            "choices": choices})
+
+
+QUANTIZATION_METHODS = ("w8a16", "w8a8")  # npukit.quant.METHODS (kept here: this module is stdlib only)
 
 
 @dataclass
@@ -74,6 +83,11 @@ class EngineConfig:
     tensor_parallel_size: int = setting(
         1, vllm="--tensor-parallel-size", vllm_alias=True,
         help="split every layer over this many processes / devices (Megatron tensor parallelism)")
+    quantization: str | None = setting(
+        None, vllm="--quantization", choices=QUANTIZATION_METHODS,
+        help="quantise the decoder's linear layers at load: w8a16 (int8 weights) or w8a8 (int8 weights and "
+             "per-token int8 activations, smoothed); vLLM-Ascend's --quantization ascend instead loads an "
+             "msModelSlim-quantised checkpoint")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -99,6 +113,8 @@ class EngineConfig:
              f"max_model_len must be None or a positive int, got {self.max_model_len!r}")
         need(is_int(self.tensor_parallel_size) and self.tensor_parallel_size > 0,
              f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
+        need(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
+             f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
@@ -130,7 +146,7 @@ def cli_flag(f: dataclasses.Field) -> str:
 
 def _arg_type(f: dataclasses.Field):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return float if kind.startswith("float") else int
+    return float if kind.startswith("float") else str if kind.startswith("str") else int
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
@@ -154,7 +170,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any]
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=text)
         else:
-            group.add_argument(*flags, dest=f.name, type=_arg_type(f), default=default, help=text)
+            group.add_argument(*flags, dest=f.name, type=_arg_type(f), default=default, help=text,
+                               choices=f.metadata.get("choices"))
     return parser
 
 

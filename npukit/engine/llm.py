@@ -98,11 +98,17 @@ class LLM:
             from ..loading import load_model
 
             model_path = str(model)
-            model, loaded_tokenizer = load_model(model, device=device, dtype=dtype)
+            model, loaded_tokenizer = load_model(model, device=device, dtype=dtype,
+                                                 quantization=self.config.quantization)
             tokenizer = tokenizer or loaded_tokenizer
         elif tokenizer is None:
             raise ValueError("LLM(model=<a loaded model>) also needs its tokenizer: LLM(model, tokenizer) "
                              "(or pass a name / path and npukit.load_model loads both)")
+        elif self.config.quantization and getattr(model, "quantization", None) != self.config.quantization:
+            from ..quant import quantize_model  # NOTE: a loaded model is quantised in place (its Linears swapped)
+
+            quantize_model(model, self.config.quantization, tokenizer=tokenizer)
+        self.config.quantization = getattr(model, "quantization", None)  # e.g. a model quantised beforehand
         self.model, self.tokenizer = model, tokenizer
         cfg = self.config
         if cfg.max_model_len is None:

@@ -59,7 +59,7 @@ class _LayerWeights:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q_w: torch.Tensor
+    q_w: torch.Tensor  # each *_w: the weight tensor, or a QuantLinear module (see _linear)
     k_w: torch.Tensor
     v_w: torch.Tensor
     o_w: torch.Tensor
@@ -135,6 +135,19 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a float weight; a quantised layer (npukit.quant.QuantLinear) projects, then the bias."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w.project(x)
+    return y if b is None else y + b
+
+
+def _weight(lin):
+    """A projection's weight tensor, or the module itself when it is quantised (then _linear calls it)."""
+    return lin.weight if isinstance(lin, torch.nn.Linear) else lin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +230,11 @@ class ModelRunner:
         for lw in self.layers:
             for name, module in _FIELD_MODULES.items():
                 t = getattr(lw, name)
-                if t is not None:
+                if isinstance(t, torch.Tensor):
                     setattr(lw, name, cut(t, sh.SPLITS[module]))
+                elif t is not None:  # a QuantLinear: its int8 weight is cut like the float one
+                    setattr(lw, name, t.shard(functools.partial(cut, split=sh.SPLITS[module]),
+                                              row_parallel=sh.SPLITS[module] == sh.ROW))
         self.num_heads //= tp
         self.num_kv_heads = sh.kv_heads_per_rank(kv, tp)
 
@@ -238,12 +254,14 @@ class ModelRunner:
             window = getattr(config, "sliding_window", None)
         else:
             window = getattr(attn, "sliding_window", None)
-        bias = lambda lin: lin.bias  # noqa: E731  (None when the Linear has no bias)
+        # NOTE: a quantised projection (QuantLinear) stands in for its weight; its bias is kept apart, as
+        # nn.Linear's is, so tensor parallelism slices it (column) or adds it once after the all-reduce (row).
+        bias = lambda lin: lin.bias  # noqa: E731
         return _LayerWeights(
             input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-            q_w=attn.q_proj.weight, k_w=attn.k_proj.weight, v_w=attn.v_proj.weight, o_w=attn.o_proj.weight,
+            q_w=_weight(attn.q_proj), k_w=_weight(attn.k_proj), v_w=_weight(attn.v_proj), o_w=_weight(attn.o_proj),
             q_b=bias(attn.q_proj), k_b=bias(attn.k_proj), v_b=bias(attn.v_proj), o_b=bias(attn.o_proj),
-            gate_w=mlp.gate_proj.weight, up_w=mlp.up_proj.weight, down_w=mlp.down_proj.weight,
+            gate_w=_weight(mlp.gate_proj), up_w=_weight(mlp.up_proj), down_w=_weight(mlp.down_proj),
             gate_b=bias(mlp.gate_proj), up_b=bias(mlp.up_proj), down_b=bias(mlp.down_proj), act=mlp.act_fn,
             silu=getattr(config, "hidden_act", None) in ("silu", "swish"),
             q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
@@ -412,9 +430,9 @@ class ModelRunner:
         num_tokens = x.shape[0]
         for layer_idx, lw in enumerate(self.layers):
             h = _rms_norm(x, lw.input_norm, self.eps)
-            q = F.linear(h, lw.q_w, lw.q_b).view(num_tokens, self.num_heads, self.head_dim)
-            k = F.linear(h, lw.k_w, lw.k_b).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = F.linear(h, lw.v_w, lw.v_b).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q = _linear(h, lw.q_w, lw.q_b).view(num_tokens, self.num_heads, self.head_dim)
+            k = _linear(h, lw.k_w, lw.k_b).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = _linear(h, lw.v_w, lw.v_b).view(num_tokens, self.num_kv_heads, self.head_dim)
             if lw.q_norm is not None:
                 q = _rms_norm(q, lw.q_norm, self.eps)
                 k = _rms_norm(k, lw.k_norm, self.eps)
@@ -446,14 +464,14 @@ class ModelRunner:
     def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
         if self.shard is None:
-            return F.linear(x, w, b)
-        y = F.linear(x, w)
+            return _linear(x, w, b)
+        y = _linear(x, w)
         self.shard.all_reduce(y)
         return y if b is None else y + b
 
     def _mlp(self, lw: _LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        gate = F.linear(h, lw.gate_w, lw.gate_b)
-        up = F.linear(h, lw.up_w, lw.up_b)
+        gate = _linear(h, lw.gate_w, lw.gate_b)
+        up = _linear(h, lw.up_w, lw.up_b)
         if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
             gate = F.silu(gate, inplace=True).mul_(up)
         else:

@@ -1,0 +1,241 @@
+"""The int8 matmuls behind W8A16 and W8A8, one small function per (method, kernel), and the probe that
+picks one per device and batch size at load time.
+
+Every kernel computes ``y[M, N] = x[M, K] @ dequant(w)[N, K].T`` for an int8 weight ``w`` with one fp32
+scale per output channel (``w_scale[N]``); they differ in what runs underneath:
+
+| method | kernel          | where          | what it does                                                        |
+|--------|-----------------|----------------|---------------------------------------------------------------------|
+| w8a16  | `int8pack`      | CPU (torch≥2.3)| `aten._weight_int8pack_mm(x, w, scale)`: int8 weights, x in its dtype |
+| w8a16  | `int8pack_bf16` | CPU            | the same with x cast to bf16 (wins at M=1 even on AVX2, per DESIGN.md)  |
+| w8a16  | `dequant`       | anywhere       | `F.linear(x, w.to(x.dtype)) * scale`: the plain fallback              |
+| w8a16  | `npu`           | Ascend         | `torch_npu.npu_weight_quant_batchmatmul` (vLLM-Ascend's W8A16; UNTESTED) |
+| w8a8   | `int_mm`        | CPU, CUDA      | x quantised per token, `torch._int_mm` int8×int8→int32 (fast with VNNI) |
+| w8a8   | `dequant`       | anywhere       | x quantised per token, the same integers in fp32: no int8 speed  |
+| w8a8   | `npu`           | Ascend         | `npu_dynamic_quant` + `npu_quant_matmul` (W8A8_DYNAMIC; UNTESTED) |
+
+NOTE: which one is fastest depends on the CPU (VNNI or not, native bf16 or not) and on M (batch-1 decode
+reads weights; 64-row steps compute), so `choose_kernels` times the candidates once per process on the
+model's MLP shape, for a small M and a large M, and the layer picks by the rows it gets.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("npukit.quant")
+
+METHODS = ("w8a16", "w8a8")
+INT8_MAX = 127  # symmetric: -127..127, so negating a value never overflows
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot run here; the message says what to do instead."""
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float weight [N, K] -> (int8 [N, K], fp32 scale [N]): one symmetric scale per output row."""
+    w32 = w.detach().float()
+    scale = w32.abs().amax(dim=1).clamp_min(1e-8) / INT8_MAX
+    q = torch.round(w32 / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (int8 [M, K], fp32 scale [M, 1]): one symmetric scale per row, at run time."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(INT8_MAX)
+    # NOTE: |x / scale| <= 127 by construction, so no clamp; multiplying by 1/scale is one pass cheaper.
+    return (x32 * scale.reciprocal()).round_().to(torch.int8), scale
+
+
+# ---------------------------------------------------------------- W8A16: int8 weights, float activations
+def w8a16_int8pack(x, w, w_scale):
+    return torch.ops.aten._weight_int8pack_mm(x, w, w_scale.to(x.dtype))
+
+
+def w8a16_int8pack_bf16(x, w, w_scale):
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, w_scale.to(torch.bfloat16)).to(x.dtype)
+
+
+def w8a16_dequant(x, w, w_scale):
+    # NOTE: scaling the output rows equals scaling the weight rows first (one scale per output channel),
+    # and touches N numbers per row instead of N*K.
+    return F.linear(x, w.to(x.dtype)) * w_scale.to(x.dtype)
+
+
+def w8a16_npu(x, w, w_scale):  # UNTESTED: no Ascend NPU here; the call vLLM-Ascend's W8A16 method makes
+    import torch_npu
+
+    # NOTE: vLLM-Ascend transposes the weight to [K, N] (and casts it to the NZ format) once at load.
+    return torch_npu.npu_weight_quant_batchmatmul(x=x, weight=w.t(), antiquant_scale=w_scale.to(x.dtype))
+
+
+# ---------------------------------------------------------------- W8A8: int8 weights and activations
+def w8a8_int_mm(x, w, w_scale):
+    qx, x_scale = quantize_per_token(x)
+    acc = torch._int_mm(qx, w.t())  # int32 [M, N]: exact integer dot products
+    return acc.float().mul_(x_scale).mul_(w_scale).to(x.dtype)
+
+
+def w8a8_dequant(x, w, w_scale):
+    # NOTE: the same integers multiplied in fp32. Products and their sums stay exact while |sum| < 2**24
+    # (127*127*K for K <= 1040; typical rows are far below), so this matches int_mm almost bit for bit.
+    qx, x_scale = quantize_per_token(x)
+    acc = F.linear(qx.float(), w.float())
+    return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
+
+
+def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMIC method
+    import torch_npu
+
+    qx, pertoken_scale = torch_npu.npu_dynamic_quant(x)
+    return torch_npu.npu_quant_matmul(qx, w.t(), w_scale, pertoken_scale=pertoken_scale.flatten(),
+                                      output_dtype=x.dtype)
+
+
+KERNELS = {
+    "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "dequant": w8a16_dequant,
+              "npu": w8a16_npu},
+    "w8a8": {"int_mm": w8a8_int_mm, "dequant": w8a8_dequant, "npu": w8a8_npu},
+}
+
+
+def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
+    """Kernels worth trying for `method` on this device and activation dtype (the fallback last)."""
+    if device_type == "npu":
+        return ["npu", "dequant"]
+    if method == "w8a16":
+        if device_type in ("cpu", "cuda"):
+            extra = ["int8pack_bf16"] if device_type == "cpu" and dtype != torch.bfloat16 else []
+            return ["int8pack"] + extra + ["dequant"]
+        return ["dequant"]
+    return ["int_mm", "dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
+
+
+@dataclass
+class KernelPlan:
+    """Which kernel a quantised linear runs: `small` for at most `cutoff` rows (decode), else `large`."""
+
+    method: str
+    small: str
+    large: str
+    cutoff: int = 16
+    reasons: list[str] = field(default_factory=list)  # the probe's timings, or why a kernel was forced
+
+    def __post_init__(self):
+        self._small, self._large = KERNELS[self.method][self.small], KERNELS[self.method][self.large]
+
+    def pick(self, rows: int):
+        return self._small if rows <= self.cutoff else self._large
+
+    def describe(self) -> str:
+        if self.small == self.large:
+            return f"{self.method}: {self.small}"
+        return f"{self.method}: {self.small} for <= {self.cutoff} rows, {self.large} above"
+
+
+def _time_us(fn, device: torch.device, budget_s: float = 0.25) -> float:
+    """Best of 3: on CPU in process CPU time (on a shared machine wall time counts other processes' turns),
+    elsewhere in wall time with the device synchronised."""
+    if device.type == "cpu":
+        clock = time.process_time
+    else:
+        from ..device import synchronize
+
+        def clock():
+            synchronize(device)
+            return time.perf_counter()
+    fn()  # warm-up (and first-call allocations)
+    t0 = clock()
+    fn()
+    once = clock() - t0
+    reps = max(1, min(20, int(budget_s / max(once, 1e-4))))
+    best = once
+    for _ in range(3):
+        t0 = clock()
+        for _ in range(reps):
+            fn()
+        best = min(best, (clock() - t0) / reps)
+    return best * 1e6
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
+    """{rows: (best kernel, {kernel: µs or error})} for random int8 weights of shape [n, k]."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        # NOTE: timed on one thread: on a busy machine a multi-threaded kernel waits for a descheduled
+        # sibling thread (we saw 100x swings), while one thread ranks the kernels by the work they do.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _probe_rows(method, dev, dtype, n, k, rows)
+        finally:
+            torch.set_num_threads(threads)
+    return _probe_rows(method, dev, dtype, n, k, rows)
+
+
+def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    w, w_scale = quantize_per_channel(torch.randn(n, k, generator=g))
+    w, w_scale = w.to(dev), w_scale.to(dev)
+    out = []
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, k, generator=g).to(dev, dtype)
+            ref = w8a8_dequant(x, w, w_scale) if method == "w8a8" else w8a16_dequant(x.double(), w, w_scale.double())
+            results: dict[str, float | str] = {}
+            for name in candidates(method, dev.type, dtype):
+                fn = KERNELS[method][name]
+                try:
+                    y = fn(x, w, w_scale)
+                    err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+                    if not err < 2e-2:  # bf16 activations: ~4e-3
+                        raise RuntimeError(f"relative error {err:.1e} against the reference")
+                    results[name] = _time_us(functools.partial(fn, x, w, w_scale), dev)
+                except Exception as e:  # noqa: BLE001 - a kernel this build/device lacks is simply skipped
+                    results[name] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            timed = {k_: v for k_, v in results.items() if isinstance(v, float)}
+            best = min(timed, key=timed.get) if timed else None
+            out.append((m, best, tuple(results.items())))
+    return tuple(out)
+
+
+def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, int], *,
+                   kernel: str | None = None, small_rows: int = 1, large_rows: int = 64) -> KernelPlan:
+    """Measure the candidate kernels once (per process, device, dtype and shape) and pick per batch size.
+
+    ``kernel`` forces one kernel for every batch size (e.g. ``"dequant"`` for numbers that are the same
+    on every CPU). Raises QuantizationError when no kernel runs here at all.
+    """
+    if method not in KERNELS:
+        raise QuantizationError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
+    dev = torch.device(device)
+    if kernel is not None:
+        if kernel not in KERNELS[method]:
+            raise QuantizationError(f"unknown {method} kernel {kernel!r}; the kernels are "
+                                    f"{', '.join(KERNELS[method])}")
+        return KernelPlan(method, kernel, kernel, reasons=[f"{kernel} forced"])
+    n, k = shape
+    probe = _probe(method, str(dev), dtype, n, k, (small_rows, large_rows))
+    reasons, picks = [], []
+    for m, best, results in probe:
+        shown = ", ".join(f"{name} {v:.0f} µs" if isinstance(v, float) else f"{name} {v}" for name, v in results)
+        reasons.append(f"M={m} [{n}x{k}]: {shown}")
+        picks.append(best)
+    if None in picks:
+        raise QuantizationError(
+            f"no {method} kernel runs on {dev} with {str(dtype).removeprefix('torch.')} activations "
+            f"({'; '.join(reasons)}); load without quantization, or in another dtype / on another device")
+    plan = KernelPlan(method, picks[0], picks[1], cutoff=max(small_rows, large_rows // 4), reasons=reasons)
+    if method == "w8a8" and "dequant" in (plan.small, plan.large) and dev.type != "npu":
+        log.warning("W8A8 on %s runs the dequantise-then-matmul fallback for some batch sizes (%s): same "
+                    "numbers as int8, no int8 speed-up (torch._int_mm is fast only with AVX512-VNNI on CPU)",
+                    dev, plan.describe())
+    return plan

@@ -1,0 +1,193 @@
+"""QuantLinear and quantize_model: swap a decoder's nn.Linear layers for int8 ones, in place.
+
+    report = quantize_model(model, "w8a16")                 # or "w8a8" (smoothed when given a tokenizer)
+    sum(t.nbytes for t in model.state_dict().values())       # the int8 weights + scales are in the state_dict
+
+Quantised: every decoder layer's q/k/v/o and gate/up/down projections (what vLLM-Ascend's W8A8_DYNAMIC and
+msModelSlim quantise). Not quantised: the embedding table and lm_head (tied in SmolLM2; the logits are the
+most sensitive output), norms and biases.
+"""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel
+
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class QuantLinear(nn.Module):
+    """An nn.Linear stored as int8 ``weight`` [out, in] + fp32 ``weight_scale`` [out] (vLLM-Ascend's names).
+
+    ``forward`` accepts [..., in] like nn.Linear; the kernel comes from the shared KernelPlan and the number
+    of rows (``plan.pick``).
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 plan: KernelPlan):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"QuantLinear wants an int8 [out, in] weight, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.method = plan.method
+        self.plan = plan
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, plan: KernelPlan) -> QuantLinear:
+        q, scale = quantize_per_channel(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q.to(linear.weight.device), scale.to(linear.weight.device), bias, plan)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight this layer stands for (int8 × scale), for error plots and tests."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T × weight_scale, without the bias (the engine's runner adds the bias itself)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        return self.plan.pick(x2.shape[0])(x2, self.weight, self.weight_scale).view(*shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(x)
+        return y if self.bias is None else y + self.bias
+
+    def shard(self, cut, *, row_parallel: bool) -> QuantLinear:
+        """A tensor-parallel rank's slice, without the bias (the runner slices or adds it).
+
+        ``cut(t)`` slices a tensor as the float weight is split. Column-parallel: the weight's rows and their
+        scales. Row-parallel: the weight's columns, every scale (a rank's partial sums are scaled per output
+        channel, so the all-reduce adds them exactly as it adds float partial sums).
+        """
+        scale = self.weight_scale if row_parallel else cut(self.weight_scale)
+        return QuantLinear(cut(self.weight), scale, None, self.plan)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.plan.describe()}"
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
+        raise QuantizationError(f"quantize_model knows Llama-family decoders (model.model.layers[i].self_attn / "
+                                f".mlp), not {type(model).__name__}; load it without quantization")
+    return list(layers)
+
+
+def named_linears(model) -> list[tuple[str, nn.Module]]:
+    """("layers.3.mlp.down_proj", module) for every projection quantize_model handles, in order."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for part, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)):
+            for name in names:
+                out.append((f"layers.{i}.{part}.{name}", getattr(getattr(layer, part), name)))
+    return out
+
+
+def state_dict_bytes(model) -> int:
+    """Bytes of the model's state_dict, each tensor counted once (SmolLM2's lm_head is the embedding)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of the projection weights (+ scales) that quantize_model replaces."""
+    total = 0
+    for _, m in named_linears(model):
+        total += m.weight.nbytes + (m.weight_scale.nbytes if isinstance(m, QuantLinear) else 0)
+    return total
+
+
+@dataclass
+class QuantReport:
+    method: str
+    kernels: str                      # KernelPlan.describe()
+    smoothing: str                    # "off" or "SmoothQuant alpha=0.5 on N calibration tokens"
+    num_linears: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+    seconds: float
+    reasons: list[str] = field(default_factory=list)  # the kernel probe's timings
+
+    def rows(self) -> list[tuple[str, str]]:
+        mib = 2**20
+        return [("method", self.method), ("kernels", self.kernels), ("smoothing", self.smoothing),
+                ("linears quantised", str(self.num_linears)),
+                ("linear weights",
+                 f"{self.linear_bytes_before / mib:.1f} MiB → {self.linear_bytes_after / mib:.1f} MiB "
+                                   f"({self.linear_bytes_before / self.linear_bytes_after:.2f}x smaller)"),
+                ("whole model", f"{self.model_bytes_before / mib:.1f} MiB → {self.model_bytes_after / mib:.1f} MiB"),
+                ("time", f"{self.seconds:.2f} s"), ("probe", " | ".join(self.reasons) or "-")]
+
+    def __str__(self) -> str:
+        w = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
+
+    def _repr_html_(self) -> str:
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(v)}</td></tr>" for k, v in self.rows())
+        return f"<table>{body}</table>"
+
+
+@torch.no_grad()
+def quantize_model(model, method: str, *, tokenizer=None, smooth: bool | None = None, alpha: float = 0.5,
+                   calibration_text: str | None = None, kernel: str | None = None) -> QuantReport:
+    """Quantise the decoder's projections of `model` in place; returns (and sets ``model.quant_report``).
+
+    method: "w8a16" (weight-only) or "w8a8" (dynamic per-token activations).
+    smooth: SmoothQuant-style smoothing before quantising (default: on for w8a8, off for w8a16); it runs the
+    model on ``calibration_text`` (default: npukit.quant.smooth.CALIBRATION_TEXT), so it needs `tokenizer`.
+    kernel: force one kernel (see npukit.quant.kernels) instead of the per-CPU probe.
+    """
+    if method not in METHODS:
+        raise QuantizationError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} (or None)")
+    done = getattr(model, "quantization", None)
+    if done is not None:
+        raise QuantizationError(f"this model is already quantised ({done}); load a fresh copy to quantise it "
+                                f"as {method}")
+    linears = named_linears(model)
+    t0 = time.perf_counter()
+    model_before, linear_before = state_dict_bytes(model), linear_weight_bytes(model)
+    smooth = (method == "w8a8") if smooth is None else smooth
+    smoothing = "off"
+    if smooth:
+        if tokenizer is None:
+            raise QuantizationError("smoothing runs the model on calibration text: pass tokenizer= (or smooth=False)")
+        from .smooth import CALIBRATION_TEXT, smooth_model
+
+        ids = tokenizer(calibration_text or CALIBRATION_TEXT, return_tensors="pt").input_ids
+        smooth_model(model, ids, alpha=alpha)
+        smoothing = f"SmoothQuant alpha={alpha} on {ids.shape[1]} calibration tokens"
+    w = model.model.layers[0].mlp.gate_proj.weight
+    act_dtype = model.get_input_embeddings().weight.dtype
+    plan = choose_kernels(method, w.device, act_dtype, tuple(w.shape), kernel=kernel)
+    for name, lin in linears:
+        if not isinstance(lin, nn.Linear):
+            raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear; cannot quantise it")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.model.get_submodule(parent_name), attr, QuantLinear.from_linear(lin, plan))
+    model.quantization = method
+    report = QuantReport(
+        method=method, kernels=plan.describe(), smoothing=smoothing, num_linears=len(linears),
+        linear_bytes_before=linear_before, linear_bytes_after=linear_weight_bytes(model),
+        model_bytes_before=model_before, model_bytes_after=state_dict_bytes(model),
+        seconds=time.perf_counter() - t0, reasons=plan.reasons)
+    model.quant_report = report
+    return report

@@ -1,0 +1,190 @@
+"""npukit.quant: int8 kernels against a float64 reference, quantize_model's state_dict and errors, smoothing
+that leaves outputs unchanged, and the engine running quantised layers (greedy equal to HF on the same
+quantised model, and the same whatever the batch)."""
+import logging
+
+import pytest
+import torch
+
+import npukit
+from npukit.engine import LLM, SamplingParams
+from npukit.engine.config import EngineConfig, add_engine_args, engine_args
+from npukit.quant import (
+    QuantizationError,
+    QuantLinear,
+    choose_kernels,
+    linear_weight_bytes,
+    quantize_model,
+    quantize_per_channel,
+    quantize_per_token,
+    state_dict_bytes,
+)
+from npukit.quant import kernels as K
+from npukit.quant.smooth import CALIBRATION_TEXT, smooth_model
+
+GREEDY = dict(temperature=0.0, ignore_eos=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fresh_tiny():
+    return npukit.load_model("tiny-llama", device="cpu", dtype="float32")
+
+
+def test_per_channel_and_per_token_quantisation_round_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=g) * torch.linspace(0.01, 3, 48)[:, None]
+    q, s = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and s.shape == (48,) and q.abs().max() <= 127
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(1) == 127).all()  # every row uses the full range
+    x = torch.randn(5, 40, generator=g)
+    qx, sx = quantize_per_token(x)
+    assert sx.shape == (5, 1) and ((qx.float() * sx - x).abs() <= sx / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("method,kernel", [(m, k) for m in K.METHODS for k in K.KERNELS[m] if k != "npu"])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_kernels_match_a_float64_reference(method, kernel, rows):
+    g = torch.Generator().manual_seed(rows)
+    w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
+    x = torch.randn(rows, 64, generator=g) * 3
+    if method == "w8a16":  # exact math: x @ dequant(w).T in float64
+        ref = x.double() @ (w.double() * w_scale.double()[:, None]).T
+        tol = 1e-2 if kernel.endswith("bf16") else 1e-5  # bf16 activations: 8 bits of mantissa
+    else:  # the int8 activations the kernel sees, then exact math
+        qx, sx = quantize_per_token(x)
+        ref = (qx.double() * sx.double()) @ (w.double() * w_scale.double()[:, None]).T
+        tol = 1e-5
+    y = K.KERNELS[method][kernel](x, w, w_scale)
+    assert y.dtype == x.dtype and y.shape == (rows, 96)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_quantize_model_puts_int8_weights_and_scales_in_the_state_dict(tiny):
+    model, tok = fresh_tiny()
+    before_linear, before_all = linear_weight_bytes(model), state_dict_bytes(model)
+    report = quantize_model(model, "w8a16", tokenizer=tok)
+    sd = model.state_dict()
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
+    assert sd["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # embeddings / lm_head stay float
+    n = sum(1 for k, v in sd.items() if v.dtype == torch.int8)
+    assert n == report.num_linears == 7 * len(model.model.layers)
+    assert report.linear_bytes_before == before_linear and report.model_bytes_before == before_all
+    # fp32 -> int8 + one fp32 scale per output row: 4K/(K+4) smaller (3.76x at hidden 64, 3.97x at SmolLM2's 576)
+    shapes = [m.weight.shape for _, m in npukit.quant.named_linears(model)]
+    assert linear_weight_bytes(model) == sum(n * k + 4 * n for n, k in shapes) == before_linear // 4 + 4 * sum(
+        n for n, _ in shapes)
+    assert state_dict_bytes(model) == report.model_bytes_after < before_all
+    assert model.quantization == "w8a16" and model.quant_report is report and "w8a16" in str(report)
+
+
+def test_bad_settings_say_what_to_do(tiny):
+    model, tok = fresh_tiny()
+    with pytest.raises(QuantizationError, match="use one of w8a16, w8a8"):
+        quantize_model(model, "int4")
+    with pytest.raises(QuantizationError, match="tokenizer="):
+        quantize_model(model, "w8a8")  # smoothing needs calibration text
+    with pytest.raises(QuantizationError, match="kernels are"):
+        quantize_model(model, "w8a8", smooth=False, kernel="nope")
+    quantize_model(model, "w8a8", smooth=False, kernel="dequant")
+    with pytest.raises(QuantizationError, match="already quantised"):
+        quantize_model(model, "w8a16")
+    with pytest.raises(ValueError, match="quantization must be None or one of"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(QuantizationError, match="already quantised"):
+        LLM(model, tok, quantization="w8a16", num_kv_blocks=16)
+
+
+def test_w8a8_without_an_int8_kernel_falls_back_with_a_warning_or_fails_clearly(monkeypatch, caplog):
+    def broken(x, w, s):
+        raise RuntimeError("no int8 kernel on this device")
+
+    K._probe.cache_clear()
+    monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", broken)
+    try:
+        with caplog.at_level(logging.WARNING, logger="npukit.quant"):
+            plan = choose_kernels("w8a8", "cpu", torch.float32, (32, 16))
+        assert (plan.small, plan.large) == ("dequant", "dequant")
+        assert "dequantise-then-matmul fallback" in caplog.text and "unavailable" in plan.reasons[0]
+        K._probe.cache_clear()
+        monkeypatch.setitem(K.KERNELS["w8a8"], "dequant", broken)
+        with pytest.raises(QuantizationError, match="no w8a8 kernel runs on cpu"):
+            choose_kernels("w8a8", "cpu", torch.float32, (32, 16))
+    finally:
+        K._probe.cache_clear()
+
+
+def test_smoothing_leaves_the_float_model_unchanged_and_flattens_activation_outliers():
+    model, tok = fresh_tiny()
+    ids = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        ref = model(ids).logits
+        # make an outlier channel, as real LLMs have: scale one hidden channel's norm weight up 50x
+        model.model.layers[0].input_layernorm.weight[3] *= 50
+        model.model.layers[0].self_attn.q_proj.weight[:, 3] /= 50
+        model.model.layers[0].self_attn.k_proj.weight[:, 3] /= 50
+        model.model.layers[0].self_attn.v_proj.weight[:, 3] /= 50
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        factors = smooth_model(model, ids, alpha=0.5)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    s = factors["layers.0.self_attn.q_proj"]
+    assert s[3] == s.max()  # the outlier channel is divided the most
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_model(model, ids, alpha=2)
+
+
+@pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm")])
+def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_batch(method, kernel):
+    model, tok = fresh_tiny()
+    quantize_model(model, method, tokenizer=tok, kernel=kernel)
+    prompts = ["Hello there", "The cat sat on the", "1 2 3 4", "a" * 40, "Once upon a time"]
+    ids = [tok(p).input_ids for p in prompts]
+    ref = []
+    with torch.inference_mode():
+        for x in ids:
+            x = torch.tensor([x])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)
+            ref.append(y[0, x.shape[1]:].tolist())
+    llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
+    assert llm.config.quantization == method
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    alone = [llm.generate([x], params, use_tqdm=False)[0].outputs[0].token_ids for x in ids]
+    together = [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
+    assert alone == ref
+    assert together == ref
+
+
+def test_llm_and_load_model_take_quantization_and_the_cli_flag_parses():
+    llm = LLM("tiny-llama", device="cpu", dtype="float32", quantization="w8a16", num_kv_blocks=16)
+    assert isinstance(llm.model.model.layers[0].mlp.up_proj, QuantLinear)
+    assert "quantised: w8a16" in "; ".join(llm.model.load_report.reasons)
+    out = llm.generate(["Hi"], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    assert 1 <= len(out[0].outputs[0].token_ids) <= 4
+    import argparse
+
+    parser = add_engine_args(argparse.ArgumentParser())
+    assert engine_args(parser.parse_args(["--quantization", "w8a8"]))["quantization"] == "w8a8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "int4"])
+
+
+def test_graduate_flags_for_quantization_say_that_vllm_does_not_quantise_at_load():
+    from npukit.quant.vllm_flags import vllm_quantization
+
+    assert vllm_quantization(None, "npu") == ([], [])
+    flags, notes = vllm_quantization("w8a8", "npu")
+    assert flags == ["--quantization", "ascend"] and "msModelSlim (W8A8_DYNAMIC" in notes[0]
+    flags, notes = vllm_quantization("w8a16", "cuda")
+    assert flags == [] and "LLM-Compressor" in notes[0]
+    with pytest.raises(ValueError, match="unknown quantization"):
+        vllm_quantization("int4", "npu")
