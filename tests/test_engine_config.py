@@ -34,6 +34,10 @@ def test_every_field_is_a_flag_of_every_engine_command(command):
         if f.type in (bool, "bool"):
             ns = parser.parse_known_args([cli_flag(f).replace("--", "--no-", 1)])[0]
             assert engine_args(ns)[f.name] is False
+        elif f.metadata.get("choices"):
+            for choice in f.metadata["choices"]:
+                ns = parser.parse_known_args([cli_flag(f), choice])[0]
+                assert engine_args(ns)[f.name] == choice
         else:
             ns = parser.parse_known_args([cli_flag(f), "3"])[0]
             assert engine_args(ns)[f.name] == 3

@@ -25,12 +25,7 @@ from npukit.quant.smooth import CALIBRATION_TEXT, smooth_model
 GREEDY = dict(temperature=0.0, ignore_eos=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh_tiny():
@@ -162,6 +157,24 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
     together = [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
     assert alone == ref
     assert together == ref
+
+
+def test_tensor_parallel_w8a16_greedy_equals_tp1_and_the_int8_shards_are_counted():
+    # Column-parallel ranks keep int8 rows + their scales, row-parallel ones int8 columns + every scale:
+    # the all-reduced partial sums equal the unsharded product, so greedy tokens match.
+    prompts = ["Hello there", "The cat sat on the", "1 2 3 4", "Once upon a time"]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    tp1 = LLM("tiny-llama", device="cpu", dtype="float32", quantization="w8a16", num_kv_blocks=64)
+    ref = [o.outputs[0].token_ids for o in tp1.generate(prompts, params, use_tqdm=False)]
+    tp2 = LLM("tiny-llama", device="cpu", dtype="float32", quantization="w8a16", num_kv_blocks=64,
+              tensor_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)] == ref
+        bytes_per_rank = [tp2.runner.runner.weight_bytes] + [w for w, _ in tp2.runner.worker_bytes]
+        assert len(set(bytes_per_rank)) == 1
+        assert bytes_per_rank[0] < tp1.runner.weight_bytes
+    finally:
+        tp2.shutdown()
 
 
 def test_llm_and_load_model_take_quantization_and_the_cli_flag_parses():

@@ -242,8 +242,14 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Bytes of the weights this runner uses (a rank's shard under tensor parallelism), tied ones once."""
         seen: dict[int, int] = {}
-        for t in [self.embed, self.final_norm, self.lm_head_w] + [
-                v for lw in self.layers for v in vars(lw).values() if isinstance(v, torch.Tensor)]:
+        tensors = [self.embed, self.final_norm, self.lm_head_w]
+        for lw in self.layers:
+            for v in vars(lw).values():
+                if isinstance(v, torch.Tensor):
+                    tensors.append(v)
+                elif isinstance(v, torch.nn.Module):  # a QuantLinear: int8 weight + scales
+                    tensors.extend(v.buffers())
+        for t in tensors:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 

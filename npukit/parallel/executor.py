@@ -45,7 +45,8 @@ def _device_for(kind: str, rank: int) -> str:
 
 
 def worker_main(rank: int, world_size: int, port: int, backend: str, model_path: str, dtype: str, device_kind: str,
-                block_size: int, num_kv_blocks: int, threads: int, timeout_s: float, conn) -> None:
+                block_size: int, num_kv_blocks: int, threads: int, timeout_s: float, quantization: str | None,
+                conn) -> None:
     """Rank ``rank``: load, shard, then run what rank 0 sends until ("exit",) or until rank 0 goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -53,7 +54,10 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, model_path:
         from ..engine.runner import ModelRunner
         from ..loading import load_model
 
-        model, _ = load_model(model_path, device=_device_for(device_kind, rank), dtype=dtype)
+        # NOTE: quantising is deterministic (smoothing calibrates on a fixed passage), so every rank holds the
+        # same int8 weights as rank 0 before it keeps its slice.
+        model, _ = load_model(model_path, device=_device_for(device_kind, rank), dtype=dtype,
+                              quantization=quantization)
         conn.send(("loaded",))
         store, group = make_group(backend, port, rank, world_size, timeout_s)
         shard = Shard(rank, world_size, group, store)
@@ -144,7 +148,8 @@ class TensorParallelRunner:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=worker_main, name=f"npukit-tp-rank{rank}", daemon=True,
                                 args=(rank, tp, port, backend, model_path, dtype, device.type, block_size,
-                                      num_kv_blocks, threads, timeout_s, child))
+                                      num_kv_blocks, threads, timeout_s, getattr(model, "quantization", None),
+                                      child))
                 p.start()
                 child.close()
                 self.procs.append(p)
