@@ -122,6 +122,20 @@ def fake_peer(monkeypatch):
 ONLY_PEERS = [*SMALL, "--skip", "static", "continuous", "tpot", "prefix"]
 
 
+def test_quantization_applies_to_the_engine_and_the_hf_baselines_alike(monkeypatch, tmp_path, capsys):
+    import npukit.bench.throughput as tp
+
+    seen = []
+    real_static = tp.run_hf_static
+    monkeypatch.setattr(tp, "run_hf_static", lambda model, *a: seen.append(model.quantization) or real_static(model, *a))
+    path = tmp_path / "q.json"
+    assert main([*SMALL, "--quick", "--quantization", "w8a16", "--skip", "vllm", "continuous", "tpot", "prefix",
+                 "--output-json", str(path)]) == 0
+    run = strict_json(path)["runs"][0]
+    assert run["quantization"] == "w8a16" and seen and set(seen) == {"w8a16"}
+    assert "weights: w8a16 for npukit and the HF baselines" in capsys.readouterr().out
+
+
 def test_vllm_peer_runs_the_same_token_ids(fake_peer, workload, tmp_path, capsys):
     path = tmp_path / "peer.json"
     assert main([*ONLY_PEERS, "--vllm-python", sys.executable, "--output-json", str(path)]) == 0

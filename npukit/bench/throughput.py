@@ -381,7 +381,8 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     if "static" not in skip:
         for b in batch_sizes:
             add(run_hf_static(model, tokenizer, workload, b))
-    report: dict[str, Any] = {"dtype": dtype, "model_path": model_dir}
+    report: dict[str, Any] = {"dtype": dtype, "model_path": model_dir,
+                              "quantization": getattr(model, "quantization", None)}
     if "continuous" not in skip:
         try:
             add(run_hf_continuous(model, workload, num_kv_tokens=cfg.num_kv_blocks * cfg.block_size,
@@ -454,7 +455,11 @@ def _vllm(python: str | None, model_dir: str | None, workload: Workload, dtype: 
 
 def format_report(report: dict[str, Any]) -> str:
     """The side-by-side table and the extra measurements of one dtype's report."""
-    lines = [f"\n  {'':44s} {'out tokens':>10s} {'wall s':>8s} {'out tok/s':>10s} {'npukit speedup':>15s} "
+    lines = []
+    if report.get("quantization"):
+        lines.append(f"\n  weights: {report['quantization']} for npukit and the HF baselines (the same int8 model); "
+                     "a vLLM peer loads the float checkpoint")
+    lines += [f"\n  {'':44s} {'out tokens':>10s} {'wall s':>8s} {'out tok/s':>10s} {'npukit speedup':>15s} "
              f"{'cpu s':>8s} {'speedup (cpu s)':>16s}"]
     for r in report["results"]:
         lines.append(f"  {r['name']:44s} {r['output_tokens']:10d} {r['wall_s']:8.2f} {r['output_throughput']:10.1f} "
@@ -604,7 +609,10 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     failed_peer = False
     for dtype in dtypes:
         try:
-            model, tokenizer = npukit.load_model(args.model, device="cpu", dtype=dtype)
+            # NOTE: quantised once here, so the engine, the HF baselines and batch-1 TPOT all run the same int8
+            # weights (the LLM sees an already quantised model and leaves it be); vLLM loads the float checkpoint.
+            model, tokenizer = npukit.load_model(args.model, device="cpu", dtype=dtype,
+                                                 quantization=engine_args(args).get("quantization"))
             workload = make_workload(tokenizer, num_prompts, prompt_len, output_len, seed=args.seed)
         except Exception as e:  # a bad --model / --dtype / length: say so without a traceback
             return error(f"could not set up {args.model!r} in {dtype}: {type(e).__name__}: {e}")
