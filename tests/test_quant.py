@@ -20,7 +20,14 @@ from npukit.quant import (
     state_dict_bytes,
 )
 from npukit.quant import kernels as K
-from npukit.quant.smooth import CALIBRATION_TEXT, smooth_model
+from npukit.quant.smooth import (
+    ALPHAS,
+    CALIBRATION_TEXT,
+    activation_absmax,
+    search_alpha,
+    smooth_model,
+    smoothing_factors,
+)
 
 GREEDY = dict(temperature=0.0, ignore_eos=False)
 
@@ -129,12 +136,36 @@ def test_smoothing_leaves_the_float_model_unchanged_and_flattens_activation_outl
         model.model.layers[0].self_attn.k_proj.weight[:, 3] /= 50
         model.model.layers[0].self_attn.v_proj.weight[:, 3] /= 50
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
-        factors = smooth_model(model, ids, alpha=0.5)
+        act = activation_absmax(model, ids)["layers.0.self_attn.q_proj"]
+        attn = model.model.layers[0].self_attn
+        weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        s = smoothing_factors(act, weights, 0.5)
+        assert s[3] == s.max()  # the outlier channel is divided the most
+        alphas = smooth_model(model, ids)  # alpha searched per group
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
-    s = factors["layers.0.self_attn.q_proj"]
-    assert s[3] == s.max()  # the outlier channel is divided the most
+        assert model.model.layers[0].input_layernorm.weight[3] < 50 * 0.5  # the outlier was moved to the weights
+    assert set(alphas) == {f"layers.{i}.{k}" for i in range(model.config.num_hidden_layers)
+                           for k in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")}
+    assert alphas["layers.0.self_attn.q_proj"] > 0 and set(alphas.values()) <= set(ALPHAS)
     with pytest.raises(ValueError, match="alpha"):
         smooth_model(model, ids, alpha=2)
+
+
+def test_the_searched_alpha_is_the_one_with_the_smallest_int8_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 5] *= 40  # an outlier input channel
+    w = torch.randn(16, 32, generator=g)
+    ref = x @ w.T
+
+    def error(alpha):
+        s = smoothing_factors(x.abs().amax(0), [w], alpha)
+        qx, sx = quantize_per_token(x / s)
+        qw, sw = quantize_per_channel(w * s)
+        return float(((qx.float() * sx) @ (qw.float() * sw[:, None]).T - ref).pow(2).mean())
+
+    best = search_alpha(x, [w], per_token_activations=True)
+    assert error(best) == min(error(a) for a in ALPHAS) < error(0.0)
 
 
 @pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm")])

@@ -1,6 +1,6 @@
 """QuantLinear and quantize_model: swap a decoder's nn.Linear layers for int8 ones, in place.
 
-    report = quantize_model(model, "w8a16")                 # or "w8a8" (smoothed when given a tokenizer)
+    report = quantize_model(model, "w8a16", tokenizer=tok)  # or "w8a8"; smoothing calibrates on a fixed text
     sum(t.nbytes for t in model.state_dict().values())       # the int8 weights + scales are in the state_dict
 
 Quantised: every decoder layer's q/k/v/o and gate/up/down projections (what vLLM-Ascend's W8A8_DYNAMIC and
@@ -10,6 +10,7 @@ most sensitive output), norms and biases.
 from __future__ import annotations
 
 import html
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -117,7 +118,7 @@ def linear_weight_bytes(model) -> int:
 class QuantReport:
     method: str
     kernels: str                      # KernelPlan.describe()
-    smoothing: str                    # "off" or "SmoothQuant alpha=0.5 on N calibration tokens"
+    smoothing: str                    # "off" or how it smoothed (alpha fixed or searched, calibration tokens)
     num_linears: int
     linear_bytes_before: int
     linear_bytes_after: int
@@ -147,13 +148,14 @@ class QuantReport:
 
 
 @torch.no_grad()
-def quantize_model(model, method: str, *, tokenizer=None, smooth: bool | None = None, alpha: float = 0.5,
+def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, alpha: float | None = None,
                    calibration_text: str | None = None, kernel: str | None = None) -> QuantReport:
     """Quantise the decoder's projections of `model` in place; returns (and sets ``model.quant_report``).
 
     method: "w8a16" (weight-only) or "w8a8" (dynamic per-token activations).
-    smooth: SmoothQuant-style smoothing before quantising (default: on for w8a8, off for w8a16); it runs the
-    model on ``calibration_text`` (default: npukit.quant.smooth.CALIBRATION_TEXT), so it needs `tokenizer`.
+    smooth: the anti-outlier step before quantising (npukit.quant.smooth); it runs the model on
+    ``calibration_text`` (default: CALIBRATION_TEXT), so it needs `tokenizer`. alpha: None searches it per
+    group (default), a number fixes it (SmoothQuant: 0.5).
     kernel: force one kernel (see npukit.quant.kernels) instead of the per-CPU probe.
     """
     if method not in METHODS:
@@ -165,7 +167,6 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool | None = 
     linears = named_linears(model)
     t0 = time.perf_counter()
     model_before, linear_before = state_dict_bytes(model), linear_weight_bytes(model)
-    smooth = (method == "w8a8") if smooth is None else smooth
     smoothing = "off"
     if smooth:
         if tokenizer is None:
@@ -173,8 +174,10 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool | None = 
         from .smooth import CALIBRATION_TEXT, smooth_model
 
         ids = tokenizer(calibration_text or CALIBRATION_TEXT, return_tensors="pt").input_ids
-        smooth_model(model, ids, alpha=alpha)
-        smoothing = f"SmoothQuant alpha={alpha} on {ids.shape[1]} calibration tokens"
+        alphas = smooth_model(model, ids, alpha=alpha, per_token_activations=method == "w8a8")
+        how = f"alpha={alpha}" if alpha is not None else (
+            f"alpha searched per group (median {statistics.median(alphas.values()):.1f})")
+        smoothing = f"SmoothQuant-style, {how}, on {ids.shape[1]} calibration tokens"
     w = model.model.layers[0].mlp.gate_proj.weight
     act_dtype = model.get_input_embeddings().weight.dtype
     plan = choose_kernels(method, w.device, act_dtype, tuple(w.shape), kernel=kernel)

@@ -15,6 +15,12 @@ and the division ``x / s`` is folded into whatever produced x, so it costs nothi
 
 o_proj is left alone: its input is attention output, where folding needs equal factors across the query
 heads that share a KV head.
+
+alpha: SmoothQuant fixes it (0.5). By default npukit *searches* it per group instead (msModelSlim's
+anti-outlier methods and AWQ search their scales too): for each alpha in ALPHAS it quantises the smoothed
+weights (and, for W8A8, the smoothed activations per token) and keeps the alpha whose product is closest to
+the float one on the calibration tokens. W8A16 gains as well: small alphas protect the weight columns that
+meet large activations.
 """
 from __future__ import annotations
 
@@ -38,10 +44,15 @@ CALIBRATION_TEXT = (
 )
 
 
-@torch.no_grad()
-def activation_absmax(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of every projection's input over the calibration tokens (fp32, [in])."""
-    stats: dict[str, torch.Tensor] = {}
+ALPHAS = tuple(i / 10 for i in range(11))
+# NOTE: the search's cost: it scores at most this many calibration tokens and output rows per group
+SEARCH_TOKENS, SEARCH_ROWS = 128, 512
+
+
+def _capture_inputs(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fp32 inputs [tokens, in] of every smoothing group's linears (q_proj, gate_proj, down_proj) and
+    o_proj's, from one forward pass over the calibration tokens."""
+    inputs: dict[str, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(decoder_layers(model)):
         for part, names in (("self_attn", ("q_proj", "o_proj")), ("mlp", ("gate_proj", "down_proj"))):
@@ -49,47 +60,85 @@ def activation_absmax(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]
                 key = f"layers.{i}.{part}.{name}"
 
                 def hook(_mod, args, key=key):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
-                    stats[key] = torch.maximum(stats[key], x) if key in stats else x
+                    inputs[key] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
 
                 hooks.append(getattr(getattr(layer, part), name).register_forward_pre_hook(hook))
     try:
-        model(input_ids.to(model.get_input_embeddings().weight.device))
+        with torch.no_grad():
+            model(input_ids.to(model.get_input_embeddings().weight.device))
     finally:
         for h in hooks:
             h.remove()
-    return stats
+    return inputs
 
 
-def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+def activation_absmax(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every projection's input over the calibration tokens (fp32, [in])."""
+    return {k: x.abs().amax(0) for k, x in _capture_inputs(model, input_ids).items()}
+
+
+def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float,
+                      w_max: torch.Tensor | None = None) -> torch.Tensor:
     """s_j = max|x_j|^alpha / max|W_j|^(1-alpha) over the linears that read the same input ([in])."""
-    w_max = torch.stack([w.detach().abs().float().amax(0) for w in weights]).amax(0)
+    if w_max is None:
+        w_max = torch.stack([w.detach().abs().float().amax(0) for w in weights]).amax(0)
     s = act_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)
     return s.clamp_min(1e-5)
 
 
+def _int8_rounded(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t rounded to the int8 grid of one symmetric scale per slice along ``dim`` (quantise, then dequantise)."""
+    scale = t.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 127
+    return torch.round(t / scale).mul_(scale)
+
+
 @torch.no_grad()
-def smooth_model(model, input_ids: torch.Tensor, alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """Smooth every decoder layer in place (the model's outputs do not change); returns the factors."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (SmoothQuant uses 0.5), got {alpha!r}")
-    stats = activation_absmax(model, input_ids)
-    factors = {}
+def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], per_token_activations: bool,
+                 alphas=ALPHAS) -> float:
+    """The alpha whose smoothed, int8-quantised product x W^T is closest (mean squared error) to the float one:
+    per-channel int8 weights, and per-token int8 activations when ``per_token_activations`` (W8A8)."""
+    w = torch.cat([t.detach().float() for t in weights])
+    act_max, w_max = x.abs().amax(0), w.abs().amax(0)
+    # NOTE: the maxima above saw every token and weight row; the error is scored on a strided sample of both
+    x = x[::max(1, -(-x.shape[0] // SEARCH_TOKENS))]
+    w = w[::max(1, -(-w.shape[0] // SEARCH_ROWS))]
+    ref = x @ w.T
+    errors = {}
+    for alpha in alphas:
+        s = smoothing_factors(act_max, weights, alpha, w_max)
+        xs = _int8_rounded(x / s, 1) if per_token_activations else x / s
+        errors[alpha] = float((xs @ _int8_rounded(w * s, 1).T).sub_(ref).pow_(2).mean())
+    return min(errors, key=errors.get)
+
+
+@torch.no_grad()
+def smooth_model(model, input_ids: torch.Tensor, alpha: float | None = None, *,
+                 per_token_activations: bool = True) -> dict[str, float]:
+    """Smooth every decoder layer in place (the model's float outputs do not change); returns each group's alpha.
+
+    alpha: a fixed SmoothQuant alpha in [0, 1], or None to search it per group (``search_alpha``), scoring
+    int8 weights and, when ``per_token_activations`` (W8A8), per-token int8 activations."""
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be None (search) or in [0, 1] (SmoothQuant uses 0.5), got {alpha!r}")
+    inputs = _capture_inputs(model, input_ids)
+    chosen = {}
     for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
-        groups = [(f"layers.{i}.self_attn.q_proj", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                  (f"layers.{i}.mlp.gate_proj", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
-        for key, norm, lins in groups:
-            s = smoothing_factors(stats[key], [lin.weight for lin in lins], alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
+        # (key of the shared input, the linears that read it, where x / s is folded: a norm's weight or up_proj)
+        groups = [(f"layers.{i}.self_attn.q_proj", [attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm),
+                  (f"layers.{i}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm),
+                  (f"layers.{i}.mlp.down_proj", [mlp.down_proj], mlp.up_proj)]
+        for key, lins, fold in groups:
+            weights = [lin.weight for lin in lins]
+            a = search_alpha(inputs[key], weights, per_token_activations) if alpha is None else alpha
+            s = smoothing_factors(inputs[key].abs().amax(0), weights, a)
             for lin in lins:
                 lin.weight.mul_(s.to(lin.weight.dtype))
-            factors[key] = s
-        key = f"layers.{i}.mlp.down_proj"
-        s = smoothing_factors(stats[key], [mlp.down_proj.weight], alpha)
-        mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
-        if mlp.up_proj.bias is not None:
-            mlp.up_proj.bias.div_(s.to(mlp.up_proj.bias.dtype))
-        mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype))
-        factors[key] = s
-    return factors
+            if fold is mlp.up_proj:  # its output rows are down_proj's input channels
+                fold.weight.div_(s.to(fold.weight.dtype)[:, None])
+                if fold.bias is not None:
+                    fold.bias.div_(s.to(fold.bias.dtype))
+            else:
+                fold.weight.div_(s.to(fold.weight.dtype))
+            chosen[key] = a
+    return chosen
