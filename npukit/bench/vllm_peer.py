@@ -23,6 +23,8 @@ Making the venv (only PyPI; the cached torch CPU wheel is picked up by pip's fin
     # PyPI's torchvision / torchaudio / torchcodec are CUDA builds for other torch versions and break
     # `import vllm` ("operator torchvision::nms does not exist"); text models don't need them:
     /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    # vLLM's CPU recommendations, preloaded by run_vllm_peer when present (see vllm_cpu_tuning):
+    apt-get install libtcmalloc-minimal4; /work/vllm-venv/bin/pip install intel-openmp
 
 What is measured: one warm-up request, then ONE ``llm.generate`` of all prompts (as token ids, greedy,
 ``ignore_eos``, each request its own ``max_tokens``). ``wall_s`` is ``time.perf_counter`` around it.
@@ -73,11 +75,33 @@ ENGINE_FLAGS = _engine_flags()
 
 
 # ------------------------------------------------------------------------------ npukit's side (caller)
+TCMALLOC_GLOBS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+                  "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def vllm_cpu_tuning(python: str) -> tuple[dict[str, str], dict[str, str]]:
+    """vLLM-CPU's own performance recommendations, as far as this machine allows: tcmalloc and Intel's
+    OpenMP runtime (the venv's ``lib/libiomp5.so``, from ``pip install intel-openmp``) in LD_PRELOAD.
+    Returns (environment to add, a report saying what was used and how to get what was missing)."""
+    import glob
+
+    found = sorted(p for g in TCMALLOC_GLOBS for p in glob.glob(g))
+    iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
+    report = {"tcmalloc": found[0] if found else "not found (apt-get install libtcmalloc-minimal4)",
+              "intel_openmp": str(iomp) if iomp.is_file() else f"not found ({Path(python).parent}/pip install "
+                                                                "intel-openmp)"}
+    preload = found[:1] + ([str(iomp)] if iomp.is_file() else [])
+    env = {"LD_PRELOAD": ":".join(preload + [os.environ.get("LD_PRELOAD", "")]).strip(":")} if preload else {}
+    return env, report
+
+
 def run_vllm_peer(python: str, model_dir: str, prompts: list[list[int]], max_tokens: list[int],
-                  dtype: str, timeout_s: float = 3600, **engine_args) -> dict:
+                  dtype: str, timeout_s: float = 3600, tuned: bool = True, **engine_args) -> dict:
     """Run this script with ``python`` (a venv with vllm-cpu) on the workload; return its R.json dict.
 
     ``engine_args``: max_num_seqs, max_num_batched_tokens, kv_cache_space_gib, threads, enforce_eager.
+    ``tuned``: run it as vLLM recommends on CPUs (``vllm_cpu_tuning``); the result's ``"tuning"`` says what
+    was applied (thread binding: vLLM's own unless ``threads`` is given).
     """
     if len(prompts) != len(max_tokens):
         raise ValueError(f"got {len(prompts)} prompts but {len(max_tokens)} max_tokens: give one each")
@@ -96,9 +120,12 @@ def run_vllm_peer(python: str, model_dir: str, prompts: list[list[int]], max_tok
             if value is None or value is False:
                 continue
             cmd += [ENGINE_FLAGS[key]] if value is True else [ENGINE_FLAGS[key], str(value)]
+        extra_env, tuning = vllm_cpu_tuning(python) if tuned else ({}, {"tuned": "no (vLLM's defaults)"})
+        tuning["threads"] = (f"{engine_args['threads']}, unbound" if engine_args.get("threads")
+                             else "VLLM_CPU_OMP_THREADS_BIND=auto (vLLM's own binding)")
         # NOTE: a session of its own, so that a timeout also ends vLLM's engine-core and worker processes.
         with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) as proc:
+                              start_new_session=True, env=os.environ | extra_env) as proc:
             try:
                 _, stderr = proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -108,7 +135,7 @@ def run_vllm_peer(python: str, model_dir: str, prompts: list[list[int]], max_tok
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join(stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"vLLM peer failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-        return json.loads(out.read_text())
+        return json.loads(out.read_text()) | {"tuning": tuning}
 
 
 # ------------------------------------------------------------------------ the script (vLLM's side)
