@@ -195,3 +195,16 @@ def test_graduate_maps_graph_mode():
     assert any("ACL graph" in n and "graph_batch_sizes" in n for n in npu.notes)
     duo = graduate(EngineConfig(enforce_eager=False), "Qwen/Qwen3-0.6B", device="npu", chip="310P")
     assert duo.serve_args.count("--enforce-eager") == 1 and "--compilation-config" not in duo.serve_args
+
+
+@pytest.mark.slow
+def test_smollm2_graph_greedy_equals_eager(smol):
+    if TEST_DEVICE != "cpu":
+        pytest.skip("SmolLM2's weights are a CPU fixture")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    sp = [SamplingParams(temperature=0.0, max_tokens=n) for n in (6, 8, 10)]
+    kw = {"num_kv_blocks": 32, "block_size": 16, "max_num_seqs": 2}
+    eager = [o.outputs[0].token_ids for o in LLM(*smol, **kw).generate(prompts, sp, use_tqdm=False)]
+    llm = LLM(*smol, enforce_eager=False, compile_sizes=[1, 2], **kw)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == eager
+    assert llm.graph_stats.num_graph_steps > 0 and llm.graph_stats.fallback_reason is None
