@@ -60,6 +60,10 @@ def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget
             out[f.name] = tuned[f.name]
         elif f.type in (bool, "bool"):
             out[f.name] = widgets.Checkbox(value=bool(f.default), description=f.name, indent=False)
+        elif f.metadata.get("choices"):  # e.g. quantization: None or one of its methods
+            options = [("none", None)] + [(c, c) for c in f.metadata["choices"]]
+            out[f.name] = widgets.Dropdown(options=options, value=f.default, description=f.name,
+                                           style={"description_width": "initial"})
         else:
             cls = widgets.FloatText if str(f.type).startswith("float") else widgets.IntText
             out[f.name] = cls(value=f.default or 0, description=f.name, style={"description_width": "initial"})
