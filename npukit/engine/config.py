@@ -7,7 +7,8 @@ command-line flag. Everything else reads the fields:
 - `add_engine_args(parser)` / `engine_args(namespace)`: the `npukit serve`, `bench throughput` and
   `graduate` flags (`--block-size` for `block_size`, `--no-enable-prefix-caching` for booleans);
 - `npukit.graduate` maps each field with a `vllm` flag one to one (`_engine_flags`; the two KV-cache sizing
-  fields are translated by `_kv_cache_flags`);
+  fields are translated by `_kv_cache_flags`, enforce_eager / compile_sizes by `_graph_flags`);
+  list fields (compile_sizes) take comma-separated values on the command line (`--compile-sizes 1,2,4`);
 - the engine dashboard shows a widget per field (`dashboards/engine.engine_widgets`: a generic one unless
   it tunes it), `bench/workload.KNOBS` records every field of a run, `bench/vllm_peer.ENGINE_FLAGS` takes
   the vLLM flags of the fields in `PEER_ENGINE_FIELDS`.
