@@ -198,9 +198,7 @@ def graduate(config=None, model: str | None = None, *, dtype: str = "auto", devi
     g.tensor_parallel_size = memory.tp
     args += tp_args
     args += _kv_cache_flags(config, device, memory, g.notes, g.table)
-    if enforce_eager:
-        args.append("--enforce-eager")
-        g.table.append(FlagMapping("(eager PyTorch)", "always", "--enforce-eager", None, "no graph capture"))
+    args += _graph_flags(config, device, enforce_eager, g.notes, g.table)
     g.serve_args = (["--served-model-name", served_model_name] if served_model_name else []) + [
         "--host", host, "--port", str(port)] + args
     g.bench_commands = _bench_commands(g.model, args, served_model_name, host, port, input_len, output_len,
@@ -259,10 +257,11 @@ def _dtype_flags(dtype: str, device: str, family: str | None, notes: list[str],
     return vllm_dtype, enforce_eager, (["--dtype", vllm_dtype] if vllm_dtype != "auto" else [])
 
 
-# EngineConfig fields that are not one to one: the KV cache size (see _kv_cache_flags) and the tensor-parallel
-# size (see _tensor_parallel); every other field with a vLLM flag (field metadata "vllm") maps one to one in
-# _engine_flags.
-NOT_ONE_TO_ONE = ("num_kv_blocks", "kv_cache_memory_fraction", "tensor_parallel_size")
+# EngineConfig fields that are not one to one: the KV cache size (see _kv_cache_flags), the tensor-parallel
+# size (see _tensor_parallel) and graph mode (see _graph_flags); every other field with a vLLM flag (field
+# metadata "vllm") maps one to one in _engine_flags.
+NOT_ONE_TO_ONE = ("num_kv_blocks", "kv_cache_memory_fraction", "tensor_parallel_size", "enforce_eager",
+                  "compile_sizes")
 UNSET_NOTES = {"max_model_len": "unset: the model's context length"}
 
 
@@ -295,6 +294,35 @@ def _field_note(name: str, config, device: str, notes: list[str]) -> str:
         notes.append(f"--block-size {config.block_size} mirrors npukit; vLLM-Ascend's attention kernels are "
                      f"tuned for --block-size {ASCEND_BLOCK_SIZE} (its default): try it.")
     return f"vLLM-Ascend uses {ASCEND_BLOCK_SIZE}" if device == "npu" else "vLLM's default is 16"
+
+
+def _graph_flags(config, device: str, chip_eager: bool, notes: list[str], table: list[FlagMapping]) -> list[str]:
+    """enforce_eager -> --enforce-eager; with graphs on, compile_sizes -> --compilation-config
+    '{"cudagraph_capture_sizes": [...]}' (vLLM's capture sizes; vLLM-Ascend's ACL graph reads the same)."""
+    eager = config.enforce_eager or chip_eager
+    sizes = json.dumps({"cudagraph_capture_sizes": list(config.compile_sizes)})
+    why = "no graph capture"
+    if chip_eager and not config.enforce_eager:
+        why = "this chip has no graph mode"
+        notes.append("enforce_eager=False, but this chip has no graph mode in vLLM-Ascend: --enforce-eager anyway.")
+    elif config.enforce_eager and not chip_eager:
+        why = "npukit's default"
+        notes.append("--enforce-eager because npukit ran eager (its default: compiling costs tens of seconds on CPU). "
+                     "vLLM and vLLM-Ascend capture graphs by default, which speeds up small decode batches on GPU / "
+                     "NPU: drop the flag (npukit graduate --no-enforce-eager) unless graph capture fails there.")
+    flag, note = ("--enforce-eager", why) if eager else ("--no-enforce-eager", "graphs: vLLM's default")
+    table.append(FlagMapping("enforce_eager", config.enforce_eager, flag, None, note))
+    table.append(FlagMapping("compile_sizes", config.compile_sizes, "--compilation-config", None if eager else sizes,
+                             "unused: eager" if eager else "vLLM's cudagraph_capture_sizes"))
+    if eager:
+        return ["--enforce-eager"]
+    if device == "npu":
+        notes.append("vLLM-Ascend captures ACL graphs (torch.npu.NPUGraph) by default, at the same "
+                     "cudagraph_capture_sizes. The older TorchAir path (--additional-config "
+                     "'{\"torchair_graph_config\": {\"enabled\": true, \"graph_batch_sizes\": [...]}}', DeepSeek "
+                     "only) was deprecated in v0.11.0 and removed in v0.12.0rc1. If capture fails or runs out of "
+                     "streams, use fewer sizes or --enforce-eager.")
+    return ["--compilation-config", sizes]
 
 
 @dataclass

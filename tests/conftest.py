@@ -1,12 +1,17 @@
 """Shared fixtures: the embedded models, loaded once per test session on the CPU in fp32."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# NOTE: NPUKIT_TEST_DEVICE=cuda (scripts/gpu-check.sh) loads the tiny model on that device, so the engine's
+# fidelity tests (tests/test_llm.py -k greedy_equals_hf, tests/test_graph.py) run there; default: the CPU.
+TEST_DEVICE = os.environ.get("NPUKIT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +27,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer) of the seeded random tiny Llama, fp32 on CPU."""
+    """(model, tokenizer) of the seeded random tiny Llama, fp32 on CPU (on $NPUKIT_TEST_DEVICE if set)."""
     import npukit
 
-    return npukit.load_model("tiny-llama", device="cpu", dtype="float32")
+    return npukit.load_model("tiny-llama", device=TEST_DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="session")

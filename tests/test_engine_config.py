@@ -34,6 +34,9 @@ def test_every_field_is_a_flag_of_every_engine_command(command):
         if f.type in (bool, "bool"):
             ns = parser.parse_known_args([cli_flag(f).replace("--", "--no-", 1)])[0]
             assert engine_args(ns)[f.name] is False
+        elif str(f.type).startswith("list"):  # a list field: comma-separated (compile_sizes)
+            ns = parser.parse_known_args([cli_flag(f), "1,2,4"])[0]
+            assert engine_args(ns)[f.name] == [1, 2, 4]
         elif f.metadata.get("choices"):
             for choice in f.metadata["choices"]:
                 ns = parser.parse_known_args([cli_flag(f), choice])[0]

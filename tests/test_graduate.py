@@ -15,7 +15,8 @@ def flag_value(args: list[str], flag: str):
 
 def test_engine_knobs_map_to_vllm_flags():
     cfg = EngineConfig(block_size=32, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
-                       enable_prefix_caching=False, enable_chunked_prefill=True, num_kv_blocks=300)
+                       enable_prefix_caching=False, enable_chunked_prefill=True, num_kv_blocks=300,
+                       enforce_eager=False)
     g = graduate(cfg, "Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16", device="npu", served_model_name="qwen")
     a = g.serve_args
     assert isinstance(g, Graduation) and g.model == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -60,7 +61,7 @@ def test_tensor_parallel_size_from_weights_vs_device_memory():
 
 
 def test_ascend_310p_notes_and_flags():
-    fp16 = graduate(None, "Qwen/Qwen3-0.6B", dtype="float16", device="npu")
+    fp16 = graduate(EngineConfig(enforce_eager=False), "Qwen/Qwen3-0.6B", dtype="float16", device="npu")
     assert any("310P" in n and "--enforce-eager" in n for n in fp16.notes)
     assert "--enforce-eager" not in fp16.serve_args  # the chip is unknown: a note, not a flag
     duo = graduate(None, "Qwen/Qwen3-0.6B", dtype="bfloat16", chip="Ascend310P3")

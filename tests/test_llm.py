@@ -41,7 +41,7 @@ def hf_greedy(model, prompts_ids, max_new_tokens):
     out = []
     with torch.inference_mode():
         for ids in prompts_ids:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=model.device)
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
                                pad_token_id=model.generation_config.pad_token_id or 0)
             out.append(y[0, len(ids):].tolist())
@@ -167,7 +167,7 @@ def test_prefill_logits_match_hf(tiny, tiny_ids):
     ids = tiny_ids[9]
     out = llm.generate([ids], SamplingParams(max_tokens=1, logprobs=5, **GREEDY), use_tqdm=False)[0]
     with torch.inference_mode():
-        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        ref = torch.log_softmax(model(torch.tensor([ids], device=model.device)).logits[0, -1].float(), -1)
     lp = out.outputs[0].logprobs[0]
     assert len(lp) == 5 and out.outputs[0].token_ids[0] in lp
     for tok, value in lp.items():

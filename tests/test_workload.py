@@ -149,7 +149,8 @@ def test_engine_knobs_use_vllm_names(llm):
     assert engine_knobs(llm) == {"max_num_seqs": 4, "max_num_batched_tokens": 2048, "block_size": 4,
                                  "num_kv_blocks": 64, "enable_prefix_caching": True, "enable_chunked_prefill": True,
                                  "kv_cache_memory_fraction": 0.3, "max_model_len": 1024,
-                                 "tensor_parallel_size": 1}
+                                 "tensor_parallel_size": 1, "quantization": None, "enforce_eager": True,
+                                 "compile_sizes": [1, 2, 4, 8, 16, 32, 64]}
 
 
 def test_run_result_counts_from_its_step_log():

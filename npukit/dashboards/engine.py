@@ -43,10 +43,11 @@ def _slider(cls, value, lo, hi, description, step=1):
 
 # EngineConfig fields with a widget tuned for this dashboard (built in EngineDashboard.__init__), and those
 # left to their defaults here: num_kv_blocks is set directly (no memory fraction), max_model_len follows
-# the model. Any other field gets a generic widget from its type and default (engine_widgets).
+# the model, compile_sizes keeps its list (the enforce_eager checkbox switches graph mode). Any other field
+# gets a generic widget from its type and default (engine_widgets).
 TUNED = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "enable_prefix_caching",
          "enable_chunked_prefill")
-NOT_SHOWN = ("kv_cache_memory_fraction", "max_model_len")
+NOT_SHOWN = ("kv_cache_memory_fraction", "max_model_len", "compile_sizes")
 
 
 def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget]:
@@ -59,6 +60,10 @@ def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget
             out[f.name] = tuned[f.name]
         elif f.type in (bool, "bool"):
             out[f.name] = widgets.Checkbox(value=bool(f.default), description=f.name, indent=False)
+        elif f.metadata.get("choices"):  # e.g. quantization: None or one of its methods
+            options = [("none", None)] + [(c, c) for c in f.metadata["choices"]]
+            out[f.name] = widgets.Dropdown(options=options, value=f.default, description=f.name,
+                                           style={"description_width": "initial"})
         else:
             cls = widgets.FloatText if str(f.type).startswith("float") else widgets.IntText
             out[f.name] = cls(value=f.default or 0, description=f.name, style={"description_width": "initial"})

@@ -7,7 +7,8 @@ command-line flag. Everything else reads the fields:
 - `add_engine_args(parser)` / `engine_args(namespace)`: the `npukit serve`, `bench throughput` and
   `graduate` flags (`--block-size` for `block_size`, `--no-enable-prefix-caching` for booleans);
 - `npukit.graduate` maps each field with a `vllm` flag one to one (`_engine_flags`; the two KV-cache sizing
-  fields are translated by `_kv_cache_flags`);
+  fields are translated by `_kv_cache_flags`, enforce_eager / compile_sizes by `_graph_flags`);
+  list fields (compile_sizes) take comma-separated values on the command line (`--compile-sizes 1,2,4`);
 - the engine dashboard shows a widget per field (`dashboards/engine.engine_widgets`: a generic one unless
   it tunes it), `bench/workload.KNOBS` records every field of a run, `bench/vllm_peer.ENGINE_FLAGS` takes
   the vLLM flags of the fields in `PEER_ENGINE_FIELDS`.
@@ -30,9 +31,13 @@ kv_cache_memory_fraction) does graduate need a translation of its own.
 | enable_chunked_prefill    | --enable-chunked-prefill      |
 | tensor_parallel_size      | --tensor-parallel-size        |
 | quantization              | --quantization (**)           |
+| enforce_eager             | --enforce-eager               |
+| compile_sizes             | --compilation-config (***)    |
 
 (**) npukit quantises the float checkpoint at load (w8a16 / w8a8); vLLM-Ascend's `--quantization ascend`
 loads a checkpoint that msModelSlim already quantised (see npukit.quant).
+
+(***) `'{"cudagraph_capture_sizes": [...]}'`: vLLM's capture sizes; vLLM-Ascend's ACL graph reads the same.
 
 (*) not the same quantity: see the field's note.
 This module is stdlib only: the CLI imports it to build its flags without loading torch.
@@ -49,12 +54,15 @@ def setting(default: Any, *, vllm: str | None, help: str, cli: bool = True,  # n
             vllm_alias: bool = False, choices: tuple | None = None) -> Any:
     """A field of EngineConfig: its default, the vLLM flag it mirrors (None: vLLM has none) and its help.
     vllm_alias: the CLI also accepts the vLLM flag (only where it means exactly the same).
-    choices: the values a string field accepts."""
-    return field(default=default, metadata={"vllm": vllm, "help": help, "cli": cli, "vllm_alias": vllm_alias,
-                                            "choices": choices})
+    choices: the values a string field accepts. A list default is copied for each config."""
+    metadata = {"vllm": vllm, "help": help, "cli": cli, "vllm_alias": vllm_alias, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 QUANTIZATION_METHODS = ("w8a16", "w8a8")  # npukit.quant.METHODS (kept here: this module is stdlib only)
+DEFAULT_COMPILE_SIZES = [1, 2, 4, 8, 16, 32, 64]  # vLLM's start ([1, 2, 4] + every 8 ...), cut at 64
 
 
 @dataclass
@@ -88,6 +96,15 @@ class EngineConfig:
         help="quantise the decoder's linear layers at load: w8a16 (int8 weights) or w8a8 (int8 weights and "
              "per-token int8 activations, smoothed); vLLM-Ascend's --quantization ascend instead loads an "
              "msModelSlim-quantised checkpoint")
+    # NOTE: True by default here (vLLM's default is False): compiling costs tens of seconds on CPU, per size.
+    enforce_eager: bool = setting(
+        True, vllm="--enforce-eager",
+        help="run every step eagerly; --no-enforce-eager runs pure decode steps as a compiled graph per capture "
+             "size (torch.compile on CPU, CUDA graphs on GPU; compiling costs tens of seconds on CPU)")
+    compile_sizes: list[int] = setting(
+        DEFAULT_COMPILE_SIZES, vllm="--compilation-config",
+        help="decode batch sizes that get a graph, comma-separated (vLLM's cudagraph_capture_sizes); a batch pads "
+             "up to the next size, larger ones run eager; sizes above max_num_seqs are skipped")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -115,7 +132,13 @@ class EngineConfig:
              f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
         need(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
              f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        sizes = self.compile_sizes
+        need(isinstance(sizes, (list, tuple)) and len(sizes) > 0 and all(is_int(s) and s > 0 for s in sizes)
+             and list(sizes) == sorted(set(sizes)),
+             f"compile_sizes must be a non-empty list of positive ints, sorted and unique (e.g. [1, 2, 4, 8]), "
+             f"got {sizes!r}")
+        self.compile_sizes = list(sizes)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             need(self.max_num_batched_tokens >= self.max_model_len,
@@ -146,7 +169,17 @@ def cli_flag(f: dataclasses.Field) -> str:
 
 def _arg_type(f: dataclasses.Field):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("list[int]"):
+        return int_list
     return float if kind.startswith("float") else str if kind.startswith("str") else int
+
+
+def int_list(text: str) -> list[int]:
+    """A list flag's value: `1,2,4,8` (or `[1, 2, 4]`) -> [1, 2, 4, 8]."""
+    try:
+        return [int(x) for x in text.strip().strip("[]").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,

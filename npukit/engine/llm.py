@@ -55,6 +55,7 @@ class EngineStats:
     num_steps: int
     num_prompt_tokens: int        # prompt tokens of admitted requests
     num_generated_tokens: int
+    graph: Any = None             # graph mode: the runner's GraphStats (npukit.engine.graph); None when eager
 
 
 @dataclass
@@ -67,6 +68,8 @@ class StepTiming:
     num_entries: int        # scheduled sequences
     num_decodes: int        # of which computed one token
     num_tokens: int         # tokens computed
+    capture_size: int | None = None  # graph mode: the capture size the step ran at (None: eager)
+    padded_rows: int = 0              # graph mode: rows added to reach it
 
 
 @dataclass
@@ -86,8 +89,6 @@ class LLM:
                  **engine_args: Any) -> None:
         """`model`: an embedded name, a folder or hub id (loaded with npukit.load_model), or a loaded HF model
         (then pass its tokenizer). `engine_args`: EngineConfig's fields (block_size, max_num_seqs, ...)."""
-        from .runner import ModelRunner
-
         self.config, unknown = EngineConfig.from_kwargs(**engine_args)
         if unknown:
             known = ", ".join(f.name for f in engine_fields())
@@ -117,18 +118,7 @@ class LLM:
                 cfg.max_model_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
         if cfg.num_kv_blocks is None:
             cfg.num_kv_blocks = self._auto_num_blocks()
-        if cfg.tensor_parallel_size > 1:
-            from ..parallel.executor import TensorParallelRunner
-
-            report = getattr(model, "load_report", None)
-            model_path = model_path or (report.path if report is not None else None)
-            if model_path is None:
-                raise ValueError("tensor_parallel_size > 1: the workers load the model themselves, so pass a name or "
-                                 "folder (or a model from npukit.load_model, which records its path)")
-            self.runner = TensorParallelRunner(model, model_path, cfg.block_size, cfg.num_kv_blocks,
-                                               cfg.tensor_parallel_size)
-        else:
-            self.runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
+        self.runner = self._make_runner(model, model_path)
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.sampler = Sampler()
@@ -177,6 +167,31 @@ class LLM:
                 f"{cfg.kv_cache_memory_fraction:.0%} of it is less than one block ({per_block} bytes); "
                 "raise kv_cache_memory_fraction or pass num_kv_blocks=")
         return num
+
+    def _make_runner(self, model, model_path):
+        """The model runner: tensor-parallel workers, or one ModelRunner (with graph mode if enforce_eager=False)."""
+        cfg = self.config
+        if cfg.tensor_parallel_size > 1:
+            from ..parallel.executor import TensorParallelRunner
+
+            report = getattr(model, "load_report", None)
+            model_path = model_path or (report.path if report is not None else None)
+            if model_path is None:
+                raise ValueError("tensor_parallel_size > 1: the workers load the model themselves, so pass a name or "
+                                 "folder (or a model from npukit.load_model, which records its path)")
+            if not cfg.enforce_eager:
+                _log.warning("graph mode (enforce_eager=False) runs at tensor_parallel_size 1 only; running eager")
+            return TensorParallelRunner(model, model_path, cfg.block_size, cfg.num_kv_blocks, cfg.tensor_parallel_size)
+        from .runner import ModelRunner
+
+        runner = ModelRunner(model, cfg.block_size, cfg.num_kv_blocks)
+        if not cfg.enforce_eager:
+            from .graph import GraphRunner
+
+            # NOTE: sizes above max_num_seqs are skipped (no decode batch reaches them), as vLLM does.
+            sizes = [s for s in cfg.compile_sizes if s <= cfg.max_num_seqs] or cfg.compile_sizes[:1]
+            runner.graph = GraphRunner(runner, sizes)
+        return runner
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         # NOTE: HF generate stops at generation_config.eos_token_id; use the same ids so greedy matches.
@@ -408,6 +423,9 @@ class LLM:
                             prepare_seconds=ex.prepare_seconds, num_entries=len(batch.scheduled),
                             num_decodes=sum(1 for _, n in batch.scheduled if n == 1),
                             num_tokens=batch.num_batched_tokens)
+        graph = getattr(self.runner, "graph", None)
+        if graph is not None:
+            timing.capture_size, timing.padded_rows = graph.stats.last_capture_size, graph.stats.last_padded_rows
         for hook in list(self.step_hooks):
             hook(timing)
 
@@ -520,7 +538,14 @@ class LLM:
                 prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
                 num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                 num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-                num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens)
+                num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens,
+                graph=self.graph_stats)
+
+    @property
+    def graph_stats(self):
+        """Graph mode's GraphStats (compile seconds, capture sizes, padding waste), or None when eager."""
+        graph = getattr(self.runner, "graph", None)
+        return None if graph is None else graph.stats
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done by `del llm` and at exit); a no-op at TP 1."""

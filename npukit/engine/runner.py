@@ -155,6 +155,47 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# ---------------------------------------------------------------------- the dense pieces of a decoder layer
+# NOTE: plain functions of tensors (and a layer's _LayerWeights), so that one torch.compile of each serves
+# every layer (regional compilation: the guards check shapes, not which layer's weights), and the eager path
+# runs the very same code.
+def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv_heads: int, head_dim: int):
+    """input norm -> q, k, v projections (-> Qwen3's q/k norms) -> RoPE: ``[T, heads, head_dim]`` each."""
+    num_tokens = x.shape[0]
+    h = _rms_norm(x, lw.input_norm, eps)
+    q = _linear(h, lw.q_w, lw.q_b).view(num_tokens, num_heads, head_dim)
+    k = _linear(h, lw.k_w, lw.k_b).view(num_tokens, num_kv_heads, head_dim)
+    v = _linear(h, lw.v_w, lw.v_b).view(num_tokens, num_kv_heads, head_dim)
+    if lw.q_norm is not None:
+        q = _rms_norm(q, lw.q_norm, eps)
+        k = _rms_norm(k, lw.k_norm, eps)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
+    """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
+    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce)
+    h = _rms_norm(x, lw.post_norm, eps)
+    gate = _linear(h, lw.gate_w, lw.gate_b)
+    up = _linear(h, lw.up_w, lw.up_b)
+    if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
+        gate = F.silu(gate, inplace=True).mul_(up)
+    else:
+        gate = lw.act(gate) * up
+    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)
+
+
+def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
+    """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
+    if all_reduce is None:
+        return _linear(x, w, b)
+    y = _linear(x, w)
+    all_reduce(y)
+    return y if b is None else y + b
+
+
 class ModelRunner:
     """Paged forward over a loaded HF model. ``execute_model(batch)`` is the one call the engine makes.
 
@@ -215,6 +256,7 @@ class ModelRunner:
             raise ValueError("use_npu_fused_ops does not handle sliding-window layers; leave it False")
         self.kv_cache = KVCache.allocate(num_layers, num_kv_blocks, block_size, self.num_kv_heads,
                                          self.head_dim, self.dtype, self.device)
+        self.graph = None  # graph mode: a npukit.engine.graph.GraphRunner that LLM attaches (enforce_eager=False)
 
     def _keep_shard(self, shard, intermediate_size: int) -> None:
         """Replace every weight by this rank's slice (copies), per npukit.parallel.sharding.SPLITS."""
@@ -429,32 +471,57 @@ class ModelRunner:
         return logits.float()
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Hidden states after the last decoder layer (before the final norm), ``[T, hidden]``."""
-        x = self._embed(inp.input_ids)
-        cos, sin = self.rotary_emb(x, inp.positions[None, :])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, head_dim]
-        num_tokens = x.shape[0]
-        for layer_idx, lw in enumerate(self.layers):
-            h = _rms_norm(x, lw.input_norm, self.eps)
-            q = _linear(h, lw.q_w, lw.q_b).view(num_tokens, self.num_heads, self.head_dim)
-            k = _linear(h, lw.k_w, lw.k_b).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = _linear(h, lw.v_w, lw.v_b).view(num_tokens, self.num_kv_heads, self.head_dim)
-            if lw.q_norm is not None:
-                q = _rms_norm(q, lw.q_norm, self.eps)
-                k = _rms_norm(k, lw.k_norm, self.eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            if self.use_npu_fused_ops:  # UNTESTED: the KV write vLLM-Ascend uses (int32 slots, positional args)
-                import torch_npu
+        """Hidden states after the last decoder layer (before the final norm), ``[T, hidden]``.
 
-                kc, vc = self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx]
-                torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, inp.slot_mapping.int())
-            else:
-                self.kv_cache.write(layer_idx, k, v, inp.slot_mapping)
+        With graph mode on (``self.graph``, npukit.engine.graph) a pure decode step runs its dense pieces as a
+        compiled graph of a padded batch size; attention stays eager on the real rows either way."""
+        if self.graph is not None:
+            hidden = self.graph.forward(inp)
+            if hidden is not None:
+                return hidden
+        x = self._embed(inp.input_ids)
+        cos, sin = self.rotary(inp.positions)
+        return self.run_layers(x, cos, sin, inp, self.qkv, self.out_mlp)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin ``[T, 1, head_dim]`` of the positions."""
+        cos, sin = self.rotary_emb(self.final_norm, positions[None, :])
+        return cos[0][:, None, :], sin[0][:, None, :]
+
+    def run_layers(self, x, cos, sin, inp: StepInputs, qkv, out_mlp) -> torch.Tensor:
+        """The decoder layers: ``qkv`` and ``out_mlp`` (dense, per row: eager or a compiled graph) around the
+        KV write and paged attention, which run eagerly on the step's real rows (the first ``len(input_ids)``;
+        rows past them are graph padding and never reach the KV cache)."""
+        n = inp.input_ids.shape[0]
+        for layer_idx, lw in enumerate(self.layers):
+            q, k, v = qkv(layer_idx, x, cos, sin)
+            if q.shape[0] != n:
+                q, k, v = q[:n], k[:n], v[:n]
+            self._write_kv(layer_idx, k, v, inp.slot_mapping)
             attn = self._attention(layer_idx, lw.sliding_window, q, k, v, inp)
-            x = x + self._row_parallel(attn, lw.o_w, lw.o_b)
-            x = x + self._mlp(lw, _rms_norm(x, lw.post_norm, self.eps))
+            if attn.shape[0] != x.shape[0]:
+                attn = F.pad(attn, (0, 0, 0, x.shape[0] - n))
+            x = out_mlp(layer_idx, x, attn)
         return x
+
+    def qkv(self, layer_idx: int, x, cos, sin):
+        """Eager q, k, v of one layer (see qkv_piece)."""
+        return qkv_piece(self.layers[layer_idx], x, cos, sin, self.eps, self.num_heads, self.num_kv_heads,
+                         self.head_dim)
+
+    def out_mlp(self, layer_idx: int, x, attn):
+        """Eager o_proj + MLP of one layer (see out_mlp_piece); all-reduced under tensor parallelism."""
+        reduce = None if self.shard is None else self.shard.all_reduce
+        return out_mlp_piece(self.layers[layer_idx], x, attn, self.eps, reduce)
+
+    def _write_kv(self, layer_idx: int, k, v, slot_mapping) -> None:
+        if self.use_npu_fused_ops:  # UNTESTED: the KV write vLLM-Ascend uses (int32 slots, positional args)
+            import torch_npu
+
+            kc, vc = self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx]
+            torch_npu._npu_reshape_and_cache(k.contiguous(), v.contiguous(), kc, vc, slot_mapping.int())
+        else:
+            self.kv_cache.write(layer_idx, k, v, slot_mapping)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard is None:
@@ -466,23 +533,6 @@ class ModelRunner:
         x.masked_fill_(outside[:, None], 0)
         self.shard.all_reduce(x)
         return x
-
-    def _row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
-        if self.shard is None:
-            return _linear(x, w, b)
-        y = _linear(x, w)
-        self.shard.all_reduce(y)
-        return y if b is None else y + b
-
-    def _mlp(self, lw: _LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        gate = _linear(h, lw.gate_w, lw.gate_b)
-        up = _linear(h, lw.up_w, lw.up_b)
-        if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
-            gate = F.silu(gate, inplace=True).mul_(up)
-        else:
-            gate = lw.act(gate) * up
-        return self._row_parallel(gate, lw.down_w, lw.down_b)
 
     def _attention(self, layer_idx: int, window: int | None, q, k, v, inp: StepInputs) -> torch.Tensor:
         """Attention output ``[T, num_heads * head_dim]`` for all rows of the step."""

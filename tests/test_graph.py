@@ -1,0 +1,210 @@
+"""Graph mode (enforce_eager=False, npukit.engine.graph): greedy tokens equal eager (fp32) whatever the batch,
+padding to capture sizes is counted, larger batches and prefills run eager, no recompiles as contexts grow,
+and every failure falls back to eager with a warning. Device: $NPUKIT_TEST_DEVICE (default cpu, see conftest)."""
+import logging
+import random
+
+import pytest
+import torch
+
+from conftest import TEST_DEVICE
+from npukit.engine import LLM, SamplingParams
+from npukit.engine import graph as graph_mod
+from npukit.engine.config import EngineConfig
+from npukit.engine.graph import GraphStats, padded_size
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+SIZES = [1, 2, 4]  # few sizes: each costs a compilation on CPU (shared by every engine of the tiny model here)
+cpu_only = pytest.mark.skipif(TEST_DEVICE != "cpu", reason="torch.compile (inductor) is the CPU backend")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(1)
+    shared = [rng.randrange(3, 512) for _ in range(12)]
+    lengths = [1, 3, 5, 8, 13, 17, 24, 31]
+    out = [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+    out[5:8] = [shared + [rng.randrange(3, 512) for _ in range(k)] for k in (0, 2, 9)]  # a shared prefix
+    return out
+
+
+def params(n: int, base: int = 6) -> list[SamplingParams]:
+    """Different lengths, so the decode batch shrinks step by step (4 -> 3 -> 2 -> 1: padded sizes 4, 4, 2, 1)."""
+    return [SamplingParams(temperature=0.0, max_tokens=base + 2 * (i % 4)) for i in range(n)]
+
+
+def engine(tiny, **kw):
+    return LLM(*tiny, **{"num_kv_blocks": 128, "block_size": 4, **kw})
+
+
+def generate(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params(len(prompts)), use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny):
+    """A graph-mode engine of the tiny model (compiles SIZES once for the module)."""
+    return engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=4)
+
+
+def test_padded_size():
+    assert [padded_size(n, SIZES) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, None]
+
+
+@pytest.mark.parametrize("case, kw", [
+    ("decode batches of 4, 3, 2, 1", {"max_num_seqs": 4}),
+    ("prefix caching + chunked prefill", {"max_num_seqs": 4, "max_num_batched_tokens": 7}),
+    ("more decodes than the largest size", {"max_num_seqs": 8}),
+])
+def test_greedy_tokens_equal_eager(tiny, prompts, case, kw):
+    eager = generate(engine(tiny, **kw), prompts)
+    llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, **kw)
+    assert generate(llm, prompts) == eager
+    s = llm.graph_stats
+    assert s.backend != "eager" and s.fallback_reason is None and s.num_graph_steps > 0
+    if kw["max_num_seqs"] == 8:  # 8 decodes > 4: eager until the batch shrinks to 4
+        assert s.num_eager_steps > len(prompts) // 4
+    if "max_num_batched_tokens" in kw:
+        assert llm.stats().prefix_cache_hit_rate > 0
+
+
+def test_one_at_a_time_equals_eager_and_logits_match(tiny, prompts, graphs):
+    eager = engine(tiny)
+    assert [generate(graphs, [p]) for p in prompts[:3]] == [generate(eager, [p]) for p in prompts[:3]]
+    sp = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3)
+    a = graphs.generate([prompts[4]], sp, use_tqdm=False)[0].outputs[0].logprobs
+    b = eager.generate([prompts[4]], sp, use_tqdm=False)[0].outputs[0].logprobs
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        assert all(x[t] == pytest.approx(y[t], abs=1e-4) for t in x)
+
+
+def test_padding_is_counted_per_step(graphs, prompts):
+    steps = []
+    graphs.step_hooks.append(steps.append)
+    before = GraphStats(**{k: v for k, v in vars(graphs.graph_stats).items() if k != "steps_per_size"})
+    try:
+        generate(graphs, prompts[:4])
+    finally:
+        graphs.step_hooks.clear()
+    s = graphs.graph_stats
+    graph_steps = [t for t in steps if t.capture_size is not None]
+    assert graph_steps and all(t.num_decodes == t.num_entries for t in graph_steps)
+    assert all(t.capture_size == padded_size(t.num_decodes, SIZES) for t in graph_steps)
+    assert all(t.padded_rows == t.capture_size - t.num_decodes for t in graph_steps)
+    assert {t.num_decodes for t in graph_steps} == {4, 3, 2, 1}  # max_tokens 6, 8, 10, 12
+    assert any(t.padded_rows == 1 for t in graph_steps)  # 3 decodes ran at size 4
+    assert s.num_padded_rows - before.num_padded_rows == sum(t.padded_rows for t in graph_steps)
+    assert s.num_graph_steps - before.num_graph_steps == len(graph_steps)
+    assert all(t.capture_size is None for t in steps if t.num_decodes < t.num_entries)  # prefill steps: eager
+    assert 0 < s.padding_waste < 0.5 and graphs.stats().graph is s
+
+
+def test_no_recompilation_as_contexts_grow(graphs, prompts):
+    if TEST_DEVICE != "cpu":
+        pytest.skip("counts torch.compile graphs")
+    from torch._dynamo.utils import counters
+
+    generate(graphs, prompts[:2])  # every size used once already (see the fixture's warm-up)
+    before = counters["stats"]["unique_graphs"]
+    long = [p * 3 for p in prompts[4:8]]  # longer contexts, more blocks per sequence
+    generate(graphs, long)
+    assert counters["stats"]["unique_graphs"] == before
+    assert graphs.graph_stats.compile_seconds > 0
+
+
+def test_compile_seconds_and_backend(graphs):
+    s = graphs.graph_stats
+    assert s.capture_sizes == SIZES
+    assert s.backend == {"cpu": "inductor", "cuda": "cuda-graph"}.get(TEST_DEVICE, s.backend)
+
+
+def test_sizes_above_max_num_seqs_are_skipped(tiny):
+    llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=2)
+    assert llm.graph_stats.capture_sizes == [1, 2]
+
+
+@cpu_only
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, prompts, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(graph_mod, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
+        llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=4)
+    assert "inductor exploded" in caplog.text and "eager" in caplog.text
+    assert llm.graph_stats.backend == "eager" and "inductor exploded" in llm.graph_stats.fallback_reason
+    assert generate(llm, prompts[:4]) == generate(engine(tiny, max_num_seqs=4), prompts[:4])
+
+
+def test_a_failing_graph_step_reruns_eager_and_stays_eager(tiny, prompts, caplog):
+    llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=4)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("graph replay failed")
+
+    llm.runner.graph.pieces = {size: (broken, broken) for size in SIZES}
+    with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
+        out = generate(llm, prompts[:4])
+    assert out == generate(engine(tiny, max_num_seqs=4), prompts[:4])
+    assert len(calls) == 1 and "graph replay failed" in caplog.text  # tried once, then eager for good
+    assert llm.graph_stats.backend == "eager" and llm.graph_stats.num_graph_steps == 0
+
+
+@cpu_only
+def test_no_cpp_compiler_says_how_to_get_one(tiny, monkeypatch, caplog):
+    monkeypatch.setattr(graph_mod, "cpp_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
+        llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES)
+    assert "apt-get install g++" in caplog.text and llm.graph_stats.backend == "eager"
+    assert generate(llm, [[5, 6, 7]])  # still generates
+
+
+def test_enforce_eager_is_the_default_and_has_no_graphs(tiny):
+    llm = engine(tiny)
+    assert llm.config.enforce_eager is True and llm.runner.graph is None and llm.stats().graph is None
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"compile_sizes": [0, 1]}, "positive ints"),
+    ({"compile_sizes": [4, 2]}, "sorted and unique"),
+    ({"compile_sizes": [1, 1]}, "sorted and unique"),
+    ({"compile_sizes": []}, "non-empty"),
+    ({"compile_sizes": "1,2"}, "list of positive ints"),
+    ({"compile_sizes": [1.5]}, "positive ints"),
+    ({"enforce_eager": "no"}, "enforce_eager must be True or False"),
+])
+def test_bad_settings_raise(kw, words):
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(**kw)
+
+
+def test_graduate_maps_graph_mode():
+    from npukit.graduate import graduate
+
+    eager = graduate(EngineConfig(), "Qwen/Qwen3-0.6B", device="cuda")
+    assert "--enforce-eager" in eager.serve_args and "--compilation-config" not in eager.serve_args
+    assert any("--no-enforce-eager" in n for n in eager.notes)
+    g = graduate(EngineConfig(enforce_eager=False, compile_sizes=[1, 2, 4, 8]), "Qwen/Qwen3-0.6B", device="cuda")
+    i = g.serve_args.index("--compilation-config")
+    assert g.serve_args[i + 1] == '{"cudagraph_capture_sizes": [1, 2, 4, 8]}' and "--enforce-eager" not in g.serve_args
+    npu = graduate(EngineConfig(enforce_eager=False, compile_sizes=[1, 2]), "Qwen/Qwen3-0.6B", device="npu")
+    assert any("ACL graph" in n and "graph_batch_sizes" in n for n in npu.notes)
+    duo = graduate(EngineConfig(enforce_eager=False), "Qwen/Qwen3-0.6B", device="npu", chip="310P")
+    assert duo.serve_args.count("--enforce-eager") == 1 and "--compilation-config" not in duo.serve_args
+
+
+@pytest.mark.slow
+def test_smollm2_graph_greedy_equals_eager(smol):
+    if TEST_DEVICE != "cpu":
+        pytest.skip("SmolLM2's weights are a CPU fixture")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    sp = [SamplingParams(temperature=0.0, max_tokens=n) for n in (6, 8, 10)]
+    kw = {"num_kv_blocks": 32, "block_size": 16, "max_num_seqs": 2}
+    eager = [o.outputs[0].token_ids for o in LLM(*smol, **kw).generate(prompts, sp, use_tqdm=False)]
+    llm = LLM(*smol, enforce_eager=False, compile_sizes=[1, 2], **kw)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == eager
+    assert llm.graph_stats.num_graph_steps > 0 and llm.graph_stats.fallback_reason is None
