@@ -49,5 +49,8 @@ step bench_tiny 90 "$PY" benchmarks/bench_graph.py --device "$DEVICE" --model ti
   --repeat 20 --out "$OUT/bench_graph_tiny.json" ${BENCH_ARGS:-}
 step bench_2048x16 150 "$PY" benchmarks/bench_graph.py --device "$DEVICE" --random-config "${RANDOM_CONFIG:-2048x16}" \
   --dtype "${BENCH_DTYPE:-bfloat16}" --repeat 10 --out "$OUT/bench_graph_2048x16.json" ${BENCH_ARGS:-}
+# Quantised linears on the device (W8A16 / W8A8 kernels picked by the probe there): batch-1 TPOT and 32 sequences.
+step quant_bench 120 "$PY" benchmarks/bench_levers.py --device "$DEVICE" --model tiny-llama \
+  --variants fp32 w8a16-fp32 w8a8-fp32 --rounds 2 --batch 32 --prompt-len 32 --new-tokens 16
 echo "gpu-check: $FAILED failed step(s); logs in $OUT"
 exit "$FAILED"

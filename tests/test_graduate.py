@@ -119,6 +119,12 @@ def test_cli(capsys):
                           "--no-enable-prefix-caching"]) == 0
     out = capsys.readouterr().out
     assert "--enforce-eager" in out and "--max-num-seqs 16" in out and "--no-enable-prefix-caching" in out
+    # graph mode on unless asked (vLLM's default), while EngineConfig itself defaults to eager
+    assert graduate_main(["Qwen/Qwen3-0.6B", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "--enforce-eager" not in out.split("Notes")[0] and "cudagraph_capture_sizes" in out
+    assert graduate_main(["Qwen/Qwen3-0.6B", "--device", "cuda", "--enforce-eager"]) == 0
+    assert "  --enforce-eager" in capsys.readouterr().out
     assert graduate_main(["m", "--json", "--num-parameters", "1e9"]) == 0
     assert json.loads(capsys.readouterr().out)["tensor_parallel_size"] == 1
     assert graduate_main(["m", "--block-size", "0"]) == 2

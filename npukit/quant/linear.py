@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel
-
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+from .layers import named_linears
+from .smooth import CALIBRATION_TEXT, smooth_model
 
 
 class QuantLinear(nn.Module):
@@ -74,25 +73,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.plan.describe()}"
-
-
-def decoder_layers(model) -> list[nn.Module]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
-        raise QuantizationError(f"quantize_model knows Llama-family decoders (model.model.layers[i].self_attn / "
-                                f".mlp), not {type(model).__name__}; load it without quantization")
-    return list(layers)
-
-
-def named_linears(model) -> list[tuple[str, nn.Module]]:
-    """("layers.3.mlp.down_proj", module) for every projection quantize_model handles, in order."""
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        for part, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)):
-            for name in names:
-                out.append((f"layers.{i}.{part}.{name}", getattr(getattr(layer, part), name)))
-    return out
 
 
 def state_dict_bytes(model) -> int:
@@ -171,8 +151,6 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, a
     if smooth:
         if tokenizer is None:
             raise QuantizationError("smoothing runs the model on calibration text: pass tokenizer= (or smooth=False)")
-        from .smooth import CALIBRATION_TEXT, smooth_model
-
         ids = tokenizer(calibration_text or CALIBRATION_TEXT, return_tensors="pt").input_ids
         alphas = smooth_model(model, ids, alpha=alpha, per_token_activations=method == "w8a8")
         how = f"alpha={alpha}" if alpha is not None else (

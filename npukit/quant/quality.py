@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import quantize_per_channel
-from .linear import QuantLinear, named_linears
+from .layers import named_linears
+from .linear import QuantLinear
 
 # NOTE: a fixed passage, different from the smoothing calibration text.
 EVAL_TEXT = (

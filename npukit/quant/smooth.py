@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import decoder_layers
+from .layers import decoder_layers
 
 # NOTE: calibration text, not the evaluation passage (npukit.quant.quality.EVAL_TEXT): smoothing factors
 # fitted on the text they are scored on would flatter them.
