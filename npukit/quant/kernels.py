@@ -236,6 +236,8 @@ def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, 
     plan = KernelPlan(method, picks[0], picks[1], cutoff=max(small_rows, large_rows // 4), reasons=reasons)
     if method == "w8a8" and "dequant" in (plan.small, plan.large) and dev.type != "npu":
         log.warning("W8A8 on %s runs the dequantise-then-matmul fallback for some batch sizes (%s): same "
-                    "numbers as int8, no int8 speed-up (torch._int_mm is fast only with AVX512-VNNI on CPU)",
-                    dev, plan.describe())
+                    "numbers as int8, no int8 speed-up (%s)",
+                    dev, plan.describe(),
+                    "torch._int_mm on CUDA needs more than 16 rows" if dev.type == "cuda"
+                    else "torch._int_mm is fast only with AVX512-VNNI on CPU")
     return plan
