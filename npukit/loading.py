@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import html
 import json
 import os
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import device as _device
+from .rows import Rows
 from .samples import EMBEDDED, sample_path
 
 DTYPES = {
@@ -31,7 +31,7 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass
-class LoadReport:
+class LoadReport(Rows):
     source: str
     path: str
     device: str
@@ -54,15 +54,6 @@ class LoadReport:
             ("weights", f"{self.weight_bytes / gib:.3f} GiB"),
             ("memory before → after", f"{self.memory_before / gib:.3f} → {self.memory_after / gib:.3f} GiB"),
         ]
-
-    def __str__(self) -> str:
-        w = max(len(k) for k, _ in self.rows())
-        return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
-
-    def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
-                       f"{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<table>{body}</table>"
 
 
 def _state_dict_bytes(model) -> int:

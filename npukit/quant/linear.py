@@ -9,7 +9,6 @@ most sensitive output), norms and biases.
 """
 from __future__ import annotations
 
-import html
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..rows import Rows
 from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel
 from .layers import named_linears
 from .smooth import CALIBRATION_TEXT, smooth_model
@@ -95,7 +95,7 @@ def linear_weight_bytes(model) -> int:
 
 
 @dataclass
-class QuantReport:
+class QuantReport(Rows):
     method: str
     kernels: str                      # KernelPlan.describe()
     smoothing: str                    # "off" or how it smoothed (alpha fixed or searched, calibration tokens)
@@ -116,15 +116,6 @@ class QuantReport:
                                    f"({self.linear_bytes_before / self.linear_bytes_after:.2f}x smaller)"),
                 ("whole model", f"{self.model_bytes_before / mib:.1f} MiB → {self.model_bytes_after / mib:.1f} MiB"),
                 ("time", f"{self.seconds:.2f} s"), ("probe", " | ".join(self.reasons) or "-")]
-
-    def __str__(self) -> str:
-        w = max(len(k) for k, _ in self.rows())
-        return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
-
-    def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
-                       f"{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<table>{body}</table>"
 
 
 @torch.no_grad()
