@@ -1,12 +1,18 @@
 """Shared fixtures: the embedded models, loaded once per test session on the CPU in fp32."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# NOTE: the unit tests check English messages (the default); a developer's zh_CN locale must not change them.
+# Tests of the Chinese messages set the language themselves (tests/test_i18n.py). The notebooks set theirs in
+# their settings cell, so nbval does not depend on this either.
+os.environ["NPUKIT_LANG"] = "en"
 
 
 @pytest.fixture(scope="module")
