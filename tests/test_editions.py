@@ -79,3 +79,13 @@ def test_english_glosses_use_the_glossary_terms(path):
     text = "\n".join(cells(path, "markdown"))
     for term in RETIRED_TERMS:
         assert term not in text, f"{path.name}: '{term}': use the glossary's term (docs/glossary.md)"
+
+
+def test_glossary_gives_every_term_its_chinese_name():
+    glossary = (NOTEBOOKS.parent / "docs" / "glossary.md").read_text()
+    rows = [line for line in glossary.splitlines() if line.startswith("| **")]
+    empty = [row.split(" | ")[0] for row in rows if not CJK.search(row.rsplit("|", 2)[-2]) and "vLLM" not in row]
+    assert rows and not empty, f"fill the 中文 column: {empty}"
+    for term in ("昇腾", "显存", "片上内存", "算子", "图模式", "吞吐", "首 Token 时延", "每输出 Token 时延",
+                 "预填充", "解码", "抢占", "分页注意力", "连续批处理", "张量并行", "量化"):
+        assert term in glossary, term
