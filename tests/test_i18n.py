@@ -95,7 +95,7 @@ def test_doctor_speaks_chinese(lang_zh):
     assert "torch_npu 2.7.1.post4 是为 torch 2.7.1 编译的" in report["pairing"].detail
     assert "pip install torch==2.7.1" in report["pairing"].advice
     assert "<th>状态</th>" in report._repr_html_()
-    assert report.to_json().count("未安装") >= 0 and "\\u" not in report.to_json()  # JSON keeps Chinese readable
+    assert "编译" in report.to_json()  # `npukit doctor --json` keeps Chinese readable (no \\u escapes)
 
 
 def test_explain_error_in_chinese(lang_zh):
@@ -171,3 +171,18 @@ def test_chinese_plot_renders_without_missing_glyphs(lang_zh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns "Glyph ... missing from font(s)" for empty boxes
         assert fig.png().startswith(b"\x89PNG")
+
+
+def test_viz_plots_speak_chinese_with_a_cjk_font(lang_zh, monkeypatch):
+    from matplotlib import rcParams
+
+    from npukit import viz
+
+    monkeypatch.setitem(rcParams, "font.sans-serif", list(rcParams["font.sans-serif"]))  # restored afterwards
+    monkeypatch.setattr(cjk, "find_cjk_font", lambda: "Noto Sans CJK SC")
+    fig = viz.draw_block_tables({"A": [0, 1]}, {"A": 20}, block_size=16, num_blocks=4)
+    assert [ax.get_title() for ax in fig.axes] == ["块表（每块 16 个 Token）", "物理块池（已用 2/4；深色 = 共享）"]
+    monkeypatch.setattr(cjk, "find_cjk_font", lambda: None)
+    monkeypatch.setattr(cjk, "_warned", True)  # warned already
+    fig = viz.draw_block_tables({"A": [0, 1]}, {"A": 20}, block_size=16, num_blocks=4)
+    assert fig.axes[0].get_title() == "block tables (16 tokens per block)"

@@ -195,6 +195,20 @@ MESSAGES: dict[str, str] = {
     # --- plots: a CJK font ----------------------------------------------------------------------------
     "plot.no_cjk_font": "no CJK font found for matplotlib, so plots keep English labels. Install one "
                         "(apt-get install fonts-noto-cjk, or fonts-wqy-zenhei) and restart the kernel.",
+    # --- npukit.viz plots ---------------------------------------------------------------------------
+    "viz.logical_block": "logical block (position // block_size); number = physical block id",
+    "viz.block_tables": "block tables ({size} tokens per block)",
+    "viz.block_pool": "physical block pool ({used}/{total} used; dark = shared)",
+    "viz.highlight": "▲ {name} token {pos} -> block {block}, offset {off}, slot {block} × {size} + {off} = {slot}",
+    "viz.n_values": "{name} ({n} values)",
+    "viz.count": "count",
+    "viz.boxes_title": "TTFT and TPOT per request",
+    "viz.sweep_of": "sweep of {knob}",
+    "viz.vs_concurrency": "{key} vs concurrency",
+    "viz.max_concurrency": "max concurrency",
+    "viz.output_throughput": "output throughput",
+    "viz.tp_size": "tensor-parallel size",
+    "viz.gib_per_device": "GiB per device",
     # --- dashboards -----------------------------------------------------------------------------------
     "dash.title": "npukit dashboard",
     "dash.ready": "ready",

@@ -172,6 +172,20 @@ MESSAGES: dict[str, str] = {
     "cli.serve_loading": "npukit serve：正在加载 {model} ...",
     # --- 画图：中文字体 -----------------------------------------------------------------------------
     "plot.no_cjk_font": "matplotlib 找不到中文（CJK）字体，图中标签保持英文。请安装一个中文字体（apt-get install fonts-noto-cjk，或 fonts-wqy-zenhei），然后重启内核。",
+    # --- npukit.viz 的图 ------------------------------------------------------------------------------
+    "viz.logical_block": "逻辑块（position // block_size）；格中数字 = 物理块编号",
+    "viz.block_tables": "块表（每块 {size} 个 Token）",
+    "viz.block_pool": "物理块池（已用 {used}/{total}；深色 = 共享）",
+    "viz.highlight": "▲ {name} 的第 {pos} 个 Token -> 块 {block}，偏移 {off}，槽位 {block} × {size} + {off} = {slot}",
+    "viz.n_values": "{name}（{n} 个值）",
+    "viz.count": "次数",
+    "viz.boxes_title": "每个请求的 TTFT 与 TPOT",
+    "viz.sweep_of": "{knob} 扫描",
+    "viz.vs_concurrency": "{key} 随并发度的变化",
+    "viz.max_concurrency": "最大并发度",
+    "viz.output_throughput": "输出吞吐",
+    "viz.tp_size": "张量并行数",
+    "viz.gib_per_device": "每个设备的 GiB",
     # --- 仪表盘 ---------------------------------------------------------------------------------------
     "dash.title": "npukit 仪表盘",
     "dash.ready": "就绪",
