@@ -59,6 +59,10 @@ def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget
             continue
         if f.name in tuned:
             out[f.name] = tuned[f.name]
+        elif f.metadata.get("choices"):  # e.g. quantization: None or one of its methods
+            out[f.name] = widgets.Dropdown(options=[("none", None)] + [(c, c) for c in f.metadata["choices"]],
+                                           value=f.default, description=f.name,
+                                           style={"description_width": "initial"})
         elif f.type in (bool, "bool"):
             out[f.name] = widgets.Checkbox(value=bool(f.default), description=f.name, indent=False)
         else:
