@@ -9,6 +9,7 @@ import importlib
 # NOTE: imported eagerly (it is stdlib-only at import time) so that `npukit.doctor` is the function, not the
 # submodule of the same name that a later `import npukit.doctor` would otherwise bind here.
 from .doctor import doctor  # noqa: F401 - re-exported
+from .i18n import set_language  # noqa: F401 - stdlib-only: npukit.set_language("zh") before a dashboard or doctor()
 from .plan import plan  # noqa: F401 - stdlib-only at import time too; same reason as doctor
 
 __version__ = "0.1.0"
@@ -25,7 +26,7 @@ _EXPORTS = {
     "EMBEDDED": "npukit.samples",
 }
 
-__all__ = sorted([*_EXPORTS, "doctor", "plan"])
+__all__ = sorted([*_EXPORTS, "doctor", "plan", "set_language"])
 
 
 def __getattr__(name: str):

@@ -8,12 +8,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from npukit.i18n import t
 from npukit.samples import DEFAULT_MODEL
 
 
 def error(message: str, code: int = 2) -> int:
-    """Print a user-facing error (no traceback) and return the exit code. Every subcommand uses it."""
-    print(f"npukit: error: {message}", file=sys.stderr)
+    """Print a user-facing error (no traceback) and return the exit code. Every subcommand uses it.
+
+    The prefix follows npukit's language (NPUKIT_LANG=zh: "npukit: 错误: ..."); when npukit.doctor knows the
+    error (a torch / CANN mismatch, out of memory, ...) its explanation follows on the next line.
+    """
+    from npukit.doctor import explain_error  # NOTE: stdlib + packaging only: `npukit --help` stays instant
+
+    print(t("cli.error", message=message), file=sys.stderr)
+    if explanation := explain_error(message):
+        print(explanation, file=sys.stderr)
     return code
 
 

@@ -20,10 +20,11 @@ import argparse
 import sys
 
 from npukit.args import add_model_args, error, positive_int
+from npukit.i18n import prompt, t
 
 # NOTE: kept in sync with npukit.chat.PRESETS by a test; not imported here because npukit.chat imports torch.
 PRESETS = ("greedy", "balanced", "creative")
-QUICKSTART_QUESTION = "What is the capital of France?"
+QUICKSTART_QUESTION = "capital"  # npukit.i18n.prompt("capital"): the question in the user's language
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def _load(args: argparse.Namespace):
     try:
         return npukit.load_model(args.model, device=args.device, dtype=args.dtype)
     except (ModelLoadError, DeviceError, EmbeddedModelError, HubError, ValueError) as e:
-        return f"could not load {args.model!r}: {e}"
+        return t("cli.could_not_load", model=args.model, error=e)
 
 
 def _print_load_report(model, file=None) -> None:
@@ -103,11 +104,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         _stream_reply(chat, args.prompt)
         return 0
 
-    print("npukit chat: type a message; /reset forgets the conversation, /exit quits (Ctrl-C stops a reply).",
-          file=sys.stderr)
+    print(t("cli.chat_intro"), file=sys.stderr)
     while True:
         try:
-            text = input("you> ").strip()
+            text = input(t("cli.you")).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
@@ -117,13 +117,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if text == "/reset":
             chat.reset()
-            print("(conversation cleared)", file=sys.stderr)
+            print(t("cli.cleared"), file=sys.stderr)
             continue
-        print("assistant> ", end="", flush=True)
+        print(t("cli.assistant"), end="", flush=True)
         try:
             _stream_reply(chat, text)
         except KeyboardInterrupt:  # the stream's finally stops generate; the turn is not kept
-            print("\n(stopped)", file=sys.stderr)
+            print("\n" + t("cli.stopped"), file=sys.stderr)
 
 
 def _stream_reply(chat, text: str) -> None:
@@ -142,22 +142,22 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         print(report)
         return 1
 
-    print(f"\nLoading {args.model} ...")
+    print("\n" + t("cli.loading", model=args.model))
     loaded = _load(args)
     if isinstance(loaded, str):
         return error(loaded)
     model, tokenizer = loaded
     _print_load_report(model, file=sys.stdout)
 
-    print(f"\nQ: {args.prompt}")
+    print("\n" + t("cli.question", prompt=args.prompt))
     timing = time_generation(model, tokenizer, [{"role": "user", "content": args.prompt}],
                              max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(f"A: {timing.text.strip()}")
+    print(t("cli.answer", answer=timing.text.strip()))
     rate = timing.output_tokens_per_s
-    print(f"\nTTFT {format_seconds(timing.ttft)} | TPOT {format_seconds(timing.tpot)} | "
-          f"{'?' if rate is None else f'{rate:.1f}'} tok/s | {timing.metrics.num_output_tokens} output tokens | "
-          f"peak memory {format_bytes(timing.peak_memory_bytes)} on {timing.device}")
-    print("\nNext: `npukit chat` to talk to it, `npukit doctor` for the full environment report.")
+    print("\n" + t("cli.timing", ttft=format_seconds(timing.ttft), tpot=format_seconds(timing.tpot),
+                    rate="?" if rate is None else f"{rate:.1f}", tokens=timing.metrics.num_output_tokens,
+                    memory=format_bytes(timing.peak_memory_bytes), device=timing.device))
+    print("\n" + t("cli.next"))
     return 0
 
 
@@ -223,7 +223,8 @@ def _add_chat_and_quickstart(sub) -> None:
                        description="The first five minutes: check the environment, load the embedded "
                                    "SmolLM2-135M-Instruct, ask it one question greedily and time the answer.")
     add_model_args(p)
-    p.add_argument("--prompt", default=QUICKSTART_QUESTION, help=f"the question (default: {QUICKSTART_QUESTION!r})")
+    question = prompt(QUICKSTART_QUESTION)
+    p.add_argument("--prompt", default=question, help=f"the question (default: {question!r})")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit (default: 64)")
     p.set_defaults(func=_cmd_quickstart)
 

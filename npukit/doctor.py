@@ -26,6 +26,7 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from npukit.i18n import t
 from npukit.npu_smi import (  # noqa: F401
     SAMPLE_NPU_SMI_INFO,
     SAMPLE_NPU_SMI_USAGEMEM,
@@ -77,8 +78,8 @@ class DoctorReport:
 
     def summary(self) -> str:
         n = self.counts
-        verdict = "ok" if self.ok else "fix the FAIL lines"
-        return f"npukit doctor: {n[PASS]} PASS, {n[WARN]} WARN, {n[FAIL]} FAIL ({verdict})"
+        verdict = t("doctor.verdict_ok") if self.ok else t("doctor.verdict_fail")
+        return t("doctor.summary", passed=n[PASS], warned=n[WARN], failed=n[FAIL], verdict=verdict)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "counts": self.counts, "checks": [asdict(c) for c in self.checks]}
@@ -105,7 +106,8 @@ class DoctorReport:
         )
         return (
             f"<p><b>{html.escape(self.summary())}</b></p>"
-            "<table><thead><tr><th>status</th><th>check</th><th>detail</th><th>advice</th></tr></thead>"
+            "<table><thead><tr>" + "".join(f"<th>{html.escape(t('doctor.col_' + col))}</th>"
+                                           for col in ("status", "check", "detail", "advice")) + "</tr></thead>"
             f"<tbody>{rows}</tbody></table>"
         )
 
@@ -141,9 +143,6 @@ PAIRING_TABLE: tuple[PairingRow, ...] = (
                ("2.5.1", "2.4.0", "2.3.1"), "8.1.RC1"),
 )
 
-_MISMATCH_SYMPTOMS = "'undefined symbol' ImportErrors, a missing libatb.so, or \"Failed to infer device type\""
-
-
 def _same_cann(a: str, b: str) -> bool:
     return a.strip().upper() == b.strip().upper()
 
@@ -172,48 +171,45 @@ def check_pairing(torch_npu: str | None, torch: str, cann: str | None) -> Check:
     """
     name = "pairing"
     if torch_npu is None:
-        return Check(name, PASS, "torch_npu not installed: nothing to pair (CPU / CUDA setup)")
+        return Check(name, PASS, t("doctor.pairing.no_npu"))
     try:
         npu_v, torch_v = Version(torch_npu), Version(torch)
     except InvalidVersion as e:
-        return Check(name, WARN, f"cannot compare versions: {e}", "Check `pip show torch torch_npu`.")
+        return Check(name, WARN, t("doctor.pairing.bad_version", error=e), t("doctor.pairing.bad_version_advice"))
 
     # NOTE: torch_npu X.Y.Z[.postN] is compiled against torch X.Y.Z exactly; anything else fails at import.
     if npu_v.base_version != torch_v.base_version:
         fits_torch = [(n, c) for row in PAIRING_TABLE for n, t in zip(row.torch_npu, row.torch)
                       for c in [row.cann] if t == torch_v.base_version]
-        alt = (" or keep torch and install a torch_npu built for it: "
-               + ", ".join(f"torch_npu=={n} (CANN {c})" for n, c in fits_torch)) if fits_torch else ""
+        alt = t("doctor.pairing.or_keep_torch", choices=", ".join(f"torch_npu=={n} (CANN {c})" for n, c in fits_torch)
+                ) if fits_torch else ""
         return Check(
             name, FAIL,
-            f"torch_npu {torch_npu} is built for torch {npu_v.base_version}, but torch {torch} is installed",
-            f"Install the matching torch: pip install torch=={npu_v.base_version}{alt}. A torch / torch_npu "
-            f"mismatch shows up as {_MISMATCH_SYMPTOMS}.",
+            t("doctor.pairing.torch_mismatch", torch_npu=torch_npu, wanted=npu_v.base_version, torch=torch),
+            t("doctor.pairing.torch_mismatch_advice", wanted=npu_v.base_version, alt=alt),
         )
 
     row = _row_for_torch_npu(npu_v)
     if cann is None:
-        expect = f"torch_npu {torch_npu} is released for CANN {row.cann}" if row else \
-            f"torch_npu {torch_npu} is not in the compatibility table"
-        return Check(
-            name, WARN, f"CANN version unknown; {expect}",
-            f"Install CANN and load its environment before starting Python: {SET_ENV}",
-        )
+        expect = t("doctor.pairing.released_for", torch_npu=torch_npu, cann=row.cann) if row else \
+            t("doctor.pairing.not_in_table", torch_npu=torch_npu)
+        return Check(name, WARN, t("doctor.pairing.cann_unknown", expect=expect),
+                     t("doctor.pairing.cann_unknown_advice", set_env=SET_ENV))
     if row is None:
         pairs = pairs_for_cann(cann)
-        hint = (f"For CANN {cann} the table lists: {_format_pairs(pairs)}." if pairs else
-                f"CANN {cann} is not in the table either; newest known: CANN {PAIRING_TABLE[0].cann} with "
-                f"{_format_pairs(list(zip(PAIRING_TABLE[0].torch_npu, PAIRING_TABLE[0].torch)))}.")
-        return Check(name, WARN, f"torch_npu {torch_npu} + torch {torch} + CANN {cann} is not in the "
-                                 "compatibility table (it may still work)", hint)
+        newest = PAIRING_TABLE[0]
+        hint = (t("doctor.pairing.table_lists", cann=cann, pairs=_format_pairs(pairs)) if pairs else
+                t("doctor.pairing.newest_known", cann=cann, newest=newest.cann,
+                  pairs=_format_pairs(list(zip(newest.torch_npu, newest.torch)))))
+        return Check(name, WARN, t("doctor.pairing.unknown_combo", torch_npu=torch_npu, torch=torch, cann=cann), hint)
     if _same_cann(row.cann, cann):
-        return Check(name, PASS, f"torch_npu {torch_npu} + torch {torch} + CANN {cann}: a known-good combination")
+        return Check(name, PASS, t("doctor.pairing.good", torch_npu=torch_npu, torch=torch, cann=cann))
     pairs = pairs_for_cann(cann)
-    alt = f", or the torch_npu built for CANN {cann}: {_format_pairs(pairs)}" if pairs else ""
+    alt = t("doctor.pairing.or_for_cann", cann=cann, pairs=_format_pairs(pairs)) if pairs else ""
     return Check(
         name, WARN,
-        f"torch_npu {torch_npu} is released for CANN {row.cann}, but CANN {cann} is installed",
-        f"Install CANN {row.cann}{alt}. A CANN mismatch shows up as {_MISMATCH_SYMPTOMS}.",
+        t("doctor.pairing.cann_mismatch", torch_npu=torch_npu, wanted=row.cann, cann=cann),
+        t("doctor.pairing.cann_mismatch_advice", wanted=row.cann, alt=alt),
     )
 
 
@@ -304,43 +300,30 @@ def find_cann(environ: Mapping[str, str] | None = None, roots: list[Path] | None
 # Known problems: error text -> what to do
 # ---------------------------------------------------------------------------------------------
 
-# NOTE: (substring to look for in an error message, explanation). Lower-case substrings; first match wins
-# within a group, but every matching entry is reported.
+# NOTE: (substring to look for in an error message, message key of the explanation in npukit/locales/).
+# Lower-case substrings; every matching entry is reported, in this order.
 KNOWN_PROBLEMS: tuple[tuple[str, str], ...] = (
-    ("undefined symbol",
-     "torch, torch_npu and CANN do not match: torch_npu is compiled against one exact torch and one CANN. "
-     "Run `npukit doctor` and install a combination from its pairing table."),
-    ("libatb.so",
-     "The ATB library (CANN's NNAL package) is missing or not on the library path: install the NNAL package of "
-     "the same CANN version and `source /usr/local/Ascend/nnal/atb/set_env.sh`; a CANN / torch_npu mismatch "
-     "causes it too."),
-    ("failed to infer device type",
-     f"torch cannot see the NPU: torch_npu was not imported or CANN's environment is not loaded. Run `{SET_ENV}` "
-     "before starting Python / Jupyter, and `import torch_npu` (or keep TORCH_DEVICE_BACKEND_AUTOLOAD unset)."),
-    ("libascend_hal.so",
-     "The NPU driver is not visible: install the Ascend driver, or mount /usr/local/Ascend/driver into the "
-     "container."),
-    ("libascendcl.so", f"CANN's libraries are not on the library path: `{SET_ENV}`."),
-    ("libhccl.so", f"CANN's libraries are not on the library path: `{SET_ENV}`."),
-    ("no module named 'ml_dtypes'", "pip install ml-dtypes (numpy support for bfloat16)."),
-    ("no module named 'torch_npu'",
-     "torch_npu is not installed: pip install the torch_npu that matches your torch and CANN (see `npukit doctor`)."),
-    ("permission denied",
-     "You may be writing outside your home folder: on ModelArts / GitCode notebooks /home itself is read-only; "
-     "work under $HOME (e.g. mkdir -p $HOME/models) and point NPUKIT_HOME / HF_HOME there."),
-    ("expandable_segments",
-     "PYTORCH_NPU_ALLOC_CONF=expandable_segments:True does not mix with some graph-capture modes: unset it, or run "
-     "eager (vLLM: --enforce-eager)."),
-    ("out of memory",
-     "The device ran out of memory: use a smaller model or fp16/bf16, shorten max_model_len, lower max_num_seqs / "
-     "the memory fraction; on NPU expandable_segments:True reduces fragmentation."),
+    ("undefined symbol", "problem.undefined_symbol"),
+    ("libatb.so", "problem.libatb"),
+    ("failed to infer device type", "problem.infer_device"),
+    ("libascend_hal.so", "problem.libascend_hal"),
+    ("libascendcl.so", "problem.cann_libraries"),
+    ("libhccl.so", "problem.cann_libraries"),
+    ("no module named 'ml_dtypes'", "problem.ml_dtypes"),
+    ("no module named 'torch_npu'", "problem.no_torch_npu"),
+    ("permission denied", "problem.permission"),
+    ("expandable_segments", "problem.expandable_segments"),
+    ("out of memory", "problem.oom"),
+    ("garbled", "problem.garbled_chinese"),
+    ("乱码", "problem.garbled_chinese"),
 )
 
 
 def explain_error(message: str) -> str:
     """What a known error message means and what to do; "" when npukit does not know it."""
     text = message.lower()
-    return "\n".join(advice for needle, advice in KNOWN_PROBLEMS if needle in text)
+    keys = dict.fromkeys(key for needle, key in KNOWN_PROBLEMS if needle in text)  # libascendcl + libhccl: once
+    return "\n".join(t(key) for key in keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,9 +402,8 @@ def _probe_device(import_errors: dict[str, str]) -> DeviceFacts:
         else:
             facts.bf16 = True
             cap = dev.cpu_isa_cap()
-            facts.bf16_reason = ("native bf16 matmul" if dev.cpu_has_fast_bf16()
-                                 else f"works, but this CPU has no native bf16{f' ({cap})' if cap else ''}: "
-                                      "fp32 is faster")
+            facts.bf16_reason = (t("doctor.bf16.native") if dev.cpu_has_fast_bf16()
+                                 else t("doctor.bf16.slow_cpu", cap=f" ({cap})" if cap else ""))
     except Exception as e:
         facts.error = _error_text(e)
     return facts
@@ -455,68 +437,61 @@ def _with_explanation(advice: str, error: str) -> str:
 def check_python(env: Environment) -> Check:
     v = ".".join(map(str, env.python))
     if env.python[:2] >= MIN_PYTHON:
-        return Check("python", PASS, f"Python {v} ({platform.system()} {platform.machine()})")
+        return Check("python", PASS, t("doctor.python.ok", version=v, system=platform.system(),
+                                       machine=platform.machine()))
     need = ".".join(map(str, MIN_PYTHON))
-    return Check("python", FAIL, f"Python {v} is too old", f"npukit needs Python >= {need}: create a new "
-                                                           f"environment, e.g. conda create -n npukit python=3.11")
+    return Check("python", FAIL, t("doctor.python.old", version=v), t("doctor.python.old_advice", need=need))
 
 
 def check_torch(env: Environment) -> Check:
     version = env.packages.get("torch")
     if version is None:
-        return Check("torch", FAIL, "torch is not installed",
-                     "Install torch first: CPU `pip install torch==2.13.0`; Ascend: the torch that matches your "
-                     "torch_npu and CANN (see the pairing check).")
+        return Check("torch", FAIL, t("doctor.torch.missing"), t("doctor.torch.missing_advice"))
     if "torch" in env.import_errors:
         err = env.import_errors["torch"]
-        return Check("torch", FAIL, f"torch {version} does not import: {err}", _with_explanation(
-            "If the error comes from torch_npu (torch >= 2.5 loads it automatically), set "
-            "TORCH_DEVICE_BACKEND_AUTOLOAD=0 to import torch alone, then fix the torch_npu pairing.", err))
-    return Check("torch", PASS, f"torch {version}")
+        return Check("torch", FAIL, t("doctor.torch.import_error", version=version, error=err),
+                     _with_explanation(t("doctor.torch.import_error_advice"), err))
+    return Check("torch", PASS, t("doctor.version", package="torch", version=version))
 
 
 def check_transformers(env: Environment) -> Check:
     version = env.packages.get("transformers")
     if version is None:
-        return Check("transformers", FAIL, "transformers is not installed",
+        return Check("transformers", FAIL, t("doctor.not_installed", package="transformers"),
                      f"pip install 'transformers>={MIN_TRANSFORMERS}'")
     if Version(version) < Version(MIN_TRANSFORMERS):
-        return Check("transformers", WARN, f"transformers {version} is older than npukit needs ({MIN_TRANSFORMERS})",
-                     f"pip install -U 'transformers>={MIN_TRANSFORMERS}' torch==<your torch version> (pinning torch "
-                     "stops pip from replacing the torch your torch_npu needs)")
-    return Check("transformers", PASS, f"transformers {version}")
+        return Check("transformers", WARN, t("doctor.transformers.old", version=version, need=MIN_TRANSFORMERS),
+                     t("doctor.transformers.old_advice", need=MIN_TRANSFORMERS))
+    return Check("transformers", PASS, t("doctor.version", package="transformers", version=version))
 
 
 def check_numpy(env: Environment) -> Check:
     version = env.packages.get("numpy")
     if version is None:
-        return Check("numpy", FAIL, "numpy is not installed", "pip install numpy")
-    return Check("numpy", PASS, f"numpy {version}",
-                 "Do not upgrade numpy blindly on Ascend: torch_npu wheels are built against a given numpy series.")
+        return Check("numpy", FAIL, t("doctor.not_installed", package="numpy"), "pip install numpy")
+    return Check("numpy", PASS, t("doctor.version", package="numpy", version=version), t("doctor.numpy.advice"))
 
 
 def check_ml_dtypes(env: Environment) -> Check:
     version = env.packages.get("ml_dtypes")
     if version is None:
-        return Check("ml_dtypes", WARN, "ml-dtypes is not installed: numpy has no bfloat16 without it",
-                     "pip install ml-dtypes (otherwise code that moves bf16 tensors to numpy fails with "
-                     "\"No module named 'ml_dtypes'\")")
-    return Check("ml_dtypes", PASS, f"ml-dtypes {version}")
+        return Check("ml_dtypes", WARN, t("doctor.ml_dtypes.missing"), t("doctor.ml_dtypes.missing_advice"))
+    return Check("ml_dtypes", PASS, t("doctor.version", package="ml-dtypes", version=version))
 
 
 def check_torch_npu(env: Environment) -> Check:
     version = env.packages.get("torch_npu")
     if version is None:
         if env.cann.version:
-            return Check("torch_npu", WARN, f"CANN {env.cann.version} is installed but torch_npu is not",
-                         f"pip install the torch_npu for your torch and CANN: "
-                         f"{_format_pairs(pairs_for_cann(env.cann.version)) or 'see the pairing table'}")
-        return Check("torch_npu", PASS, "not installed (fine on CPU / CUDA)")
+            pairs = _format_pairs(pairs_for_cann(env.cann.version)) or t("doctor.pairing.see_table")
+            return Check("torch_npu", WARN, t("doctor.torch_npu.cann_without", cann=env.cann.version),
+                         t("doctor.torch_npu.cann_without_advice", pairs=pairs))
+        return Check("torch_npu", PASS, t("doctor.torch_npu.absent"))
     if "torch_npu" in env.import_errors:
         err = env.import_errors["torch_npu"]
-        return Check("torch_npu", FAIL, f"torch_npu {version} does not import: {err}",
-                     _with_explanation("Fix the torch / torch_npu / CANN pairing (see the pairing check).", err))
-    return Check("torch_npu", PASS, f"torch_npu {version}")
+        return Check("torch_npu", FAIL, t("doctor.torch_npu.import_error", version=version, error=err),
+                     _with_explanation(t("doctor.torch_npu.import_error_advice"), err))
+    return Check("torch_npu", PASS, t("doctor.version", package="torch_npu", version=version))
 
 
 def _set_env_script(root: Path) -> str:
@@ -531,23 +506,20 @@ def check_cann(env: Environment) -> Check:
     cann = env.cann
     if cann.version is None:
         if cann.sourced:
-            return Check("cann", WARN, f"CANN environment points to {cann.root} but no version file was found there",
-                         "Check the CANN install (ascend_toolkit_install.info / version.cfg).")
+            return Check("cann", WARN, t("doctor.cann.no_version", root=cann.root), t("doctor.cann.no_version_advice"))
         if env.torch_npu_installed:
-            return Check("cann", WARN, "torch_npu is installed but no CANN toolkit was found",
-                         f"Install the CANN toolkit and load it before starting Python: {SET_ENV}")
-        return Check("cann", PASS, "not found (only needed on Ascend NPUs)")
+            return Check("cann", WARN, t("doctor.cann.missing"), t("doctor.cann.missing_advice", set_env=SET_ENV))
+        return Check("cann", PASS, t("doctor.cann.absent"))
     if not cann.sourced:
-        return Check("cann", WARN, f"CANN {cann.version} at {cann.root}, but its environment is not loaded",
-                     f"Run `source {_set_env_script(Path(cann.root))}` before starting Python / Jupyter "
-                     "(else torch_npu fails with \"Failed to infer device type\" or missing libraries).")
-    return Check("cann", PASS, f"CANN {cann.version} at {cann.root}")
+        return Check("cann", WARN, t("doctor.cann.not_sourced", version=cann.version, root=cann.root),
+                     t("doctor.cann.not_sourced_advice", script=_set_env_script(Path(cann.root))))
+    return Check("cann", PASS, t("doctor.cann.ok", version=cann.version, root=cann.root))
 
 
 def check_versions_pairing(env: Environment) -> Check:
     torch = env.packages.get("torch")
     if torch is None:
-        return Check("pairing", WARN, "torch is not installed: cannot check the pairing")
+        return Check("pairing", WARN, t("doctor.pairing.no_torch"))
     return check_pairing(env.packages.get("torch_npu"), torch, env.cann.version)
 
 
@@ -558,53 +530,49 @@ def _gib(n: int | None) -> str:
 def check_device(env: Environment) -> Check:
     d = env.device
     if d.kind is None or d.error:
-        return Check("device", FAIL if d.kind is None else WARN, f"could not probe the device: {d.error}",
-                     _with_explanation("See the torch / torch_npu checks.", d.error or ""))
-    detail = f"{d.kind}: {d.name} x{d.count}, {_gib(d.memory_total)} total, {_gib(d.memory_free)} free"
+        return Check("device", FAIL if d.kind is None else WARN, t("doctor.device.probe_failed", error=d.error),
+                     _with_explanation(t("doctor.device.probe_failed_advice"), d.error or ""))
+    detail = t("doctor.device.detail", kind=d.kind, name=d.name, count=d.count, total=_gib(d.memory_total),
+               free=_gib(d.memory_free))
     if env.torch_npu_installed and d.kind != "npu":
-        return Check("device", WARN, f"torch_npu is installed but no NPU is usable; using {detail}",
-                     f"Load CANN's environment ({SET_ENV}), check `npu-smi info` and ASCEND_RT_VISIBLE_DEVICES. "
-                     "Without it torch reports \"Failed to infer device type\".")
+        return Check("device", WARN, t("doctor.device.no_npu", detail=detail),
+                     t("doctor.device.no_npu_advice", set_env=SET_ENV))
     return Check("device", PASS, detail)
 
 
 def check_bf16(env: Environment) -> Check:
     d = env.device
     if d.kind is None or d.bf16 is None:
-        return Check("bf16", WARN, "unknown (device not probed)")
+        return Check("bf16", WARN, t("doctor.bf16.unknown"))
     if not d.bf16:
-        return Check("bf16", WARN, f"no bf16 on {d.name}: {d.bf16_reason}",
-                     "Load models with dtype='float16' (Atlas 300I Duo / 310P and 910A have no bf16).")
-    return Check("bf16", PASS, f"bf16 on {d.kind}: {d.bf16_reason}")
+        return Check("bf16", WARN, t("doctor.bf16.no", name=d.name, reason=d.bf16_reason), t("doctor.bf16.no_advice"))
+    return Check("bf16", PASS, t("doctor.bf16.ok", kind=d.kind, reason=d.bf16_reason))
 
 
 def check_npu_smi(env: Environment, timeout: float = 10.0) -> Check:
     exe = shutil.which("npu-smi", path=env.environ.get("PATH"))
     if exe is None:
         if env.on_npu:
-            return Check("npu-smi", WARN, "npu-smi is not on PATH",
-                         "Install the Ascend driver, or mount /usr/local/bin/npu-smi and /usr/local/Ascend/driver "
-                         "into the container.")
-        return Check("npu-smi", PASS, "not on PATH (no Ascend driver; fine on CPU / CUDA)")
+            return Check("npu-smi", WARN, t("doctor.npu_smi.not_on_path"), t("doctor.npu_smi.not_on_path_advice"))
+        return Check("npu-smi", PASS, t("doctor.npu_smi.absent"))
     # NOTE: guarded: a wedged driver can hang npu-smi, so it always runs with a timeout.
     try:
         out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return Check("npu-smi", WARN, f"`npu-smi info` failed: {_error_text(e)}",
-                     "Check the NPU driver and firmware (dmesg, `npu-smi info`).")
+        return Check("npu-smi", WARN, t("doctor.npu_smi.failed", error=_error_text(e)),
+                     t("doctor.npu_smi.failed_advice"))
     if out.returncode != 0:
         msg = (out.stderr or out.stdout).strip().splitlines()
-        return Check("npu-smi", WARN, f"`npu-smi info` exited {out.returncode}: {msg[0] if msg else ''}",
-                     "Check the NPU driver and firmware; in a container, mount the davinci devices.")
+        return Check("npu-smi", WARN, t("doctor.npu_smi.exited", code=out.returncode, message=msg[0] if msg else ""),
+                     t("doctor.npu_smi.exited_advice"))
     first = next((ln.strip("|+= ").strip() for ln in out.stdout.splitlines() if "npu-smi" in ln.lower()), "")
-    detail = f"{exe} works{': ' + first.split()[1] if len(first.split()) > 1 else ''}"
+    detail = t("doctor.npu_smi.works", exe=exe, version=': ' + first.split()[1] if len(first.split()) > 1 else '')
     chips = parse_npu_smi_info(out.stdout)
     if chips:
-        detail += f"; {len(chips)} chip(s): " + "; ".join(describe_chips(chips).splitlines())
+        detail += t("doctor.npu_smi.chips", count=len(chips), chips="; ".join(describe_chips(chips).splitlines()))
     sick = [c for c in chips if c.health.upper() != "OK"]
     if sick:
-        return Check("npu-smi", WARN, detail, f"npu {sick[0].npu} reports health {sick[0].health}: "
-                     "check `npu-smi info -t health -i N` and the driver log before trusting timings.")
+        return Check("npu-smi", WARN, detail, t("doctor.npu_smi.sick_advice", npu=sick[0].npu, health=sick[0].health))
     return Check("npu-smi", PASS, detail)
 
 
@@ -613,16 +581,16 @@ def _writable(path: Path) -> tuple[bool, str]:
     target = path
     while not target.exists():
         if target.parent == target:
-            return False, f"{path}: no existing parent"
+            return False, t("doctor.writable.no_parent", path=path)
         target = target.parent
     if not target.is_dir():
-        return False, f"{path}: {target} is a file, not a folder"
+        return False, t("doctor.writable.is_file", path=path, target=target)
     try:
         with tempfile.NamedTemporaryFile(dir=target, prefix=".npukit-doctor-"):
             pass
     except OSError as e:
         return False, f"{target}: {_error_text(e)}"
-    return True, str(path) if target == path else f"{path} (will be created in {target})"
+    return True, str(path) if target == path else t("doctor.writable.created_in", path=path, target=target)
 
 
 def _npukit_home(environ: Mapping[str, str]) -> Path:
@@ -637,22 +605,19 @@ def _npukit_home(environ: Mapping[str, str]) -> Path:
 def check_home(env: Environment) -> Check:
     home = env.environ.get("HOME")
     if not home:
-        return Check("home", FAIL, "HOME is not set", "export HOME=<your home folder>")
+        return Check("home", FAIL, t("doctor.home.unset"), t("doctor.home.unset_advice"))
     ok, where = _writable(Path(home))
     if not ok:
-        return Check("home", FAIL, f"cannot write in HOME: {where}",
-                     "Ask for a writable home, or export HOME to a folder you own.")
-    return Check("home", PASS, f"HOME={home} is writable",
-                 "Keep models and caches under $HOME: on ModelArts / GitCode notebooks /home itself is read-only.")
+        return Check("home", FAIL, t("doctor.home.not_writable", where=where), t("doctor.home.not_writable_advice"))
+    return Check("home", PASS, t("doctor.home.ok", home=home), t("doctor.home.ok_advice"))
 
 
 def check_cache(env: Environment) -> Check:
     path = _npukit_home(env.environ)
     ok, where = _writable(path)
     if not ok:
-        return Check("cache", FAIL, f"npukit cache folder not writable: {where}",
-                     "export NPUKIT_HOME=$HOME/.cache/npukit (a folder you can write).")
-    return Check("cache", PASS, f"npukit cache: {where}")
+        return Check("cache", FAIL, t("doctor.cache.not_writable", where=where), t("doctor.cache.not_writable_advice"))
+    return Check("cache", PASS, t("doctor.cache.ok", where=where))
 
 
 def _truthy(value: str | None) -> bool:
@@ -661,56 +626,48 @@ def _truthy(value: str | None) -> bool:
 
 def check_alloc_conf(env: Environment) -> Check:
     name, value = "PYTORCH_NPU_ALLOC_CONF", env.environ.get("PYTORCH_NPU_ALLOC_CONF")
-    graph_note = ("It does not mix with some graph-capture modes of vLLM-Ascend (ACL graph / TorchAir): if capture "
-                  "fails, unset it or run eager (--enforce-eager).")
+    graph_note = t("doctor.alloc.graph_note")
     if value is None:
         if env.on_npu:
-            return Check(name, WARN, "unset: the NPU caching allocator can fragment and OOM early",
-                         f"export PYTORCH_NPU_ALLOC_CONF=expandable_segments:True for eager inference. {graph_note}")
-        return Check(name, PASS, "unset (only read by torch_npu)")
+            return Check(name, WARN, t("doctor.alloc.unset_npu"),
+                         t("doctor.alloc.unset_npu_advice", graph_note=graph_note))
+        return Check(name, PASS, t("doctor.alloc.unset"))
     if "expandable_segments:true" in value.replace(" ", "").lower():
         return Check(name, PASS, value, graph_note)
-    return Check(name, PASS, value, "expandable_segments:True reduces fragmentation OOMs in eager mode.")
+    return Check(name, PASS, value, t("doctor.alloc.other_advice"))
 
 
 def check_hf_endpoint(env: Environment) -> Check:
     name, value = "HF_ENDPOINT", env.environ.get("HF_ENDPOINT")
     if value:
-        return Check(name, PASS, f"Hugging Face downloads go to {value}",
-                     "`npukit download --source openmind|modelscope` uses those hubs instead.")
-    return Check(name, PASS, "unset: downloads go to huggingface.co",
-                 "If huggingface.co is slow or blocked, export HF_ENDPOINT=https://hf-mirror.com, or use "
-                 "`npukit download --source modelscope` / `--source openmind`.")
+        return Check(name, PASS, t("doctor.hf_endpoint.set", value=value), t("doctor.hf_endpoint.set_advice"))
+    return Check(name, PASS, t("doctor.hf_endpoint.unset"), t("doctor.hf_endpoint.unset_advice"))
 
 
 def check_hf_offline(env: Environment) -> Check:
     name, value = "HF_HUB_OFFLINE", env.environ.get("HF_HUB_OFFLINE")
     if _truthy(value):
-        return Check(name, PASS, f"{value}: offline, only models already in the cache load",
-                     "Unset HF_HUB_OFFLINE to download new models.")
-    return Check(name, PASS, "online" if value is None else f"{value}: online")
+        return Check(name, PASS, t("doctor.hf_offline.on", value=value), t("doctor.hf_offline.on_advice"))
+    return Check(name, PASS, t("doctor.hf_offline.online") if value is None else
+                 t("doctor.hf_offline.value_online", value=value))
 
 
 def check_visible_devices(env: Environment) -> Check:
     name, value = "ASCEND_RT_VISIBLE_DEVICES", env.environ.get("ASCEND_RT_VISIBLE_DEVICES")
     if value is None:
-        return Check(name, PASS, "unset: every NPU is visible" if env.on_npu else "unset")
+        return Check(name, PASS, t("doctor.visible.unset_npu") if env.on_npu else t("doctor.visible.unset"))
     if not value.strip():
-        return Check(name, WARN, "set but empty: no NPU is visible to this process",
-                     "unset ASCEND_RT_VISIBLE_DEVICES, or list the NPU ids to use (e.g. 0 or 0,1).")
-    return Check(name, PASS, f"{value}: only these NPUs are visible, renumbered from npu:0")
+        return Check(name, WARN, t("doctor.visible.empty"), t("doctor.visible.empty_advice"))
+    return Check(name, PASS, t("doctor.visible.set", value=value))
 
 
 def check_autoload(env: Environment) -> Check:
     name, value = "TORCH_DEVICE_BACKEND_AUTOLOAD", env.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
     if value is not None and value.strip() == "0":
         if env.torch_npu_installed:
-            return Check(name, WARN, "0: `import torch` does not load torch_npu",
-                         "`import torch_npu` yourself (npukit does), else NPU tensors fail with "
-                         "\"Failed to infer device type\".")
-        return Check(name, PASS, "0: torch does not autoload device backends")
-    return Check(name, PASS, "unset: torch >= 2.5 loads torch_npu on `import torch`" if value is None else value,
-                 "If `import torch` itself fails inside torch_npu, set TORCH_DEVICE_BACKEND_AUTOLOAD=0 to debug.")
+            return Check(name, WARN, t("doctor.autoload.off_npu"), t("doctor.autoload.off_npu_advice"))
+        return Check(name, PASS, t("doctor.autoload.off"))
+    return Check(name, PASS, t("doctor.autoload.unset") if value is None else value, t("doctor.autoload.advice"))
 
 
 # NOTE: the order of the report. A check may be added anywhere; each must return one Check and never raise
@@ -725,13 +682,17 @@ CHECKS: list[Callable[[Environment], Check]] = [
 
 
 def doctor(env: Environment | None = None) -> DoctorReport:
-    """Run every check in CHECKS over `env` (default: this machine) and return the report."""
+    """Run every check in CHECKS over `env` (default: this machine) and return the report.
+
+    Messages follow npukit's language (NPUKIT_LANG / the locale / npukit.set_language); check names stay English
+    (they are ids: report["pairing"]).
+    """
     env = probe_environment() if env is None else env
     checks = []
     for fn in CHECKS:
         try:
             checks.append(fn(env))
         except Exception as e:  # a doctor that crashes helps nobody
-            checks.append(Check(fn.__name__.removeprefix("check_"), WARN, f"check crashed: {_error_text(e)}",
-                                "Please report this as an npukit bug."))
+            checks.append(Check(fn.__name__.removeprefix("check_"), WARN,
+                                t("doctor.check_crashed", error=_error_text(e)), t("doctor.check_crashed_advice")))
     return DoctorReport(checks)

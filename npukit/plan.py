@@ -638,7 +638,9 @@ def run_plan(args) -> int:
                         f"{d.source}" for d in DEVICES.values()))
         return 0
     if not args.model:
-        return error("npukit plan needs a MODEL (try `npukit plan Qwen/Qwen3-32B --device 300I-Duo`, or --list)")
+        from npukit.i18n import t
+
+        return error(t("cli.plan_needs_model"))
     try:
         p = plan(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

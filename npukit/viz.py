@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from npukit.cjk import plot_text
+
 # Colours that read on JupyterLab's light and dark themes.
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
            "#64b5cd")
@@ -150,8 +152,8 @@ def _draw_logical(ax, block_tables, num_tokens, block_size: int, colour, owners)
     for label, name in zip(ax.get_yticklabels(), names):
         label.set_color(colour[name])
     ax.tick_params(axis="y", length=0)
-    ax.set_xlabel("logical block (position // block_size); number = physical block id")
-    ax.set_title(f"block tables ({block_size} tokens per block)", fontsize=10)
+    ax.set_xlabel(plot_text("viz.logical_block"))
+    ax.set_title(plot_text("viz.block_tables", size=block_size), fontsize=10)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
 
@@ -174,7 +176,7 @@ def _draw_physical(ax, num_blocks: int, columns: int, colour, owners) -> None:
     ax.set_ylim(-0.05, rows)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title(f"physical block pool ({len(owners)}/{num_blocks} used; dark = shared)", fontsize=10)
+    ax.set_title(plot_text("viz.block_pool", used=len(owners), total=num_blocks), fontsize=10)
 
 
 def _draw_highlight(ax_l, ax_p, block_tables, highlight: tuple[str, int], block_size: int, columns: int,
@@ -192,8 +194,8 @@ def _draw_highlight(ax_l, ax_p, block_tables, highlight: tuple[str, int], block_
     b = table[i]
     bx, by = b % columns, rows - 1 - b // columns
     ax_p.add_patch(Rectangle((bx - 0.05, by - 0.05), 1.02, 0.98, fill=False, edgecolor="#cf222e", lw=2))
-    ax_l.set_title(f"block tables ({block_size} tokens per block); ▲ {name} token {pos} -> block {b}, "
-                   f"offset {off}, slot {b} × {block_size} + {off} = {slot}", fontsize=9)
+    ax_l.set_title(plot_text("viz.block_tables", size=block_size) + "; " + plot_text(
+        "viz.highlight", name=name, pos=pos, block=b, off=off, size=block_size, slot=slot), fontsize=9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +273,8 @@ def draw_batching_comparison(results: Sequence[Any], x: str = "step", titles: Se
     for i, (r, ax) in enumerate(zip(results, axes)):
         tokens, held = timeline_rows(r, x)
         title = titles[i] if titles else r.label
-        draw_timeline(tokens, held, ax=ax, title=title, xlabel="engine step" if x == "step" else "seconds",
+        draw_timeline(tokens, held, ax=ax, title=title,
+                      xlabel=plot_text("dash.engine.engine_step" if x == "step" else "dash.engine.seconds"),
                       max_rows=n_rows, names=names)
         end = max(end, max((b for spans in held.values() for _, b in spans), default=0.0))
     for ax in axes:
@@ -313,14 +316,14 @@ def draw_latency_histograms(metrics, *, axes=None, bins: int = 20, title: str = 
         for stat, value, style in (("mean", np.mean(values), "-"), ("median", np.median(values), "--"),
                                    ("p99", np.percentile(values, 99), ":")):
             ax.axvline(value, color="#222222", linestyle=style, lw=1, label=f"{stat} {value:.1f} ms")
-        ax.set(title=f"{name} ({len(values)} values)", xlabel="ms", ylabel="count")
+        ax.set(title=plot_text("viz.n_values", name=name, n=len(values)), xlabel="ms", ylabel=plot_text("viz.count"))
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
 
 
-def draw_latency_boxes(runs: Sequence[Any], *, ax=None, title: str = "TTFT and TPOT per request"):
+def draw_latency_boxes(runs: Sequence[Any], *, ax=None, title: str | None = None):
     """Box plots of TTFT and TPOT (ms) for each run (objects with ``.label`` and ``.metrics``)."""
     fig, ax = _figure_of(ax, 6, 3.5)
     groups, labels, colours = [], [], []
@@ -337,7 +340,7 @@ def draw_latency_boxes(runs: Sequence[Any], *, ax=None, title: str = "TTFT and T
             patch.set_facecolor(c)
             patch.set_alpha(0.5)
         ax.set_xticks(range(1, len(groups) + 1), labels, fontsize=7)
-    ax.set(title=title, ylabel="ms")
+    ax.set(title=plot_text("viz.boxes_title") if title is None else title, ylabel="ms")
     return fig
 
 
@@ -356,7 +359,7 @@ def draw_sweep(knob: str, values: Sequence[Any], runs: Sequence[Any], *, ax=None
     xs = range(len(values))
     ax.bar(xs, [r.output_throughput for r in runs], color=PALETTE[0], alpha=0.75, label="output tok/s")
     ax.set_xticks(list(xs), [str(v) for v in values])
-    ax.set(xlabel=knob, ylabel="output tok/s", title=title or f"sweep of {knob}")
+    ax.set(xlabel=knob, ylabel="output tok/s", title=title or plot_text("viz.sweep_of", knob=knob))
     ax2 = ax.twinx()
     for name, c in (("TTFT", PALETTE[1]), ("TPOT", PALETTE[2])):
         ys = [np.median(v) if (v := _latencies(r.metrics)[name]) else np.nan for r in runs]
@@ -380,11 +383,12 @@ def draw_bench_concurrency(concurrencies: Sequence[int], results: Sequence[Any],
     for ax, key in zip(axes, ("ttft", "tpot")):
         for stat, style in (("mean", "o-"), ("median", "s--"), ("p99", "^:")):
             ax.plot(concurrencies, [r.summary[f"{stat}_{key}_ms"] for r in results], style, label=stat)
-        ax.set(title=f"{key.upper()} vs concurrency", xlabel="max concurrency", ylabel="ms")
+        ax.set(title=plot_text("viz.vs_concurrency", key=key.upper()), xlabel=plot_text("viz.max_concurrency"),
+               ylabel="ms")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     axes[2].plot(concurrencies, [r.summary["output_throughput"] for r in results], "o-", color=PALETTE[2])
-    axes[2].set(title="output throughput", xlabel="max concurrency", ylabel="tok/s")
+    axes[2].set(title=plot_text("viz.output_throughput"), xlabel=plot_text("viz.max_concurrency"), ylabel="tok/s")
     axes[2].set_ylim(bottom=0)
     for ax in axes:
         ax.set_xticks(list(concurrencies))
@@ -451,8 +455,8 @@ def draw_memory_bill(plan, *, ax=None, title: str | None = None):
     for i, p in enumerate(plan.plans):
         if not p.fits:
             ax.text(i, bottom[i], "does not fit", ha="center", va="bottom", color=PALETTE[3], fontsize=9)
-    ax.set_xlabel("tensor-parallel size")
-    ax.set_ylabel("GiB per device")
+    ax.set_xlabel(plot_text("viz.tp_size"))
+    ax.set_ylabel(plot_text("viz.gib_per_device"))
     ax.set_title(title or f"{plan.model} ({plan.dtype}) on {plan.device.name}")
     ax.legend(fontsize=8, loc="upper right")
     return fig

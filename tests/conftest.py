@@ -13,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # fidelity tests (tests/test_llm.py -k greedy_equals_hf, tests/test_graph.py) run there; default: the CPU.
 TEST_DEVICE = os.environ.get("NPUKIT_TEST_DEVICE", "cpu")
 
+# NOTE: the unit tests check English messages (the default); a developer's zh_CN locale must not change them.
+# Tests of the Chinese messages set the language themselves (tests/test_i18n.py). The notebooks set theirs in
+# their settings cell, so nbval does not depend on this either.
+os.environ["NPUKIT_LANG"] = "en"
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -5,15 +5,17 @@ from pathlib import Path
 
 import pytest
 
-# NOTE: every notebook follows these conventions (issue 9).
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# NOTE: every notebook follows these conventions (issue 9), in both editions (issue 14: notebooks/zh/).
+_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted((_DIR / "zh").glob("[0-9][0-9]_*.ipynb"))
+TRY_IT = ("## Try it", "## 动手试一试")  # the heading in each edition
 
 
 def cells(path, kind):
     return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == kind]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_device_and_dtype_come_from_the_settings_cell(path):
     code = cells(path, "code")
     text = "\n".join(code)
@@ -29,9 +31,9 @@ def test_device_and_dtype_come_from_the_settings_cell(path):
         # a dtype other than DTYPE only where the lesson compares precisions explicitly
         assert "dtype=DTYPE" in args or re.search(r'dtype=("float32"|half\b)', args), args
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_try_it_item_has_an_answer(path):
-    try_it = [c for c in cells(path, "markdown") if c.startswith("## Try it")]
+    try_it = [c for c in cells(path, "markdown") if c.startswith(TRY_IT)]
     assert len(try_it) == 1
     items = re.findall(r"^\d+\. ", try_it[0], flags=re.M)
     assert items and try_it[0].count("<details>") == len(items) == try_it[0].count("</details>")

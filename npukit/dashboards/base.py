@@ -8,6 +8,10 @@ widgets back, with no kernel and no browser.
     dash                      # last expression of a cell: displays the widgets
     dash.show()               # the same, from anywhere in a cell
 
+Labels, status lines and plot labels come from npukit's message catalogues (``npukit.i18n.t``, and
+``npukit.cjk.plot_text`` inside plots), so ``NPUKIT_LANG=zh`` or ``npukit.set_language("zh")`` before building a
+dashboard makes it speak Chinese.
+
 NOTE: the cell output of a dashboard carries a short, stable ``text/plain`` (the class name and the
 model) instead of the widgets' default repr, which lists every widget value. nbval compares
 ``text/plain``, so a dashboard cell stays comparable however its values change.
@@ -21,6 +25,8 @@ import os
 from typing import Any, Callable
 
 import ipywidgets as widgets
+
+from npukit.i18n import is_message, t
 
 # Colours that read on JupyterLab's light and dark themes.
 OK_COLOUR, WARN_COLOUR, ERROR_COLOUR, MUTED_COLOUR = "#1a7f37", "#9a6700", "#cf222e", "#57606a"
@@ -42,10 +48,14 @@ class Snapshot:
 class Dashboard:
     """Base class: ``self.widget`` (the top container), ``self.status`` and ``self.progress``."""
 
-    title = "npukit dashboard"
+    title_key = "dash.title"  # subclasses: the catalogue key of their title
+
+    @property
+    def title(self) -> str:
+        return t(self.title_key)
 
     def __init__(self) -> None:
-        self.status = widgets.HTML(value=self._status_html("ready", MUTED_COLOUR))
+        self.status = widgets.HTML(value=self._status_html(t("dash.ready"), MUTED_COLOUR))
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="",
                                             layout=widgets.Layout(width="260px", visibility="hidden"))
         self.last_error: BaseException | None = None
@@ -73,7 +83,7 @@ class Dashboard:
         """
         png = self._snapshot_png()
         if not png:
-            raise ValueError(f"{type(self).__name__} has nothing to show yet: run it first (dash.run() or its button)")
+            raise ValueError(t("dash.nothing_yet", name=type(self).__name__))
         return Snapshot(png, f"{self.describe()}, last run")
 
     def _snapshot_png(self) -> bytes:
@@ -119,8 +129,9 @@ class Dashboard:
         return []
 
 
-def action(busy_text: str) -> Callable:
-    """Decorate a dashboard method that buttons call: it shows ``busy_text``, disables the buttons,
+def action(busy_key: str) -> Callable:
+    """Decorate a dashboard method that buttons call: it shows ``t(busy_key)`` (or the text itself when it is
+    not a message key), disables the buttons,
     and turns any exception into a red status line (kept in ``self.last_error``) instead of raising.
 
     NOTE: a widget callback that raises only logs a traceback in the kernel; the user sees nothing.
@@ -131,11 +142,11 @@ def action(busy_text: str) -> Callable:
         @functools.wraps(method)
         def run(self: Dashboard, *args, **kwargs):
             if self.busy:
-                self.set_status("busy: wait for the current run to finish", "warn")
+                self.set_status(t("dash.busy"), "warn")
                 return None
             self.busy = True
             self.last_error = None
-            self.set_status(busy_text, "info")
+            self.set_status(t(busy_key) if is_message(busy_key) else busy_key, "info")
             for b in self.buttons():
                 b.disabled = True
             try:

@@ -24,7 +24,9 @@ from npukit.bench.workload import (
     run_static_batches,
     run_workload,
 )
+from npukit.cjk import plot_text
 from npukit.engine.config import engine_fields
+from npukit.i18n import t
 from npukit.metrics import format_seconds
 
 from .base import Dashboard, action, figure_png, html_table, new_figure, resolve_model
@@ -58,6 +60,10 @@ def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget
             continue
         if f.name in tuned:
             out[f.name] = tuned[f.name]
+        elif f.metadata.get("choices"):  # e.g. quantization: None or one of its methods
+            out[f.name] = widgets.Dropdown(options=[("none", None)] + [(c, c) for c in f.metadata["choices"]],
+                                           value=f.default, description=f.name,
+                                           style={"description_width": "initial"})
         elif f.type in (bool, "bool"):
             out[f.name] = widgets.Checkbox(value=bool(f.default), description=f.name, indent=False)
         elif f.metadata.get("choices"):  # e.g. quantization: None or one of its methods
@@ -73,7 +79,7 @@ def engine_widgets(tuned: dict[str, widgets.Widget]) -> dict[str, widgets.Widget
 class EngineDashboard(Dashboard):
     """Turn the engine's knobs, run a workload, compare runs (and HF static batching)."""
 
-    title = "Engine tuning"
+    title_key = "dash.engine.title"
 
     def __init__(self, model="smollm2-135m-instruct", tokenizer=None, *, device: str = "auto", dtype: str = "auto",
                  max_num_seqs: int = 8, max_num_batched_tokens: int = 512, block_size: int = 16,
@@ -96,24 +102,26 @@ class EngineDashboard(Dashboard):
                                            layout=widgets.Layout(width="180px"))
         self.num_kv_blocks = _slider(widgets.IntSlider, num_kv_blocks, 1, 4096, "num_kv_blocks")
         narrow = widgets.Layout(width="150px")
-        self.prefix_caching = widgets.Checkbox(value=enable_prefix_caching, description="prefix caching", indent=False,
+        self.prefix_caching = widgets.Checkbox(value=enable_prefix_caching, description=t("dash.engine.prefix_caching"),
+                                               indent=False,
                                                layout=narrow)
-        self.chunked_prefill = widgets.Checkbox(value=enable_chunked_prefill, description="chunked prefill",
+        self.chunked_prefill = widgets.Checkbox(value=enable_chunked_prefill,
+                                                description=t("dash.engine.chunked_prefill"),
                                                 indent=False, layout=narrow)
         self.engine_widgets = engine_widgets({
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
             "block_size": self.block_size, "num_kv_blocks": self.num_kv_blocks,
             "enable_prefix_caching": self.prefix_caching, "enable_chunked_prefill": self.chunked_prefill})
         # workload
-        self.num_requests = _slider(widgets.IntSlider, num_requests, 1, 256, "requests")
-        self.prompt_len = _slider(widgets.IntSlider, prompt_len, 1, 2048, "prompt tokens (max)")
-        self.output_len = _slider(widgets.IntSlider, output_len, 1, 512, "output tokens (max)")
-        self.shared_prefix_len = _slider(widgets.IntSlider, shared_prefix_len, 0, 2048, "shared prefix tokens")
-        self.compare_static = widgets.Checkbox(value=compare_static, description="also run HF static batches",
+        self.num_requests = _slider(widgets.IntSlider, num_requests, 1, 256, t("dash.engine.requests"))
+        self.prompt_len = _slider(widgets.IntSlider, prompt_len, 1, 2048, t("dash.engine.prompt_len"))
+        self.output_len = _slider(widgets.IntSlider, output_len, 1, 512, t("dash.engine.output_len"))
+        self.shared_prefix_len = _slider(widgets.IntSlider, shared_prefix_len, 0, 2048, t("dash.engine.shared_prefix"))
+        self.compare_static = widgets.Checkbox(value=compare_static, description=t("dash.engine.compare_static"),
                                                indent=False)
-        self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
+        self.run_button = widgets.Button(description=t("dash.run"), button_style="primary", icon="play")
         self.run_button.on_click(lambda _: self.run())
-        self.clear_button = widgets.Button(description="Clear runs", icon="trash")
+        self.clear_button = widgets.Button(description=t("dash.engine.clear"), icon="trash")
         self.clear_button.on_click(lambda _: self.clear())
         self.capacity = widgets.HTML()
         for w in (self.block_size, self.num_kv_blocks, self.max_num_seqs, self.prompt_len, self.output_len):
@@ -126,8 +134,8 @@ class EngineDashboard(Dashboard):
     def _layout(self) -> widgets.VBox:
         dtype_name = str(self.model.dtype).removeprefix("torch.")
         return widgets.VBox([
-            self.header(f"{self.model_name}, {dtype_name} on {self.model.device}"),
-            widgets.HTML("<b>engine</b>"),
+            self.header(t("dash.on_device", model=self.model_name, dtype=dtype_name, device=self.model.device)),
+            widgets.HTML(f"<b>{t('dash.engine.engine')}</b>"),
             widgets.HBox([self.max_num_seqs, self.max_num_batched_tokens]),
             widgets.HBox([self.num_kv_blocks, self.block_size, self.prefix_caching, self.chunked_prefill]),
             *([widgets.HBox(extra)] if (extra := [w for name, w in self.engine_widgets.items() if name not in TUNED])
@@ -185,7 +193,7 @@ class EngineDashboard(Dashboard):
 
         return LLM(self.model, self.tokenizer, **self.knobs())
 
-    @action("running the workload…")
+    @action("dash.engine.running")
     def run(self) -> WorkloadRun:
         workload = self.workload()
         longest = max(len(p) for p in workload.prompts)
@@ -199,19 +207,19 @@ class EngineDashboard(Dashboard):
         llm.generate([workload.prompts[0][:4]], greedy_params(2), use_tqdm=False)  # warm-up
         compare = self.compare_static.value
         total = workload.num_requests + (1 if compare else 0)
-        self.start_progress(total, "requests")
+        self.start_progress(total, t("dash.engine.requests"))
 
         def on_step(record: StepRecord, finished: int) -> None:
             self.progress.value = finished
             if record.step % 4 == 0:
-                self.set_status(f"engine: step {record.step}, {finished}/{workload.num_requests} requests done, "
-                                f"KV cache {record.kv_cache_usage:.0%} used")
+                self.set_status(t("dash.engine.step", step=record.step, finished=finished,
+                                  total=workload.num_requests, kv=record.kv_cache_usage))
 
         result = run_workload(llm, workload, label=f"run {len(self.runs) + 1}", on_step=on_step)
         self.runs.append(result)
         self.last = result
         if compare:
-            self.set_status(f"HF static batches of {self.max_num_seqs.value}…")
+            self.set_status(t("dash.engine.static", size=self.max_num_seqs.value))
             if not self._static_warm:
                 run_static_batches(self.model, self.tokenizer, Workload([workload.prompts[0][:4]], [2]), 1)
                 self._static_warm = True
@@ -219,18 +227,18 @@ class EngineDashboard(Dashboard):
             self.step_progress()
         self.end_progress()
         self.refresh()
-        msg = f"done: {result}"
+        msg = t("dash.engine.done", result=result)
         if self.static is not None and compare:
-            msg += f"; static batches {self.static.output_throughput:.1f} tok/s " \
-                   f"({result.output_throughput / self.static.output_throughput:.2f}x)"
+            msg += t("dash.engine.done_static", rate=self.static.output_throughput,
+                     ratio=result.output_throughput / self.static.output_throughput)
         self.set_status(msg, "ok")
         return result
 
-    @action("clearing…")
+    @action("dash.engine.clearing")
     def clear(self) -> None:
         self.runs, self.static, self.last = [], None, None
         self.table.value, self.chart.value = "", b""
-        self.set_status("ready", "info")
+        self.set_status(t("dash.ready"), "info")
 
     # --- rendering ---------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -238,17 +246,19 @@ class EngineDashboard(Dashboard):
         self.chart.value = self._figure_png()
 
     def _table_html(self) -> str:
-        header = ["run", "max_num_seqs", "batched tokens", "block", "KV blocks", "prefix", "chunked", "tok/s",
-                  "TTFT p50", "TPOT p50", "steps", "preempted", "KV peak", "prefix hits"]
-        rows = []
+        header = [t("dash.engine.run_col"), "max_num_seqs", t("dash.engine.col_batched"), "block",
+                  t("dash.engine.col_kv_blocks"), t("dash.engine.col_prefix"), t("dash.engine.col_chunked"), "tok/s",
+                  "TTFT p50", "TPOT p50", t("dash.engine.col_steps"), t("dash.engine.col_preempted"),
+                  t("dash.engine.col_kv_peak"), t("dash.engine.col_prefix_hits")]
+        rows, on, off = [], t("dash.engine.on"), t("dash.engine.off")
         for r in self.runs + ([self.static] if self.static is not None else []):
             s = r.summary()
             c = r.config
             engine = r.stats is not None
             rows.append([r.label, c.get("max_num_seqs", c.get("batch_size")),
                          c.get("max_num_batched_tokens", "—"), c.get("block_size", "—"), c.get("num_kv_blocks", "—"),
-                         "on" if c.get("enable_prefix_caching") else ("off" if engine else "—"),
-                         "on" if c.get("enable_chunked_prefill") else ("off" if engine else "—"),
+                         on if c.get("enable_prefix_caching") else (off if engine else "—"),
+                         on if c.get("enable_chunked_prefill") else (off if engine else "—"),
                          f"{r.output_throughput:.1f}", format_seconds(s["ttft"].median),
                          format_seconds(s["tpot"].median) if s["tpot"] else "n/a", r.num_steps,
                          r.num_preemptions if engine else "—",
@@ -263,11 +273,12 @@ class EngineDashboard(Dashboard):
         fig = new_figure(10, 6.4)
         (ax_tp, ax_lat), (ax_kv, ax_tl) = fig.subplots(2, 2)
         labels = [r.label for r in self.runs]
-        ax_tp.bar(labels, [r.output_throughput for r in self.runs], color=ENGINE_COLOUR, label="engine")
+        ax_tp.bar(labels, [r.output_throughput for r in self.runs], color=ENGINE_COLOUR,
+                  label=plot_text("dash.engine.engine"))
         if self.static is not None:
             ax_tp.axhline(self.static.output_throughput, color=STATIC_COLOUR, linestyle="--",
-                          label=f"HF static batches ({self.static.config['batch_size']})")
-        ax_tp.set(title="output throughput per run", ylabel="tok/s")
+                          label=plot_text("dash.engine.static_label", size=self.static.config["batch_size"]))
+        ax_tp.set(title=plot_text("dash.engine.throughput_title"), ylabel="tok/s")
         ax_tp.tick_params(axis="x", labelsize=8, rotation=30)
         ax_tp.legend(fontsize=8)
         last = self.last
@@ -275,17 +286,21 @@ class EngineDashboard(Dashboard):
             shown = [last] + ([self.static] if self.static is not None else [])
             draw_latency_boxes(shown, ax=ax_lat)
             xs = [s.step for s in last.steps]
-            ax_kv.plot(xs, [s.kv_cache_usage * 100 for s in last.steps], color=ENGINE_COLOUR, label="blocks used %")
+            ax_kv.plot(xs, [s.kv_cache_usage * 100 for s in last.steps], color=ENGINE_COLOUR,
+                       label=plot_text("dash.engine.blocks_used"))
             ax_kv.plot(xs, [s.kv_utilization * 100 for s in last.steps], color="#55a868",
-                       label="slots filled in used blocks %")
+                       label=plot_text("dash.engine.slots_filled"))
             ax2 = ax_kv.twinx()
-            ax2.plot(xs, [len(s.slot_ids) for s in last.steps], color="#8172b2", linestyle=":", label="running")
-            ax2.set_ylabel("running requests")
+            ax2.plot(xs, [len(s.slot_ids) for s in last.steps], color="#8172b2", linestyle=":",
+                     label=plot_text("dash.engine.running_label"))
+            ax2.set_ylabel(plot_text("dash.engine.running_requests"))
             for p in [s.step for a, s in zip(last.steps, last.steps[1:]) if s.num_preemptions > a.num_preemptions]:
                 ax_kv.axvline(p, color="#cf222e", alpha=0.4)
-            ax_kv.set(title=f"KV cache over the steps of {last.label}", xlabel="engine step", ylabel="%", ylim=(0, 105))
+            ax_kv.set(title=plot_text("dash.engine.kv_title", label=last.label),
+                      xlabel=plot_text("dash.engine.engine_step"), ylabel="%", ylim=(0, 105))
             lines = ax_kv.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
             ax_kv.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower right")
-            draw_timeline(*timeline_rows(last, x="time"), ax=ax_tl, title=f"requests over time ({last.label})",
-                          xlabel="seconds", max_rows=24)
+            draw_timeline(*timeline_rows(last, x="time"), ax=ax_tl,
+                          title=plot_text("dash.engine.timeline_title", label=last.label),
+                          xlabel=plot_text("dash.engine.seconds"), max_rows=24)
         return figure_png(fig)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 import torch
 
+from npukit import i18n
 from npukit.chat import (
     PRESETS,
     THINK_END,
@@ -27,6 +28,8 @@ from npukit.chat import (
     render_chat_template,
     split_thinking,
 )
+from npukit.cjk import plot_text
+from npukit.i18n import t
 from npukit.metrics import RequestMetrics, format_seconds
 
 from .base import MUTED_COLOUR, Dashboard, action, figure_png, html_table, new_figure, resolve_model
@@ -155,38 +158,43 @@ def _pre(text: str, style: str = "") -> str:
 class GenerationDashboard(Dashboard):
     """Every sampling knob, a streamed reply, and TTFT / TPOT / tok/s for each run."""
 
-    title = "Generation parameters"
+    title_key = "dash.generation.title"
     MAX_RUNS_SHOWN = 8
 
     def __init__(self, model="smollm2-135m-instruct", tokenizer=None, *, device: str = "auto",
-                 dtype: str = "auto", prompt: str = "What is the capital of France?", system: str = "",
+                 dtype: str = "auto", prompt: str | None = None, system: str = "",
                  max_new_tokens: int = 48):
         super().__init__()
         self.model, self.tokenizer, self.model_name = resolve_model(model, tokenizer, device=device, dtype=dtype)
+        prompt = i18n.prompt("capital") if prompt is None else prompt
         self.history: list[dict[str, str]] = []
         self.runs: list[GenerationRun] = []
 
         def knob() -> dict:  # one Layout per widget: a shared Layout would tie their sizes together
             return {"style": {"description_width": "120px"}, "layout": widgets.Layout(width="340px")}
 
-        self.prompt = widgets.Textarea(value=prompt, description="prompt", layout=widgets.Layout(width="660px"))
-        self.system = widgets.Text(value=system, description="system", placeholder="(the template's default)",
+        self.prompt = widgets.Textarea(value=prompt, description=t("dash.prompt"), layout=widgets.Layout(width="660px"))
+        self.system = widgets.Text(value=system, description=t("dash.generation.system"),
+                                   placeholder=t("dash.generation.system_placeholder"),
                                    layout=widgets.Layout(width="660px"))
-        self.preset = widgets.Dropdown(options=list(PRESETS), value="greedy", description="preset", **knob())
-        self.do_sample = widgets.Checkbox(value=False, description="do_sample (sampling)", **knob())
+        self.preset = widgets.Dropdown(options=list(PRESETS), value="greedy", description=t("dash.generation.preset"),
+                                       **knob())
+        self.do_sample = widgets.Checkbox(value=False, description=t("dash.generation.do_sample"), **knob())
         self.temperature = widgets.FloatSlider(value=1.0, min=0.05, max=2.0, step=0.05, description="temperature",
                                                **knob())
         self.top_k = widgets.IntSlider(value=50, min=0, max=200, description="top_k", **knob())
         self.top_p = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top_p", **knob())
         self.repetition_penalty = widgets.FloatSlider(value=1.0, min=0.8, max=2.0, step=0.05,
-                                                      description="rep. penalty", **knob())
+                                                      description=t("dash.generation.rep_penalty"), **knob())
         self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max_new_tokens",
                                                 **knob())
-        self.seed = widgets.IntText(value=0, description="seed", style={"description_width": "120px"},
+        self.seed = widgets.IntText(value=0, description=t("dash.generation.seed"),
+                                    style={"description_width": "120px"},
                                     layout=widgets.Layout(width="220px"))
-        self.keep_history = widgets.Checkbox(value=False, description="multi-turn (keep history)", **knob())
-        self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
-        self.reset_button = widgets.Button(description="Reset conversation", icon="trash",
+        self.keep_history = widgets.Checkbox(value=False, description=t("dash.generation.keep_history"), **knob())
+        self.generate_button = widgets.Button(description=t("dash.generation.generate"), button_style="primary",
+                                              icon="play")
+        self.reset_button = widgets.Button(description=t("dash.generation.reset"), icon="trash",
                                            layout=widgets.Layout(width="auto"))
         self.generate_button.on_click(lambda _: self.generate())
         self.reset_button.on_click(lambda _: self.reset())
@@ -194,7 +202,7 @@ class GenerationDashboard(Dashboard):
         self.do_sample.observe(lambda _: self._sync_enabled(), names="value")
 
         self.output = widgets.HTML(value=self._conversation_html(""), layout=widgets.Layout(width="660px"))
-        self.readout = widgets.HTML(value=f"<span style='color:{MUTED_COLOUR}'>no run yet</span>")
+        self.readout = widgets.HTML(value=f"<span style='color:{MUTED_COLOUR}'>{t('dash.generation.no_run')}</span>")
         self.runs_table = widgets.HTML()
         self.apply_preset("greedy")
         self.widget = widgets.VBox([
@@ -242,35 +250,38 @@ class GenerationDashboard(Dashboard):
     def _conversation_html(self, reply: str, user: str = "", opened: bool = False) -> str:
         turns = []
         for m in (self.history if self.keep_history.value else []):
-            who = "you" if m["role"] == "user" else "assistant"
+            who = t("dash.generation.you") if m["role"] == "user" else t("dash.generation.assistant")
             turns.append(f"<b>{who}:</b>" + _pre(m["content"]))
         if user:
-            turns.append("<b>you:</b>" + _pre(user))
+            turns.append(f"<b>{t('dash.generation.you')}:</b>" + _pre(user))
             reasoning, content = split_thinking(reply, started_in_think=opened)
             if reasoning:
-                turns.append("<b>thinking:</b>" + _pre(reasoning, f"color:{MUTED_COLOUR};font-style:italic"))
-            turns.append("<b>assistant:</b>" + _pre(content if reasoning else reply))
-        body = "".join(turns) or f"<span style='color:{MUTED_COLOUR}'>the reply streams here</span>"
+                turns.append(f"<b>{t('dash.generation.thinking')}:</b>"
+                             + _pre(reasoning, f"color:{MUTED_COLOUR};font-style:italic"))
+            turns.append(f"<b>{t('dash.generation.assistant')}:</b>" + _pre(content if reasoning else reply))
+        body = "".join(turns) or f"<span style='color:{MUTED_COLOUR}'>{t('dash.generation.streams_here')}</span>"
         return f"<div style='{BOX_STYLE}'>{body}</div>"
 
     def _runs_html(self) -> str:
-        header = ["#", "sampling", "T", "top_k", "top_p", "rep", "new tok", "TTFT", "TPOT", "tok/s", "finish"]
+        header = ["#", t("dash.generation.sampling"), "T", "top_k", "top_p", "rep", t("dash.generation.new_tok"),
+                  "TTFT", "TPOT", "tok/s", t("dash.generation.finish")]
         rows = []
         for i, r in list(enumerate(self.runs, 1))[-self.MAX_RUNS_SHOWN:]:
             s, m = r.settings, r.metrics
-            rows.append([i, "yes" if s["do_sample"] else "greedy", f"{s['temperature']:.2f}", s["top_k"],
+            sampling = t("dash.generation.yes") if s["do_sample"] else t("dash.generation.greedy")
+            rows.append([i, sampling, f"{s['temperature']:.2f}", s["top_k"],
                          f"{s['top_p']:.2f}", f"{s['repetition_penalty']:.2f}", m.num_output_tokens,
                          format_seconds(m.ttft), format_seconds(m.tpot),
                          f"{m.output_tokens_per_s:.1f}" if m.output_tokens_per_s else "n/a", r.finish_reason])
         return html_table(header, rows)
 
     # --- actions ---------------------------------------------------------------------------------
-    @action("generating…")
+    @action("dash.generation.generating")
     def generate(self) -> GenerationRun:
         """Generate one reply with the current knobs; the text streams into ``self.output``."""
         text = self.prompt.value
         if not text.strip():
-            raise ValueError("the prompt is empty: type a message first")
+            raise ValueError(t("dash.generation.empty_prompt"))
         messages = self.messages(text)
         prompt_text = render_chat_template(self.tokenizer, messages)
         opened = prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
@@ -280,7 +291,7 @@ class GenerationDashboard(Dashboard):
             reply.append(piece)
             self.output.value = self._conversation_html("".join(reply), text, opened)
 
-        self.start_progress(self.max_new_tokens.value, "tokens")
+        self.start_progress(self.max_new_tokens.value, t("dash.generation.tokens"))
         run = stream_chat(self.model, self.tokenizer, messages, on_text=on_text, on_token=self.step_progress,
                           seed=self.seed.value if self.do_sample.value else None, **self.knobs())
         self.end_progress()
@@ -290,28 +301,29 @@ class GenerationDashboard(Dashboard):
         self.runs.append(run)
         self.readout.value = f"<b>{html.escape(run.readout())}</b>"
         self.runs_table.value = self._runs_html()
-        turns = f", {len(self.history) // 2} turns in history" if self.keep_history.value else ""
-        self.set_status(f"done: {run.metrics.num_output_tokens} tokens, finish={run.finish_reason}{turns}", "ok")
+        turns = t("dash.generation.turns", n=len(self.history) // 2) if self.keep_history.value else ""
+        self.set_status(t("dash.generation.done", tokens=run.metrics.num_output_tokens, reason=run.finish_reason,
+                          turns=turns), "ok")
         return run
 
-    @action("resetting…")
+    @action("dash.generation.resetting")
     def _snapshot_png(self) -> bytes:
         """The last reply's token stream: when each token arrived (its TTFT, then one point per token)."""
         if not self.runs:
             return b""
         m = self.runs[-1].metrics
-        times = [t - m.arrival_time for t in m.token_times]
+        times = [stamp - m.arrival_time for stamp in m.token_times]
         fig = new_figure(7, 2.6)
         ax = fig.subplots()
-        ax.plot(range(1, len(times) + 1), [t * 1e3 for t in times], "o-", ms=3)
+        ax.plot(range(1, len(times) + 1), [x * 1e3 for x in times], "o-", ms=3)
         if times:
             ax.annotate("TTFT", (1, times[0] * 1e3), textcoords="offset points", xytext=(8, -4), fontsize=8)
-        ax.set(xlabel="output token", ylabel="ms since the request", title="token stream of the last run "
-               "(slope = TPOT)", ylim=(0, None))
+        ax.set(xlabel=plot_text("dash.output_token"), ylabel=plot_text("dash.generation.ms_since"),
+               title=plot_text("dash.generation.stream_title"), ylim=(0, None))
         return figure_png(fig)
 
     def reset(self) -> None:
         """Forget the conversation (the runs table stays)."""
         self.history.clear()
         self.output.value = self._conversation_html("")
-        self.set_status("conversation cleared", "ok")
+        self.set_status(t("dash.generation.cleared"), "ok")

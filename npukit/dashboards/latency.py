@@ -17,13 +17,17 @@ from typing import Sequence
 import ipywidgets as widgets
 import torch
 
+from npukit.cjk import plot_text
 from npukit.engine.kv_cache import kv_bytes_per_block, kv_shape
+from npukit.i18n import t
 from npukit.metrics import GenerationTiming, format_bytes, format_seconds, summarize, time_generation
 
 from .base import Dashboard, action, figure_png, html_table, new_figure, resolve_model
 
 CACHE_MODES = {"with KV cache": (True,), "without KV cache": (False,), "both": (True, False)}
-LABEL = {True: "KV cache", False: "no cache"}
+MODE_LABEL = {"with KV cache": "dash.latency.with_cache", "without KV cache": "dash.latency.without_cache",
+              "both": "dash.latency.both"}  # message keys of the toggle buttons (values stay CACHE_MODES' keys)
+LABEL = {True: "dash.latency.kv_cache", False: "dash.latency.no_cache"}  # message keys
 COLOUR = {True: "#4c72b0", False: "#dd8452"}
 FILLER = ("The time to first token measures the prefill, and the time per output token measures each "
           "decode step. Paged attention stores keys and values in fixed size blocks. ")
@@ -132,28 +136,31 @@ def _stats_cells(values: list[float], unit: str) -> list[str]:
 class LatencyDashboard(Dashboard):
     """Repeat a fixed-length generation N times (with / without KV cache): distributions and memory."""
 
-    title = "Latency and memory"
+    title_key = "dash.latency.title"
 
     def __init__(self, model="smollm2-135m-instruct", tokenizer=None, *, device: str = "auto", dtype: str = "auto",
                  prompt_tokens: int = 64, max_new_tokens: int = 16, repeats: int = 3, cache: str = "both"):
         super().__init__()
         self.model, self.tokenizer, self.model_name = resolve_model(model, tokenizer, device=device, dtype=dtype)
         self.results: dict[bool, list[GenerationTiming]] = {}
-        self.prompt_tokens = widgets.IntSlider(value=prompt_tokens, min=1, max=1024, description="prompt tokens",
+        self.prompt_tokens = widgets.IntSlider(value=prompt_tokens, min=1, max=1024,
+                                               description=t("dash.latency.prompt_tokens"),
                                                style={"description_width": "initial"})
-        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=2, max=256, description="new tokens",
+        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=2, max=256,
+                                                description=t("dash.new_tokens"),
                                                 style={"description_width": "initial"})
-        self.repeats = widgets.IntSlider(value=repeats, min=1, max=20, description="repeats")
-        self.cache = widgets.ToggleButtons(options=list(CACHE_MODES), value=cache, description="")
-        self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
+        self.repeats = widgets.IntSlider(value=repeats, min=1, max=20, description=t("dash.latency.repeats"))
+        self.cache = widgets.ToggleButtons(options=[(t(MODE_LABEL[m]), m) for m in CACHE_MODES], value=cache,
+                                           description="")
+        self.run_button = widgets.Button(description=t("dash.run"), button_style="primary", icon="play")
         self.run_button.on_click(lambda _: self.run())
         self.summary = widgets.HTML()
         self.chart = widgets.Image(format="png", layout=widgets.Layout(max_width="900px"))
         dtype_name = str(self.model.dtype).removeprefix("torch.")
         formula = kv_formula(self.model.config, self.model.dtype)
-        self.formula = widgets.HTML(f"KV cache per token ({dtype_name}): {formula}")
+        self.formula = widgets.HTML(t("dash.latency.formula", dtype=dtype_name, formula=formula))
         self.widget = widgets.VBox([
-            self.header(f"{self.model_name}, {dtype_name} on {self.model.device}"),
+            self.header(t("dash.on_device", model=self.model_name, dtype=dtype_name, device=self.model.device)),
             widgets.HBox([self.prompt_tokens, self.max_new_tokens, self.repeats]),
             widgets.HBox([self.cache, self.run_button, self.progress]),
             self.formula, self.status, self.summary, self.chart,
@@ -165,26 +172,26 @@ class LatencyDashboard(Dashboard):
     def buttons(self) -> list[widgets.Button]:
         return [self.run_button]
 
-    @action("measuring…")
+    @action("dash.latency.measuring")
     def run(self) -> dict[bool, list[GenerationTiming]]:
         modes = CACHE_MODES[self.cache.value]
         n, new, repeats = self.prompt_tokens.value, self.max_new_tokens.value, self.repeats.value
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and n + new > limit:
-            raise ValueError(f"prompt tokens + new tokens = {n + new} exceeds the model's context ({limit})")
+            raise ValueError(t("dash.latency.too_long", total=n + new, limit=limit))
         ids = synthetic_prompt_ids(self.tokenizer, n)
         self.results = {m: [] for m in modes}
-        self.start_progress(len(modes) * repeats, "runs")
+        self.start_progress(len(modes) * repeats, t("dash.latency.runs"))
         for use_cache in modes:
-            self.set_status(f"{LABEL[use_cache]}: warm-up run")
+            self.set_status(t("dash.latency.warmup", mode=t(LABEL[use_cache])))
             time_fixed_length(self.model, self.tokenizer, ids[: min(n, 8)], 2, use_cache)
             for i in range(repeats):
-                self.set_status(f"{LABEL[use_cache]}: run {i + 1}/{repeats}")
+                self.set_status(t("dash.latency.run_i", mode=t(LABEL[use_cache]), i=i + 1, n=repeats))
                 self.results[use_cache].append(time_fixed_length(self.model, self.tokenizer, ids, new, use_cache))
                 self.step_progress()
                 self.refresh()
         self.end_progress()
-        self.set_status(f"done: {len(modes) * repeats} runs of {n} prompt + {new} new tokens", "ok")
+        self.set_status(t("dash.latency.done", runs=len(modes) * repeats, prompt=n, new=new), "ok")
         return self.results
 
     # --- rendering -------------------------------------------------------------------------------
@@ -194,20 +201,21 @@ class LatencyDashboard(Dashboard):
         self.chart.value = self._figure_png()
 
     def _table_html(self) -> str:
-        header = ["setting", "runs", "TTFT mean", "TTFT p50", "TTFT p99", "TPOT mean", "TPOT p50", "TPOT p99",
-                  "tok/s", "peak mem", "KV at end"]
+        mean, runs_label = t("dash.latency.mean"), t("dash.latency.runs")
+        header = [t("dash.latency.setting"), runs_label, f"TTFT {mean}", "TTFT p50", "TTFT p99", f"TPOT {mean}",
+                  "TPOT p50", "TPOT p99", "tok/s", t("dash.latency.peak_mem"), t("dash.latency.kv_at_end")]
         rows = []
         for use_cache, runs in self.results.items():
             if not runs:
                 continue
             end_tokens = runs[-1].metrics.num_prompt_tokens + runs[-1].metrics.num_output_tokens
             kv = kv_cache_bytes(self.model.config, end_tokens, self.model.dtype) if use_cache else 0
-            rows.append([LABEL[use_cache], len(runs),
+            rows.append([t(LABEL[use_cache]), len(runs),
                          *_stats_cells([r.ttft for r in runs if r.ttft is not None], "s"),
                          *_stats_cells([r.tpot for r in runs if r.tpot is not None], "s"),
                          _stats_cells([r.output_tokens_per_s for r in runs if r.output_tokens_per_s], "tok/s")[0],
                          format_bytes(max(r.peak_memory_bytes or 0 for r in runs)),
-                         format_bytes(kv) if use_cache else "none kept"])
+                         format_bytes(kv) if use_cache else t("dash.latency.none_kept")])
         return html_table(header, rows)
 
     def _figure_png(self) -> bytes:
@@ -216,31 +224,34 @@ class LatencyDashboard(Dashboard):
         for use_cache, runs in self.results.items():
             if not runs:
                 continue
-            c, label = COLOUR[use_cache], LABEL[use_cache]
+            c, label = COLOUR[use_cache], plot_text(LABEL[use_cache])
             last = runs[-1]
             ax_itl.plot(range(2, len(last.itl) + 2), [x * 1e3 for x in last.itl], color=c, label=label)
             ax_mem.plot(range(1, len(runs) + 1), [(r.peak_memory_bytes or 0) / 2**20 for r in runs], "o-",
                         color=c, label=label)
-        ax_itl.set(title="latency of each new token (last run)", xlabel="output token", ylabel="ms")
+        ax_itl.set(title=plot_text("dash.latency.itl_title"), xlabel=plot_text("dash.output_token"), ylabel="ms")
         from matplotlib.ticker import MaxNLocator
 
         ax_mem.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_mem.set(title=f"peak memory per run ({'process RSS' if self.model.device.type == 'cpu' else 'device'})",
-                   xlabel="run", ylabel="MiB")
-        groups = [(f"{m} {LABEL[u]}", [getattr(r, m.lower()) * 1e3 for r in runs if getattr(r, m.lower()) is not None])
+        where = plot_text("dash.latency.rss" if self.model.device.type == "cpu" else "dash.latency.device")
+        ax_mem.set(title=plot_text("dash.latency.mem_title", where=where), xlabel=plot_text("dash.latency.run"),
+                   ylabel="MiB")
+        groups = [(f"{m} {plot_text(LABEL[u])}",
+                   [getattr(r, m.lower()) * 1e3 for r in runs if getattr(r, m.lower()) is not None])
                   for u, runs in self.results.items() if runs for m in ("TTFT", "TPOT")]
         groups = [(name, vals) for name, vals in groups if vals]
         if groups:
             ax_dist.boxplot([v for _, v in groups], showmeans=True)
             ax_dist.set_xticks(range(1, len(groups) + 1), [n.replace(" ", "\n", 1) for n, _ in groups], fontsize=8)
-        ax_dist.set(title="TTFT and TPOT over the runs", ylabel="ms")
+        ax_dist.set(title=plot_text("dash.latency.ttft_tpot_title"), ylabel="ms")
         total = self.prompt_tokens.value + self.max_new_tokens.value
         xs = list(range(0, max(total * 2, 64) + 1, max(1, max(total * 2, 64) // 64)))
         for dtype, c in ((torch.float32, "#8172b2"), (torch.bfloat16, "#55a868")):
             ax_kv.plot(xs, [kv_cache_bytes(self.model.config, x, dtype) / 2**20 for x in xs], color=c,
                        label=str(dtype).removeprefix("torch."))
-        ax_kv.axvline(total, color="#999999", linestyle="--", label=f"this run ({total} tokens)")
-        ax_kv.set(title="KV cache size of one sequence", xlabel="tokens in context", ylabel="MiB")
+        ax_kv.axvline(total, color="#999999", linestyle="--", label=plot_text("dash.latency.this_run", total=total))
+        ax_kv.set(title=plot_text("dash.latency.kv_title"), xlabel=plot_text("dash.latency.tokens_in_context"),
+                  ylabel="MiB")
         for ax in (ax_itl, ax_mem, ax_kv):
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

@@ -19,6 +19,9 @@ import ipywidgets as widgets
 import torch
 
 from npukit import device as device_mod
+from npukit import i18n
+from npukit.cjk import plot_text
+from npukit.i18n import t
 from npukit.metrics import format_bytes, format_seconds
 
 from .base import Dashboard, action, figure_png, html_table, new_figure
@@ -190,11 +193,13 @@ def compare_precisions(
 
 
 def results_table_html(results: list[PrecisionResult]) -> str:
-    header = ["dtype", "weights", "load", "TTFT", "TPOT", "tok/s", "max |Δlogit|", "top-1 agree", "output"]
+    header = ["dtype", t("dash.precision.weights"), t("dash.precision.load"), "TTFT", "TPOT", "tok/s", "max |Δlogit|",
+              t("dash.precision.top1"), t("dash.precision.output")]
     rows = []
     for r in results:
         if not r.ok:
-            rows.append([SHORT.get(r.dtype, r.dtype), "—", "—", "—", "—", "—", "—", "—", f"not run: {r.error}"])
+            rows.append([SHORT.get(r.dtype, r.dtype), "—", "—", "—", "—", "—", "—", "—",
+                         t("dash.precision.not_run_cell", error=r.error)])
             continue
         rows.append([
             SHORT.get(r.dtype, r.dtype), format_bytes(r.weight_bytes), format_seconds(r.load_seconds),
@@ -212,9 +217,9 @@ def results_figure_png(results: list[PrecisionResult]) -> bytes:
     fig = new_figure(9, 2.6)
     axes = fig.subplots(1, 3)
     panels = [
-        ("weights (MiB)", [r.weight_bytes / 2**20 for r in done], "{:.0f}"),
-        ("decode speed (tok/s)", [r.tokens_per_s or 0 for r in done], "{:.1f}"),
-        ("max |Δ logit| vs fp32", [r.max_logit_diff or 0 for r in done], "{:.2g}"),
+        (plot_text("dash.precision.weights_mib"), [r.weight_bytes / 2**20 for r in done], "{:.0f}"),
+        (plot_text("dash.precision.decode_speed"), [r.tokens_per_s or 0 for r in done], "{:.1f}"),
+        (plot_text("dash.precision.max_logit_diff"), [r.max_logit_diff or 0 for r in done], "{:.2g}"),
     ]
     for ax, (title, values, fmt) in zip(axes, panels):
         bars = ax.bar(labels, values, color=colours)
@@ -227,30 +232,33 @@ def results_figure_png(results: list[PrecisionResult]) -> bytes:
 class PrecisionDashboard(Dashboard):
     """Pick a device and precisions, press Compare: memory, speed and drift side by side."""
 
-    title = "Precision: fp32 vs bf16 vs fp16"
+    title_key = "dash.precision.title"
 
-    def __init__(self, model: str = "smollm2-135m-instruct", device: str = "auto", prompt: str = DEFAULT_PROMPT,
+    def __init__(self, model: str = "smollm2-135m-instruct", device: str = "auto", prompt: str | None = None,
                  max_new_tokens: int = 16):
         super().__init__()
         if not isinstance(model, str):
             raise TypeError("PrecisionDashboard loads the model itself in each precision: pass its name or folder "
                             "(e.g. 'smollm2-135m-instruct'), not a loaded model")
         self.model_name = model
+        prompt = i18n.prompt("sky") if prompt is None else prompt
         self.results: list[PrecisionResult] = []
         options = [("auto", "auto")] + [
-            (k if device_mod.is_available(k) else f"{k} (not available here)", k) for k in device_mod.KINDS]
+            (k if device_mod.is_available(k) else t("dash.precision.not_available", kind=k), k)
+            for k in device_mod.KINDS]
         if device not in [value for _, value in options]:  # e.g. "npu:1"
             options.append((device, device))
-        self.device = widgets.Dropdown(options=options, value=device, description="device")
+        self.device = widgets.Dropdown(options=options, value=device, description=t("dash.precision.device"))
         self.dtypes = {
             name: widgets.Checkbox(value=True, description=f"{SHORT[name]} ({name})", indent=False,
                                    layout=widgets.Layout(width="150px"))
             for name in PRECISIONS
         }
         self.dtypes["float32"].disabled = True  # the reference: always measured
-        self.prompt = widgets.Textarea(value=prompt, description="prompt", layout=widgets.Layout(width="520px"))
-        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=64, description="new tokens")
-        self.compare_button = widgets.Button(description="Compare", button_style="primary", icon="play")
+        self.prompt = widgets.Textarea(value=prompt, description=t("dash.prompt"), layout=widgets.Layout(width="520px"))
+        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=64, description=t("dash.new_tokens"))
+        self.compare_button = widgets.Button(description=t("dash.precision.compare"), button_style="primary",
+                                             icon="play")
         self.compare_button.on_click(lambda _: self.run())
         self.auto_line = widgets.HTML()
         self.table = widgets.HTML()
@@ -277,12 +285,12 @@ class PrecisionDashboard(Dashboard):
     def update_auto_line(self) -> None:
         try:
             dtype, reasons = auto_dtype(self.device.value)
-            self.auto_line.value = (f"<b>dtype='auto'</b> picks <b>{dtype}</b> on {html.escape(self.device.value)}: "
-                                    f"{html.escape('; '.join(reasons))}")
+            self.auto_line.value = t("dash.precision.auto_picks", dtype=dtype, device=html.escape(self.device.value),
+                                     reasons=html.escape("; ".join(reasons)))
         except Exception as e:
             self.auto_line.value = f"<b>dtype='auto'</b>: {html.escape(str(e))}"
 
-    @action("loading and measuring each precision…")
+    @action("dash.precision.measuring")
     def run(self) -> list[PrecisionResult]:
         dtypes = self.selected_dtypes()
         self.results = []
@@ -305,7 +313,8 @@ class PrecisionDashboard(Dashboard):
         self.end_progress()
         skipped = [r for r in self.results if not r.ok]
         if skipped:
-            self.set_status("; ".join(f"{r.dtype} not run: {r.error}" for r in skipped), "warn")
+            self.set_status("; ".join(t("dash.precision.not_run", dtype=r.dtype, error=r.error) for r in skipped),
+                            "warn")
         else:
-            self.set_status(f"done: {len(self.results)} precisions compared on {self.results[0].device}", "ok")
+            self.set_status(t("dash.precision.done", n=len(self.results), device=self.results[0].device), "ok")
         return self.results

@@ -245,15 +245,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import sys
 
     from npukit.args import error
+    from npukit.i18n import t
 
     if args.gpu_memory_utilization is not None:
-        return error("--gpu-memory-utilization is vLLM's (a share of the whole device memory, weights included). "
-                     "npukit's knob is --kv-cache-memory-fraction: the share of the memory left after the weights "
-                     "that the KV cache may take; or set --num-kv-blocks.")
+        return error(t("cli.serve_gpu_memory_utilization"))
     if args.model_tag and args.model and args.model_tag != args.model:
-        return error(f"two models given ({args.model_tag!r} and --model {args.model!r}); pass one.")
+        return error(t("cli.serve_two_models", tag=args.model_tag, model=args.model))
     if args.timeout_request_read <= 0:
-        return error(f"--timeout-request-read must be > 0 seconds, got {args.timeout_request_read}")
+        return error(t("cli.serve_bad_timeout", value=args.timeout_request_read))
     model = args.model_tag or args.model or "smollm2-135m-instruct"
     try:
         sock = _bind(args.host, args.port)
@@ -263,12 +262,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from npukit.engine import LLM
     from npukit.engine.config import engine_args
 
-    print(f"npukit serve: loading {model} ...", file=sys.stderr)
+    print(t("cli.serve_loading", model=model), file=sys.stderr)
     try:
         llm = LLM(model, device=args.device, dtype=args.dtype, **engine_args(args))
     except Exception as e:  # noqa: BLE001 - load errors (missing model, bad device, bad knobs) end here
         sock.close()
-        return error(f"could not start the engine for {model!r}: {type(e).__name__}: {e}")
+        return error(t("cli.serve_engine_failed", model=model, error=f"{type(e).__name__}: {e}"))
     names = args.served_model_name or [model]
     app = _create_app_from_args(llm, args, names)
     _print_banner(args, names, sock.getsockname()[1])
