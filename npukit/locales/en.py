@@ -343,6 +343,8 @@ MESSAGES: dict[str, str] = {
     "prompt.rainbow": "Name three colours of the rainbow.",
     "prompt.complete_capital": "The capital of France is",
     "prompt.complete_paged": "Paged attention splits the KV cache into",
+    "prompt.complete_story": "Once upon a time,",
+    "prompt.complete_colors": "The three primary colors are",
     "prompt.teacher_system": "You are a patient teacher for engineers who run large language models on Ascend NPUs. Answer in one short sentence, with plain words and no lists.",
     "prompt.what_kv_cache": "What is a KV cache?",
     "prompt.what_block_table": "What is a block table?",

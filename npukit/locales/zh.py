@@ -319,6 +319,8 @@ MESSAGES: dict[str, str] = {
     "prompt.rainbow": "说出彩虹的三种颜色。",
     "prompt.complete_capital": "法国的首都是",
     "prompt.complete_paged": "分页注意力把 KV Cache 切分成",
+    "prompt.complete_story": "很久很久以前，",
+    "prompt.complete_colors": "三原色是",
     "prompt.teacher_system": "你是一位耐心的老师，学生是在昇腾 NPU 上运行大语言模型的工程师。请用一句简短的话回答，用词朴素，不要列表。",
     "prompt.what_kv_cache": "什么是 KV Cache？",
     "prompt.what_block_table": "什么是块表（block table）？",
