@@ -81,10 +81,25 @@ def cpp_compiler() -> str | None:
 _COMPILED: dict[tuple, object] = {}
 
 
+def _inductor_cache_per_cpu_capability() -> None:
+    """Keep inductor's on-disk cache apart per CPU capability (unless TORCHINDUCTOR_CACHE_DIR is set).
+
+    NOTE: with ATEN_CPU_CAPABILITY=avx2 on an AVX512 machine (how we test the AVX2 path), inductor reused
+    kernels its cache held from an AVX512 run and greedy tokens came out as garbage; a fresh cache was correct.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):  # inductor writes its default there itself
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
+
+
 def _compiled(piece, size: int, signature: tuple):
     """torch.compile of a piece for one batch size, static shapes (dynamic=False), no graph breaks allowed."""
     key = (piece.__name__, size, signature)
     if key not in _COMPILED:
+        _inductor_cache_per_cpu_capability()
         _COMPILED[key] = torch.compile(_own_copy(piece), dynamic=False, fullgraph=True)
     return _COMPILED[key]
 
