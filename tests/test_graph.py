@@ -207,3 +207,19 @@ def test_smollm2_graph_greedy_equals_eager(smol):
     llm = LLM(*smol, enforce_eager=False, compile_sizes=[1, 2], **kw)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == eager
     assert llm.graph_stats.num_graph_steps > 0 and llm.graph_stats.fallback_reason is None
+
+
+@cpu_only
+@pytest.mark.parametrize("method", ["w8a16", "w8a8"])
+def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method):
+    """The compiled pieces call the quantised linears (npukit.quant.QuantLinear) like the eager ones do."""
+    import npukit
+    from npukit.quant import quantize_model
+
+    model, tok = npukit.load_model("tiny-llama", device="cpu", dtype="float32")  # its own copy: quantised in place
+    quantize_model(model, method, tokenizer=tok)
+    eager = generate(engine((model, tok), max_num_seqs=2), prompts[:4])
+    llm = engine((model, tok), enforce_eager=False, compile_sizes=[1, 2], max_num_seqs=2)
+    assert generate(llm, prompts[:4]) == eager
+    s = llm.graph_stats
+    assert s.backend == "inductor" and s.fallback_reason is None and s.num_graph_steps > 0

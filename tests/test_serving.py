@@ -112,6 +112,31 @@ def test_streaming_completion_and_chat(client, refs):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_stream_sends_nothing_before_the_first_token(server, llm, monkeypatch):
+    """The role chunk goes out with the first token (as vLLM's does): clients stamp TTFT at the first chunk."""
+    gate, real_step = threading.Event(), llm.step
+    monkeypatch.setattr(llm, "step", lambda: (gate.wait(30), real_step())[1])
+    chunks = []
+
+    def read():
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=60) as r:
+            chunks.extend((time.monotonic(), line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert wait_for(lambda: llm.has_unfinished_requests(), timeout=10)  # accepted, waiting on its first step
+    time.sleep(0.3)
+    released = time.monotonic()
+    gate.set()
+    reader.join(60)
+    first = json.loads(chunks[0][1])
+    assert chunks[0][0] >= released, "a chunk went out before the engine ran a step"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(chunks[1][1])["choices"][0]["delta"]["content"]  # the first token right after it
+    assert chunks[-1][1] == "[DONE]"
+
+
 def test_64_concurrent_clients_are_batched_and_exact(server, llm, refs):
     steps_before = llm.stats().num_steps
 

@@ -133,6 +133,10 @@ def test_tuned_runs_get_vllms_cpu_recommendations_and_say_which(fake_vllm, monke
     assert r["tuning"] == {"tcmalloc": "t.so", "threads": "VLLM_CPU_OMP_THREADS_BIND=auto (vLLM's own binding)"}
     r = run_vllm_peer(sys.executable, str(model), PROMPTS, MAX_TOKENS, "float32", tuned=False, threads=1)
     assert "FAKE_TUNING" not in json.loads(log.read_text())["env"] and r["tuning"]["threads"] == "1, unbound"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the caller binds vLLM to every core: passed on, reported
+    r = run_vllm_peer(sys.executable, str(model), PROMPTS, MAX_TOKENS, "float32")
+    assert json.loads(log.read_text())["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert r["tuning"]["threads"] == "VLLM_CPU_OMP_THREADS_BIND=0-1 (from the environment)"
     monkeypatch.undo()
     # what the real one finds: tcmalloc from the system, Intel OpenMP from the venv's lib/
     venv = tmp_path / "venv"

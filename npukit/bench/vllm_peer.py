@@ -34,7 +34,10 @@ process under that one, so this process alone would show almost nothing.
 
 Threads: by default vLLM-CPU binds OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND=auto``): it reserves
 a core for the engine core and pins one thread per remaining physical core (on a 2-core box: ONE thread,
-pinned to core 0). ``--threads N`` sets ``VLLM_CPU_OMP_THREADS_BIND=nobind`` and ``OMP_NUM_THREADS=N``.
+pinned to core 0). ``--threads N`` sets ``VLLM_CPU_OMP_THREADS_BIND=nobind`` and ``OMP_NUM_THREADS=N``. A
+``VLLM_CPU_OMP_THREADS_BIND`` in the caller's environment is passed on: on a 2-core machine vLLM was fastest
+bound to both cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``: 1.6-2.2x the output tok/s of its auto binding serving 1-32
+concurrent requests, see benchmarks/bench_serve_vs_vllm.py), so measure that too before calling a ratio final.
 Start-up: torch.compile of the model takes about a minute per dtype on 2 cores; ``--enforce-eager``
 skips it (faster start, slower run).
 """
@@ -121,7 +124,9 @@ def run_vllm_peer(python: str, model_dir: str, prompts: list[list[int]], max_tok
                 continue
             cmd += [ENGINE_FLAGS[key]] if value is True else [ENGINE_FLAGS[key], str(value)]
         extra_env, tuning = vllm_cpu_tuning(python) if tuned else ({}, {"tuned": "no (vLLM's defaults)"})
+        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         tuning["threads"] = (f"{engine_args['threads']}, unbound" if engine_args.get("threads")
+                             else f"VLLM_CPU_OMP_THREADS_BIND={bind} (from the environment)" if bind
                              else "VLLM_CPU_OMP_THREADS_BIND=auto (vLLM's own binding)")
         # NOTE: a session of its own, so that a timeout also ends vLLM's engine-core and worker processes.
         with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
