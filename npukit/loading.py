@@ -175,13 +175,17 @@ def _load_error_message(origin: str, path: Path, e: Exception) -> str:
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", *, revision: str | None = None, source: str = "hf",
-               trust_remote_code: bool = False, quantization: str | None = None):
+               trust_remote_code: bool = False, quantization: str | None = None, quantize_lm_head: bool = False):
     """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how.
 
     quantization: "w8a16" or "w8a8" quantises the decoder's linear layers after loading (npukit.quant;
-    ``model.quant_report`` says which kernels were picked and what it saved)."""
+    ``model.quant_report`` says which kernels were picked and what it saved); ``quantize_lm_head=True`` makes
+    lm_head int8 too (see npukit.quant.linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if quantize_lm_head and quantization is None:
+        raise ValueError("quantize_lm_head=True needs a quantization method: pass quantization='w8a16' or 'w8a8'")
 
     dev = _device.resolve(device)
     reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []
@@ -206,7 +210,8 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
     if quantization is not None:
         from .quant import quantize_model
 
-        reasons.append(f"quantised: {quantize_model(model, quantization, tokenizer=tokenizer).kernels}")
+        report = quantize_model(model, quantization, tokenizer=tokenizer, quantize_lm_head=quantize_lm_head)
+        reasons.append(f"quantised: {report.kernels}" + (f"; lm_head too: {report.lm_head}" if report.lm_head else ""))
     _device.synchronize(dev)
     seconds = time.perf_counter() - t0
 

@@ -190,6 +190,30 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
     assert together == ref
 
 
+@pytest.mark.parametrize("method", ["w8a16", "w8a8"])
+def test_quantize_lm_head_keeps_a_tied_embedding_float_and_the_engine_equals_hf(method):
+    model, tok = fresh_tiny()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
+    table = model.model.embed_tokens.weight.detach().clone()
+    before = LLM(model, tok, num_kv_blocks=64, block_size=8).runner.weight_bytes
+    report = quantize_model(model, method, tokenizer=tok, quantize_lm_head=True)
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and head.weight.dtype == torch.int8 and report.lm_head
+    assert torch.equal(model.model.embed_tokens.weight, table)  # the lookups still read the float table
+    assert "lm_head" in str(report) and model.state_dict()["lm_head.weight"].dtype == torch.int8
+    ids = [tok(p).input_ids for p in ["Hello there", "The cat sat on the", "1 2 3 4"]]
+    with torch.inference_mode():
+        ref = [model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                              max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(x):].tolist() for x in ids]
+    llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
+    assert [o.outputs[0].token_ids for o in llm.generate(ids, SamplingParams(max_tokens=8, **GREEDY),
+                                                         use_tqdm=False)] == ref
+    # the int8 rows are an extra copy beside the float table, but every linear shrank far more
+    assert llm.runner.weight_bytes < before
+    with pytest.raises(ValueError, match="needs a quantization method"):
+        npukit.load_model("tiny-llama", device="cpu", dtype="float32", quantize_lm_head=True)
+
+
 def test_tensor_parallel_w8a16_greedy_equals_tp1_and_the_int8_shards_are_counted():
     # Column-parallel ranks keep int8 rows + their scales, row-parallel ones int8 columns + every scale:
     # the all-reduced partial sums equal the unsharded product, so greedy tokens match.

@@ -133,8 +133,14 @@ def test_quantization_applies_to_the_engine_and_the_hf_baselines_alike(monkeypat
     assert main([*SMALL, "--quick", "--quantization", "w8a16", "--skip", "vllm", "continuous", "tpot", "prefix",
                  "--output-json", str(path)]) == 0
     run = strict_json(path)["runs"][0]
-    assert run["quantization"] == "w8a16" and seen and set(seen) == {"w8a16"}
-    assert "weights: w8a16 for npukit and the HF baselines" in capsys.readouterr().out
+    assert run["quantization"] == "w8a16" and seen and set(seen) == {"w8a16"} and not run["quantized_lm_head"]
+    assert "weights: w8a16 (lm_head float) for npukit and the HF baselines" in capsys.readouterr().out
+    assert main([*SMALL, "--quick", "--quantization", "w8a8", "--quantize-lm-head", "--skip", "vllm", "continuous",
+                 "tpot", "prefix", "--output-json", str(path)]) == 0
+    assert strict_json(path)["runs"][0]["quantized_lm_head"]
+    assert "weights: w8a8 (lm_head int8 too)" in capsys.readouterr().out
+    assert main([*SMALL, "--quick", "--quantize-lm-head", "--skip", "vllm", "static", "tpot", "prefix"]) != 0
+    assert "needs a quantization method" in capsys.readouterr().err
 
 
 def test_vllm_peer_runs_the_same_token_ids(fake_peer, workload, tmp_path, capsys):

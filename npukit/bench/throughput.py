@@ -385,8 +385,10 @@ def run_throughput_benchmark(model, tokenizer, workload: Workload, *, batch_size
     if "static" not in skip:
         for b in batch_sizes:
             add(run_hf_static(model, tokenizer, workload, b))
+    quant = getattr(model, "quant_report", None)
     report: dict[str, Any] = {"dtype": dtype, "model_path": model_dir,
-                              "quantization": getattr(model, "quantization", None)}
+                              "quantization": getattr(model, "quantization", None),
+                              "quantized_lm_head": bool(quant is not None and quant.lm_head)}
     if "continuous" not in skip:
         try:
             add(run_hf_continuous(model, workload, num_kv_tokens=cfg.num_kv_blocks * cfg.block_size,
@@ -462,8 +464,9 @@ def format_report(report: dict[str, Any]) -> str:
     """The side-by-side table and the extra measurements of one dtype's report."""
     lines = []
     if report.get("quantization"):
-        lines.append(f"\n  weights: {report['quantization']} for npukit and the HF baselines (the same int8 model); "
-                     "a vLLM peer loads the float checkpoint")
+        head = "lm_head int8 too" if report.get("quantized_lm_head") else "lm_head float"
+        lines.append(f"\n  weights: {report['quantization']} ({head}) for npukit and the HF baselines (the same int8 "
+                     "model); a vLLM peer loads the float checkpoint")
     lines += [f"\n  {'':44s} {'out tokens':>10s} {'wall s':>8s} {'out tok/s':>10s} {'npukit speedup':>15s} "
              f"{'cpu s':>8s} {'speedup (cpu s)':>16s}"]
     for r in report["results"]:
@@ -556,6 +559,8 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="run the vLLM peer as it starts out of the box (default: with vLLM's CPU recommendations, "
                         "tcmalloc and Intel OpenMP preloaded where installed; the report says which)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantization: lm_head int8 too (default: it stays float, as vLLM-Ascend keeps it)")
     return add_engine_args(p, notes={"num_kv_blocks": "number of KV blocks (default: enough for the whole workload "
                                                       "at once, +10%%)"})
 
@@ -620,7 +625,8 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
             # NOTE: quantised once here, so the engine, the HF baselines and batch-1 TPOT all run the same int8
             # weights (the LLM sees an already quantised model and leaves it be); vLLM loads the float checkpoint.
             model, tokenizer = npukit.load_model(args.model, device="cpu", dtype=dtype,
-                                                 quantization=engine_args(args).get("quantization"))
+                                                 quantization=engine_args(args).get("quantization"),
+                                                 quantize_lm_head=args.quantize_lm_head)
             workload = make_workload(tokenizer, num_prompts, prompt_len, output_len, seed=args.seed)
         except Exception as e:  # a bad --model / --dtype / length: say so without a traceback
             return error(f"could not set up {args.model!r} in {dtype}: {type(e).__name__}: {e}")

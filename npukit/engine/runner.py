@@ -223,15 +223,15 @@ class ModelRunner:
             raise ValueError(f"num_kv_blocks must be a positive int, got {num_kv_blocks!r}")
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        self.device = inner.embed_tokens.weight.device
+        self.dtype = inner.embed_tokens.weight.dtype
         num_layers, self.num_kv_heads, self.head_dim = kv_shape(config)
         self.num_heads = config.num_attention_heads
         self.eps = config.rms_norm_eps
         self.vocab_size = model.lm_head.weight.shape[0]
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head_w = model.lm_head.weight
+        self.lm_head_w = _weight(model.lm_head)  # a QuantLinear when lm_head was quantised (quantize_lm_head)
         self.rotary_emb = inner.rotary_emb
         self.scaling = inner.layers[0].self_attn.scaling
         self.layers = [self._layer_weights(layer, config) for layer in inner.layers[:num_layers]]
@@ -265,9 +265,13 @@ class ModelRunner:
         sh.check_tp(self.num_heads, self.num_kv_heads, intermediate_size, shard.world_size)
         tp, rank, kv = shard.world_size, shard.rank, self.num_kv_heads
         cut = functools.partial(sh.shard_tensor, tp=tp, rank=rank, head_dim=self.head_dim, num_kv_heads=kv)
-        tied = self.lm_head_w.data_ptr() == self.embed.data_ptr()
+        head = self.lm_head_w
+        tied = isinstance(head, torch.Tensor) and head.data_ptr() == self.embed.data_ptr()
         self.embed = cut(self.embed, sh.SPLITS["embed_tokens"])
-        self.lm_head_w = self.embed if tied else cut(self.lm_head_w, sh.SPLITS["lm_head"])
+        if not isinstance(head, torch.Tensor):  # a quantised lm_head: its int8 rows and their scales
+            self.lm_head_w = head.shard(functools.partial(cut, split=sh.SPLITS["lm_head"]), row_parallel=False)
+        else:
+            self.lm_head_w = self.embed if tied else cut(head, sh.SPLITS["lm_head"])
         self.vocab_start = rank * self.embed.shape[0]
         for lw in self.layers:
             for name, module in _FIELD_MODULES.items():
@@ -284,13 +288,12 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Bytes of the weights this runner uses (a rank's shard under tensor parallelism), tied ones once."""
         seen: dict[int, int] = {}
-        tensors = [self.embed, self.final_norm, self.lm_head_w]
-        for lw in self.layers:
-            for v in vars(lw).values():
-                if isinstance(v, torch.Tensor):
-                    tensors.append(v)
-                elif isinstance(v, torch.nn.Module):  # a QuantLinear: int8 weight + scales
-                    tensors.extend(v.buffers())
+        tensors = [self.embed, self.final_norm]
+        for v in [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]:
+            if isinstance(v, torch.Tensor):
+                tensors.append(v)
+            elif isinstance(v, torch.nn.Module):  # a QuantLinear: int8 weight + scales
+                tensors.extend(v.buffers())
         for t in tensors:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
@@ -462,7 +465,7 @@ class ModelRunner:
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
         hidden = _rms_norm(hidden, self.final_norm, self.eps)
-        logits = F.linear(hidden, self.lm_head_w)
+        logits = _linear(hidden, self.lm_head_w)
         if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
             logits = self.shard.gather_last_dim(logits)
             if logits is None:

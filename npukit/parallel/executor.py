@@ -132,11 +132,12 @@ class TensorParallelRunner:
         tp = tensor_parallel_size
         num_layers, num_kv_heads, _ = kv_shape(model.config)
         check_tp(model.config.num_attention_heads, num_kv_heads, model.config.intermediate_size, tp)
-        device = model.lm_head.weight.device
+        table = model.get_input_embeddings().weight  # NOTE: not lm_head's, which may be int8 (quantize_lm_head)
+        device = table.device
         backend = BACKENDS.get(device.type)
         if backend is None:
             raise ValueError(f"tensor parallelism runs on cpu (gloo), npu (hccl) or cuda (nccl), not {device.type}")
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        dtype = str(table.dtype).removeprefix("torch.")
         threads = threads or max(1, torch.get_num_threads() // tp)
         ctx = mp.get_context("spawn")
         port = free_port()
