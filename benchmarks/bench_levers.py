@@ -28,13 +28,15 @@ import npukit  # noqa: E402
 from npukit.bench.workload import Workload, greedy_params, make_workload, run_workload  # noqa: E402
 from npukit.engine import LLM  # noqa: E402
 
-VARIANTS = {  # name -> (dtype, quantization, extra engine args)
+VARIANTS = {  # name -> (dtype, quantization, extra engine args; quantize_lm_head goes to load_model)
     "auto": ("auto", None, {}),
     "fp32": ("float32", None, {}),
     "w8a16": ("auto", "w8a16", {}),
     "w8a16-fp32": ("float32", "w8a16", {}),
     "w8a8": ("auto", "w8a8", {}),
     "w8a8-fp32": ("float32", "w8a8", {}),
+    "w8a16+lm_head": ("auto", "w8a16", {"quantize_lm_head": True}),  # lm_head int8 too (opt-in, costs top-1)
+    "w8a8+lm_head": ("auto", "w8a8", {"quantize_lm_head": True}),
 }
 
 
@@ -46,8 +48,10 @@ def timed(fn):
 
 def measure(name: str, model_name: str, args) -> dict:
     dtype, quant, extra = VARIANTS[name]
+    extra = dict(extra)
+    head = extra.pop("quantize_lm_head", False)  # a load_model setting, not an engine one
     (model, tok), load_s, _ = timed(lambda: npukit.load_model(model_name, device=args.device, dtype=dtype,
-                                                              quantization=quant))
+                                                              quantization=quant, quantize_lm_head=head))
     cpu_clock = model.device.type == "cpu"  # NOTE: on an accelerator the process's CPU time says nothing
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
