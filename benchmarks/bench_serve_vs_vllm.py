@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npukit.bench.serve import compare_table, load_tokenizer, run_serving_benchmark  # noqa: E402
 from npukit.bench.vllm_peer import vllm_cpu_tuning  # noqa: E402
+from npukit.parallel.executor import free_port  # noqa: E402
 from npukit.samples import sample_path  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -263,18 +263,16 @@ async def _stream(s: Serving, job: Job, model: str, include_usage: bool, chat: b
     num_prompt: dict[int, int] = {}
     num_completion = 0
     text_offsets: dict[int, int] = {}
-    started: set[int] = set()  # chat: choices whose role chunk went out
     try:
         async for i, update in job.updates():
             num_prompt[i] = update.num_prompt_tokens
             for d in update.deltas:
                 index = i * n + d.index
                 num_completion += len(d.token_ids)
-                if chat and index not in started:
+                if chat and index not in text_offsets:  # the choice's first delta
                     # NOTE: a choice's role chunk goes out with its first token, as vLLM's does: clients (vLLM's
                     # `vllm bench serve` among them) stamp TTFT at the first chunk, so sending it before the
                     # prefill ran would report a TTFT that no token met.
-                    started.add(index)
                     yield p.sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}], **usage_field})
                 choice = _stream_choice(s, job, d, index, text_offsets.get(index, 0), chat)
