@@ -2,12 +2,15 @@
 
     python benchmarks/bench_runner.py                          # SmolLM2, float32 and bfloat16 (when native)
     python benchmarks/bench_runner.py --dtype bfloat16 --threads 2 --batches 1 16 64 --context 256
+    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 8 16 32 64 --context 64 --swapped-rows
 
 For each dtype: one prefill step of --prefill-tokens tokens (as --prefill-seqs prompts) and decode steps of
 B sequences with --context tokens each (non-contiguous blocks). Each is timed as the median of --repeat
 runs in process CPU time (steadier than wall time on a shared machine) and reported with its useful model
 FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
-rows also show the time with attention skipped (K/V still written): the share attention takes.
+rows also show the time with attention skipped (K/V still written): the share attention takes. With
+--swapped-rows they also show the step with every linear through F.linear, timed in turn with the default
+(fp32 CPU steps of 5-48 rows run most linears as ``(W @ x.T).T``: see ``npukit.engine.runner._linear``).
 """
 from __future__ import annotations
 
@@ -34,6 +37,18 @@ def _cpu_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _swap_ab(runner_module, fn, repeat: int) -> tuple[float, float]:
+    """Median CPU time of fn with the runner's default swapped linears, and with F.linear only, run in turn."""
+    default = runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS
+    times = {True: [], False: []}
+    for _ in range(repeat):
+        for swapped in (True, False):
+            runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS = default if swapped else ((), ())
+            times[swapped].append(_cpu_time(fn, 1))
+    runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS = default
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -44,12 +59,14 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--swapped-rows", action="store_true", help="also time decode steps with F.linear only")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import npukit
     from npukit.device import cpu_has_fast_bf16
+    from npukit.engine import runner as runner_module
     from npukit.engine.runner import ModelRunner
     from npukit.engine.sequence import Sequence
 
@@ -90,9 +107,14 @@ def main(argv=None) -> None:
             t_no = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
             runner._attention = attention
             f = step_flops(cfg, batch)
+            swapped = ""
+            if args.swapped_rows:
+                t, t_plain = _swap_ab(runner_module, lambda runner=runner, batch=batch: runner.execute_model(batch),
+                                      args.repeat)
+                swapped = f"; F.linear only {t_plain * 1e3:7.1f} ms (this step {t / t_plain:.2f}x that)"
             print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "
                   f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; "
-                  f"attention {1 - t_no / t:4.0%} of the step")
+                  f"attention {1 - t_no / t:4.0%} of the step{swapped}")
         runner = model = None  # free them before the next dtype loads
 
 

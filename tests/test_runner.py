@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from npukit.engine.kv_cache import kv_bytes_per_block
-from npukit.engine.runner import ModelRunner, UnsupportedModelError
+from npukit.engine.runner import CPU_SWAPPED_ROWS, ModelRunner, UnsupportedModelError, _linear
 from npukit.engine.sequence import Sequence
 
 BLOCK = 4  # small blocks so every prompt spans several, non-contiguous ones
@@ -267,6 +267,22 @@ def test_bf16_runs_close_to_hf_bf16(tiny):
     logits = runner.execute_model([(_Blocks(32).seq(prompt, 19), 19)], all_logits=True)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, _hf_logits(model, prompt), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 12, 48, 49, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swapped_cpu_linear_equals_f_linear(rows, bias):
+    """fp32 CPU linears with 5-48 rows (with MKL) run as (W @ x.T).T: the same numbers, as a transposed view."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    y = _linear(x, w, b, swapped_rows=CPU_SWAPPED_ROWS)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=0)
+    assert y.shape == (rows, 40)
+    assert (y.stride() == (1, rows)) == (rows in CPU_SWAPPED_ROWS)  # the swapped path ran, without a copy
+    assert _linear(x, w, b).is_contiguous()  # callers that need rows (q/k/v) get F.linear
+    assert _linear(x.bfloat16(), w.bfloat16(), swapped_rows=CPU_SWAPPED_ROWS).is_contiguous()  # fp32 only
 
 
 def test_unsupported_architecture_points_to_hf_generate():

@@ -137,9 +137,26 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(dtype)
 
 
-def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a float weight; a quantised layer (npukit.quant.QuantLinear) projects, then the bias."""
+# Row counts for which an fp32 CPU linear runs as ``(W @ x.T).T`` when MKL is torch's BLAS (see _linear): the
+# decoder layers' linears, and lm_head only with MKL's AVX512 kernels (with its AVX2 kernels, and above 12
+# rows, the swapped lm_head was slower). Other BLAS libraries (ARM hosts) were not measured: F.linear.
+_MKL = torch.backends.mkl.is_available()
+CPU_SWAPPED_ROWS = range(5, 49) if _MKL else range(0)
+CPU_SWAPPED_HEAD_ROWS = range(5, 13) if _MKL and torch.backends.cpu.get_cpu_capability() == "AVX512" else range(0)
+
+
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None, swapped_rows=()) -> torch.Tensor:
+    """F.linear for a float weight; a quantised layer (npukit.quant.QuantLinear) projects, then the bias.
+
+    NOTE: on CPU, MKL's fp32 ``x @ W.T`` with 5-48 rows (decode steps of a few sequences) cost up to 1.6x
+    ``W @ x.T`` with the same weight, which streams it like a one-row product (measured on SmolLM2's and a
+    Qwen2's shapes, MKL's AVX512 and AVX2 kernels; ``benchmarks/bench_runner.py --swapped-rows``). Callers
+    pass ``swapped_rows`` where the result may come back as a transposed view: the next ops read it in
+    place (a copy to rows cost a third of the gain), so q/k/v, which attention wants in rows, keep F.linear.
+    """
     if isinstance(w, torch.Tensor):
+        if x.dim() == 2 and x.shape[0] in swapped_rows and w.dtype == torch.float32 and x.device.type == "cpu":
+            return (torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())).t()
         return F.linear(x, w, b)
     y = w.project(x)
     return y if b is None else y + b
@@ -178,8 +195,8 @@ def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
     x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce)
     h = _rms_norm(x, lw.post_norm, eps)
-    gate = _linear(h, lw.gate_w, lw.gate_b)
-    up = _linear(h, lw.up_w, lw.up_b)
+    gate = _linear(h, lw.gate_w, lw.gate_b, swapped_rows=CPU_SWAPPED_ROWS)
+    up = _linear(h, lw.up_w, lw.up_b, swapped_rows=CPU_SWAPPED_ROWS)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
         gate = F.silu(gate, inplace=True).mul_(up)
     else:
@@ -190,7 +207,7 @@ def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
 def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
     """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
     if all_reduce is None:
-        return _linear(x, w, b)
+        return _linear(x, w, b, swapped_rows=CPU_SWAPPED_ROWS)
     y = _linear(x, w)
     all_reduce(y)
     return y if b is None else y + b
@@ -465,7 +482,7 @@ class ModelRunner:
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
         hidden = _rms_norm(hidden, self.final_norm, self.eps)
-        logits = _linear(hidden, self.lm_head_w)
+        logits = _linear(hidden, self.lm_head_w, swapped_rows=CPU_SWAPPED_HEAD_ROWS).contiguous()  # rows
         if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
             logits = self.shard.gather_last_dim(logits)
             if logits is None:
