@@ -65,8 +65,19 @@ def test_kernels_match_a_float64_reference(method, kernel, rows):
         ref = (qx.double() * sx.double()) @ (w.double() * w_scale.double()[:, None]).T
         tol = 1e-5
     y = K.KERNELS[method][kernel](x, w, w_scale)
-    assert y.dtype == x.dtype and y.shape == (rows, 96)
+    assert y.dtype == x.dtype and y.shape == (rows, 96) and y.is_contiguous()
     assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("rows", [1, K.CPU_SWAPPED_INT_MM_ROWS, K.CPU_SWAPPED_INT_MM_ROWS + 1])
+def test_int_mm_gives_the_same_bits_in_either_operand_order(monkeypatch, rows):
+    """Decode-sized W8A8 rows run as W @ x.T on CPU (faster there): integer sums, so not one bit changes."""
+    g = torch.Generator().manual_seed(rows)
+    w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
+    x = torch.randn(rows, 64, generator=g)
+    y = K.w8a8_int_mm(x, w, w_scale)
+    monkeypatch.setattr(K, "CPU_SWAPPED_INT_MM_ROWS", 0 if rows <= K.CPU_SWAPPED_INT_MM_ROWS else rows)
+    assert torch.equal(y, K.w8a8_int_mm(x, w, w_scale))
 
 
 def test_quantize_model_puts_int8_weights_and_scales_in_the_state_dict(tiny):
