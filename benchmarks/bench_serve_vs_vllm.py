@@ -33,7 +33,8 @@ from npukit.samples import sample_path  # noqa: E402
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as out:  # the server writes to its own copy of the file descriptor
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> None:
