@@ -15,6 +15,7 @@ rows also show the time with attention skipped (K/V still written): the share at
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -102,16 +103,17 @@ def main(argv=None) -> None:
                 s = make(args.context + 1, i)
                 s.num_computed_tokens = args.context
                 batch.append((s, 1))
-            t = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
+            step = functools.partial(runner.execute_model, batch)
+            swapped = ""
+            if args.swapped_rows:  # the step is timed once per mode, in turn
+                t, t_plain = _swap_ab(runner_module, step, args.repeat)
+                swapped = f"; F.linear only {t_plain * 1e3:7.1f} ms (this step {t / t_plain:.2f}x that)"
+            else:
+                t = _cpu_time(step, args.repeat)
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
-            t_no = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
+            t_no = _cpu_time(step, args.repeat)
             runner._attention = attention
             f = step_flops(cfg, batch)
-            swapped = ""
-            if args.swapped_rows:
-                t, t_plain = _swap_ab(runner_module, lambda runner=runner, batch=batch: runner.execute_model(batch),
-                                      args.repeat)
-                swapped = f"; F.linear only {t_plain * 1e3:7.1f} ms (this step {t / t_plain:.2f}x that)"
             print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "
                   f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; "
                   f"attention {1 - t_no / t:4.0%} of the step{swapped}")
