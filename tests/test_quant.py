@@ -12,6 +12,7 @@ from npukit.engine.config import EngineConfig, add_engine_args, engine_args
 from npukit.quant import (
     QuantizationError,
     QuantLinear,
+    apply_quant_recipe,
     choose_kernels,
     linear_weight_bytes,
     quantize_model,
@@ -225,15 +226,35 @@ def test_quantize_lm_head_keeps_a_tied_embedding_float_and_the_engine_equals_hf(
         npukit.load_model("tiny-llama", device="cpu", dtype="float32", quantize_lm_head=True)
 
 
+def test_a_recipe_replayed_on_a_fresh_copy_gives_the_same_int8_weights_and_kernels():
+    # What a tensor-parallel worker does with rank 0's model.quant_recipe: no smoothing fit, no kernel probe.
+    model, tok = fresh_tiny()
+    quantize_model(model, "w8a8", tokenizer=tok, quantize_lm_head=True)
+    recipe = model.quant_recipe
+    assert recipe.smoothing and recipe.head_plan is not None
+    copy, _ = fresh_tiny()
+    apply_quant_recipe(copy, recipe)
+    ours, theirs = model.state_dict(), copy.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert copy.quantization == "w8a8" and copy.model.layers[0].mlp.up_proj.plan is recipe.plan
+    assert copy.get_output_embeddings().plan is recipe.head_plan
+    with pytest.raises(QuantizationError, match="already quantised"):
+        apply_quant_recipe(copy, recipe)
+
+
 def test_tensor_parallel_w8a16_greedy_equals_tp1_and_the_int8_shards_are_counted():
     # Column-parallel ranks keep int8 rows + their scales, row-parallel ones int8 columns + every scale:
-    # the all-reduced partial sums equal the unsharded product, so greedy tokens match.
+    # the all-reduced partial sums equal the unsharded product, so greedy tokens match. The workers replay
+    # rank 0's model.quant_recipe (smoothing factors, kernels, lm_head), so they hold the same int8 weights
+    # and run the same kernels. The kernel is forced to an fp32 one: the probe may pick int8pack_bf16, whose
+    # bf16 partial sums round differently from the unsharded sum (true of any bf16 tensor-parallel run).
     prompts = ["Hello there", "The cat sat on the", "1 2 3 4", "Once upon a time"]
     params = SamplingParams(max_tokens=8, **GREEDY)
-    tp1 = LLM("tiny-llama", device="cpu", dtype="float32", quantization="w8a16", num_kv_blocks=64)
+    model, tok = fresh_tiny()
+    quantize_model(model, "w8a16", tokenizer=tok, kernel="int8pack", quantize_lm_head=True)
+    tp1 = LLM(model, tok, num_kv_blocks=64)
     ref = [o.outputs[0].token_ids for o in tp1.generate(prompts, params, use_tqdm=False)]
-    tp2 = LLM("tiny-llama", device="cpu", dtype="float32", quantization="w8a16", num_kv_blocks=64,
-              tensor_parallel_size=2)
+    tp2 = LLM(model, tok, num_kv_blocks=64, tensor_parallel_size=2)
     try:
         assert [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)] == ref
         bytes_per_rank = [tp2.runner.runner.weight_bytes] + [w for w, _ in tp2.runner.worker_bytes]

@@ -45,8 +45,7 @@ def _device_for(kind: str, rank: int) -> str:
 
 
 def worker_main(rank: int, world_size: int, port: int, backend: str, model_path: str, dtype: str, device_kind: str,
-                block_size: int, num_kv_blocks: int, threads: int, timeout_s: float, quantization: str | None,
-                conn) -> None:
+                block_size: int, num_kv_blocks: int, threads: int, timeout_s: float, quant_recipe, conn) -> None:
     """Rank ``rank``: load, shard, then run what rank 0 sends until ("exit",) or until rank 0 goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -54,10 +53,13 @@ def worker_main(rank: int, world_size: int, port: int, backend: str, model_path:
         from ..engine.runner import ModelRunner
         from ..loading import load_model
 
-        # NOTE: quantising is deterministic (smoothing calibrates on a fixed passage), so every rank holds the
-        # same int8 weights as rank 0 before it keeps its slice.
-        model, _ = load_model(model_path, device=_device_for(device_kind, rank), dtype=dtype,
-                              quantization=quantization)
+        model, _ = load_model(model_path, device=_device_for(device_kind, rank), dtype=dtype)
+        if quant_recipe is not None:
+            from ..quant import apply_quant_recipe
+
+            # NOTE: rank 0's recipe (smoothing factors, kernels), not a fresh quantize_model: a smoothing fit or
+            # kernel probe run here could come out differently, and the ranks' shards would no longer add up.
+            apply_quant_recipe(model, quant_recipe)
         conn.send(("loaded",))
         store, group = make_group(backend, port, rank, world_size, timeout_s)
         shard = Shard(rank, world_size, group, store)
@@ -149,7 +151,7 @@ class TensorParallelRunner:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=worker_main, name=f"npukit-tp-rank{rank}", daemon=True,
                                 args=(rank, tp, port, backend, model_path, dtype, device.type, block_size,
-                                      num_kv_blocks, threads, timeout_s, getattr(model, "quantization", None),
+                                      num_kv_blocks, threads, timeout_s, getattr(model, "quant_recipe", None),
                                       child))
                 p.start()
                 child.close()

@@ -24,7 +24,7 @@ from torch import nn
 from ..rows import Rows
 from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel
 from .layers import named_linears
-from .smooth import CALIBRATION_TEXT, smooth_model
+from .smooth import CALIBRATION_TEXT, apply_smoothing, fit_smoothing
 
 
 class QuantLinear(nn.Module):
@@ -124,11 +124,56 @@ class QuantReport(Rows):
                 ("time", f"{self.seconds:.2f} s"), ("probe", " | ".join(self.reasons) or "-")]
 
 
+@dataclass
+class QuantRecipe:
+    """What quantize_model decided. Applied to another copy of the same float checkpoint (a tensor-parallel
+    worker's), it gives the same int8 weights bit for bit and the same kernels: neither the smoothing fit nor
+    the kernel probe runs again, so neither can come out differently in another process."""
+
+    method: str
+    plan: KernelPlan                   # the decoder projections' kernels
+    smoothing: dict[str, torch.Tensor]  # each smoothing group's factors (CPU fp32); empty when smoothing is off
+    head_plan: KernelPlan | None = None  # lm_head's kernels when it is quantised too
+
+
+def _quantizable(model, method: str, with_head: bool) -> list[tuple[str, nn.Module]]:
+    """The projections to quantise; raises QuantizationError, before anything changes, when one cannot be."""
+    done = getattr(model, "quantization", None)
+    if done is not None:
+        raise QuantizationError(f"this model is already quantised ({done}); load a fresh copy to quantise it "
+                                f"as {method}")
+    linears = named_linears(model)
+    for name, lin in linears:
+        if not isinstance(lin, nn.Linear):
+            raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear; cannot quantise it")
+    head = model.get_output_embeddings()
+    if with_head and not isinstance(head, nn.Linear):
+        raise QuantizationError(f"lm_head is a {type(head).__name__}, not an nn.Linear; quantise without "
+                                "quantize_lm_head")
+    return linears
+
+
+@torch.no_grad()
+def apply_quant_recipe(model, recipe: QuantRecipe) -> None:
+    """Smooth with the recipe's factors, then swap the projections (and lm_head) for QuantLinears, in place."""
+    linears = _quantizable(model, recipe.method, recipe.head_plan is not None)
+    if recipe.smoothing:
+        apply_smoothing(model, recipe.smoothing)
+    for name, lin in linears:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.model.get_submodule(parent_name), attr, QuantLinear.from_linear(lin, recipe.plan))
+    if recipe.head_plan is not None:
+        model.set_output_embeddings(QuantLinear.from_linear(model.get_output_embeddings(), recipe.head_plan))
+    model.quantization = recipe.method
+    model.quant_recipe = recipe
+
+
 @torch.no_grad()
 def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, alpha: float | None = None,
                    calibration_text: str | None = None, kernel: str | None = None,
                    quantize_lm_head: bool = False) -> QuantReport:
-    """Quantise the decoder's projections of `model` in place; returns (and sets ``model.quant_report``).
+    """Quantise the decoder's projections of `model` in place; returns (and sets ``model.quant_report``, and
+    ``model.quant_recipe``: what was decided, see QuantRecipe).
 
     method: "w8a16" (weight-only) or "w8a8" (dynamic per-token activations).
     smooth: the anti-outlier step before quantising (npukit.quant.smooth); it runs the model on
@@ -139,44 +184,32 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, a
     """
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} (or None)")
-    done = getattr(model, "quantization", None)
-    if done is not None:
-        raise QuantizationError(f"this model is already quantised ({done}); load a fresh copy to quantise it "
-                                f"as {method}")
-    linears = named_linears(model)
+    _quantizable(model, method, quantize_lm_head)
     t0 = time.perf_counter()
     model_before, linear_before = state_dict_bytes(model), linear_weight_bytes(model)
-    smoothing = "off"
+    smoothing, factors = "off", {}
     if smooth:
         if tokenizer is None:
             raise QuantizationError("smoothing runs the model on calibration text: pass tokenizer= (or smooth=False)")
         ids = tokenizer(calibration_text or CALIBRATION_TEXT, return_tensors="pt").input_ids
-        alphas = smooth_model(model, ids, alpha=alpha, per_token_activations=method == "w8a8")
+        fitted = fit_smoothing(model, ids, alpha=alpha, per_token_activations=method == "w8a8")
+        factors = {key: s for key, (_, s) in fitted.items()}
         how = f"alpha={alpha}" if alpha is not None else (
-            f"alpha searched per group (median {statistics.median(alphas.values()):.1f})")
+            f"alpha searched per group (median {statistics.median(a for a, _ in fitted.values()):.1f})")
         smoothing = f"SmoothQuant-style, {how}, on {ids.shape[1]} calibration tokens"
     w = model.model.layers[0].mlp.gate_proj.weight
     act_dtype = model.get_input_embeddings().weight.dtype
     plan = choose_kernels(method, w.device, act_dtype, tuple(w.shape), kernel=kernel)
-    for name, lin in linears:
-        if not isinstance(lin, nn.Linear):
-            raise QuantizationError(f"{name} is a {type(lin).__name__}, not an nn.Linear; cannot quantise it")
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.model.get_submodule(parent_name), attr, QuantLinear.from_linear(lin, plan))
-    head_kernels = None
+    head_plan = None
     if quantize_lm_head:
-        head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise QuantizationError(f"lm_head is a {type(head).__name__}, not an nn.Linear; quantise without "
-                                    "quantize_lm_head")
-        head_plan = choose_kernels(method, head.weight.device, act_dtype, tuple(head.weight.shape), kernel=kernel)
-        model.set_output_embeddings(QuantLinear.from_linear(head, head_plan))
-        head_kernels = head_plan.describe()
-    model.quantization = method
+        head = model.get_output_embeddings().weight
+        head_plan = choose_kernels(method, head.device, act_dtype, tuple(head.shape), kernel=kernel)
+    apply_quant_recipe(model, QuantRecipe(method, plan, factors, head_plan))
     report = QuantReport(
-        method=method, kernels=plan.describe(), smoothing=smoothing, num_linears=len(linears),
+        method=method, kernels=plan.describe(), smoothing=smoothing, num_linears=len(named_linears(model)),
         linear_bytes_before=linear_before, linear_bytes_after=linear_weight_bytes(model),
         model_bytes_before=model_before, model_bytes_after=state_dict_bytes(model),
-        seconds=time.perf_counter() - t0, reasons=plan.reasons, lm_head=head_kernels)
+        seconds=time.perf_counter() - t0, reasons=plan.reasons,
+        lm_head=head_plan.describe() if head_plan is not None else None)
     model.quant_report = report
     return report

@@ -111,34 +111,55 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], per_token_activat
     return min(errors, key=errors.get)
 
 
-@torch.no_grad()
-def smooth_model(model, input_ids: torch.Tensor, alpha: float | None = None, *,
-                 per_token_activations: bool = True) -> dict[str, float]:
-    """Smooth every decoder layer in place (the model's float outputs do not change); returns each group's alpha.
+def _groups(model):
+    """(key of the shared input, the linears that read it, where x / s is folded: a norm's weight or up_proj)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        yield f"layers.{i}.self_attn.q_proj", [attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm
+        yield f"layers.{i}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm
+        yield f"layers.{i}.mlp.down_proj", [mlp.down_proj], mlp.up_proj
 
-    alpha: a fixed SmoothQuant alpha in [0, 1], or None to search it per group (``search_alpha``), scoring
-    int8 weights and, when ``per_token_activations`` (W8A8), per-token int8 activations."""
+
+@torch.no_grad()
+def fit_smoothing(model, input_ids: torch.Tensor, alpha: float | None = None, *,
+                  per_token_activations: bool = True) -> dict[str, tuple[float, torch.Tensor]]:
+    """Each group's alpha and factors s (fp32, on the CPU), from the model's inputs on ``input_ids``; the model
+    is not changed. alpha: fixed in [0, 1], or None to search it per group (``search_alpha``), scoring int8
+    weights and, when ``per_token_activations`` (W8A8), per-token int8 activations."""
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be None (search) or in [0, 1] (SmoothQuant uses 0.5), got {alpha!r}")
     inputs = _capture_inputs(model, input_ids)
-    chosen = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        # (key of the shared input, the linears that read it, where x / s is folded: a norm's weight or up_proj)
-        groups = [(f"layers.{i}.self_attn.q_proj", [attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm),
-                  (f"layers.{i}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm),
-                  (f"layers.{i}.mlp.down_proj", [mlp.down_proj], mlp.up_proj)]
-        for key, lins, fold in groups:
-            weights = [lin.weight for lin in lins]
-            a = search_alpha(inputs[key], weights, per_token_activations) if alpha is None else alpha
-            s = smoothing_factors(inputs[key].abs().amax(0), weights, a)
-            for lin in lins:
-                lin.weight.mul_(s.to(lin.weight.dtype))
-            if fold is mlp.up_proj:  # its output rows are down_proj's input channels
-                fold.weight.div_(s.to(fold.weight.dtype)[:, None])
-                if fold.bias is not None:
-                    fold.bias.div_(s.to(fold.bias.dtype))
-            else:
-                fold.weight.div_(s.to(fold.weight.dtype))
-            chosen[key] = a
-    return chosen
+    fitted = {}
+    # NOTE: folding one group's factors never changes another group's weights or float inputs as seen here
+    # (the inputs were captured before any folding, and folding keeps every product), so all are fitted first.
+    for key, lins, _fold in _groups(model):
+        weights = [lin.weight for lin in lins]
+        a = search_alpha(inputs[key], weights, per_token_activations) if alpha is None else alpha
+        fitted[key] = (a, smoothing_factors(inputs[key].abs().amax(0), weights, a).cpu())
+    return fitted
+
+
+@torch.no_grad()
+def apply_smoothing(model, factors: dict[str, torch.Tensor]) -> None:
+    """Fold each group's factors s into its linears' weights (columns * s) and into what produced their input
+    (/ s), in place: the float outputs stay the same. The same factors on the same float weights give the
+    same weights bit for bit (how a tensor-parallel worker repeats rank 0's smoothing)."""
+    for key, lins, fold in _groups(model):
+        s = factors[key].to(fold.weight.device)
+        for lin in lins:
+            lin.weight.mul_(s.to(lin.weight.dtype))
+        if isinstance(fold, torch.nn.Linear):  # up_proj: its output rows are down_proj's input channels
+            fold.weight.div_(s.to(fold.weight.dtype)[:, None])
+            if fold.bias is not None:
+                fold.bias.div_(s.to(fold.bias.dtype))
+        else:
+            fold.weight.div_(s.to(fold.weight.dtype))
+
+
+def smooth_model(model, input_ids: torch.Tensor, alpha: float | None = None, *,
+                 per_token_activations: bool = True) -> dict[str, float]:
+    """Smooth every decoder layer in place (the model's float outputs do not change); returns each group's alpha.
+    ``fit_smoothing`` then ``apply_smoothing``; see them for the arguments."""
+    fitted = fit_smoothing(model, input_ids, alpha, per_token_activations=per_token_activations)
+    apply_smoothing(model, {key: s for key, (_, s) in fitted.items()})
+    return {key: a for key, (a, _) in fitted.items()}
