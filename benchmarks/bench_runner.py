@@ -2,7 +2,7 @@
 
     python benchmarks/bench_runner.py                          # SmolLM2, float32 and bfloat16 (when native)
     python benchmarks/bench_runner.py --dtype bfloat16 --threads 2 --batches 1 16 64 --context 256
-    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 8 16 32 64 --context 64 --swapped-rows
+    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64 --swapped-rows
 
 For each dtype: one prefill step of --prefill-tokens tokens (as --prefill-seqs prompts) and decode steps of
 B sequences with --context tokens each (non-contiguous blocks). Each is timed as the median of --repeat
@@ -10,7 +10,8 @@ runs in process CPU time (steadier than wall time on a shared machine) and repor
 FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
 rows also show the time with attention skipped (K/V still written): the share attention takes. With
 --swapped-rows they also show the step with every linear through F.linear, timed in turn with the default
-(fp32 CPU steps of 5-48 rows run most linears as ``(W @ x.T).T``: see ``npukit.engine.runner._linear``).
+(fp32 CPU linears run as ``(W @ x.T).T`` at the row counts where the runner's probe found that faster: see
+``npukit.engine.cpu_gemm``); the row counts chosen are printed.
 """
 from __future__ import annotations
 
@@ -28,26 +29,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npukit.bench.flops import matmul_flops_per_s, step_flops  # noqa: E402
 
 
-def _cpu_time(fn, repeat: int) -> float:
+def _cpu_time(fn, repeat: int, clock=time.process_time) -> float:
     fn()
     times = []
     for _ in range(repeat):
-        t = time.process_time()
+        t = clock()
         fn()
-        times.append(time.process_time() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
-def _swap_ab(runner_module, fn, repeat: int) -> tuple[float, float]:
-    """Median CPU time of fn with the runner's default swapped linears, and with F.linear only, run in turn."""
-    default = runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS
+def _swap_ab(runner, fn, repeat: int) -> tuple[float, float]:
+    """Median wall time of fn with the runner's swapped linears (the row counts its probe chose), and with
+    F.linear only, run in turn. NOTE: wall time, as the probe: MKL ran some small fp32 products on one
+    thread, so the swapped order's gain there (both threads busy) shows in wall time, not in CPU time."""
+    def use(layer_rows, head_rows):
+        for lw in runner.layers:
+            lw.swapped_rows = layer_rows
+        runner.head_swapped_rows = head_rows
+
+    chosen = runner.layers[0].swapped_rows, runner.head_swapped_rows
     times = {True: [], False: []}
     for _ in range(repeat):
         for swapped in (True, False):
-            runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS = default if swapped else ((), ())
-            times[swapped].append(_cpu_time(fn, 1))
-    runner_module.CPU_SWAPPED_ROWS, runner_module.CPU_SWAPPED_HEAD_ROWS = default
+            use(*(chosen if swapped else (frozenset(), frozenset())))
+            times[swapped].append(_cpu_time(fn, 1, time.perf_counter))
+    use(*chosen)
     return statistics.median(times[True]), statistics.median(times[False])
+
+
+def _ranges(rows) -> str:
+    """{2, 3, 4, 16, 24} -> '2-4, 16, 24'."""
+    out, rows = [], sorted(rows)
+    for r in rows:
+        if out and r == out[-1][1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in out) or "none"
 
 
 def main(argv=None) -> None:
@@ -67,7 +86,6 @@ def main(argv=None) -> None:
 
     import npukit
     from npukit.device import cpu_has_fast_bf16
-    from npukit.engine import runner as runner_module
     from npukit.engine.runner import ModelRunner
     from npukit.engine.sequence import Sequence
 
@@ -90,6 +108,9 @@ def main(argv=None) -> None:
             return s
 
         print(f"\n{args.model} {name}: F.linear peak here {peak / 1e9:.0f} GFLOP/s")
+        if args.swapped_rows:
+            print(f"  swapped (W @ x.T).T at rows: decoder {_ranges(runner.layers[0].swapped_rows)}; "
+                  f"lm_head {_ranges(runner.head_swapped_rows)}")
         n = args.prefill_tokens // args.prefill_seqs
         batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
         t = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
@@ -105,11 +126,10 @@ def main(argv=None) -> None:
                 batch.append((s, 1))
             step = functools.partial(runner.execute_model, batch)
             swapped = ""
-            if args.swapped_rows:  # the step is timed once per mode, in turn
-                t, t_plain = _swap_ab(runner_module, step, args.repeat)
-                swapped = f"; F.linear only {t_plain * 1e3:7.1f} ms (this step {t / t_plain:.2f}x that)"
-            else:
-                t = _cpu_time(step, args.repeat)
+            t = _cpu_time(step, args.repeat)
+            if args.swapped_rows:  # in wall time, each mode in turn
+                t_wall, t_plain = _swap_ab(runner, step, args.repeat)
+                swapped = f"; wall {t_wall * 1e3:6.1f} ms, F.linear only {t_plain * 1e3:6.1f} ({t_wall / t_plain:.2f}x)"
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
             t_no = _cpu_time(step, args.repeat)
             runner._attention = attention

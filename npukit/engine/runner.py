@@ -78,6 +78,9 @@ class _LayerWeights:
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over head_dim before RoPE
     k_norm: torch.Tensor | None = None
     sliding_window: int | None = None
+    # fp32 on CPU: row counts at which o_proj, gate/up and down_proj run as (W @ x.T).T (see _linear); one
+    # set shared by every layer, measured by the runner (npukit.engine.cpu_gemm)
+    swapped_rows: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -137,22 +140,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(dtype)
 
 
-# Row counts for which an fp32 CPU linear runs as ``(W @ x.T).T`` when MKL is torch's BLAS (see _linear): the
-# decoder layers' linears, and lm_head only with MKL's AVX512 kernels (with its AVX2 kernels, and above 12
-# rows, the swapped lm_head was slower). Other BLAS libraries (ARM hosts) were not measured: F.linear.
-_MKL = torch.backends.mkl.is_available()
-CPU_SWAPPED_ROWS = range(5, 49) if _MKL else range(0)
-CPU_SWAPPED_HEAD_ROWS = range(5, 13) if _MKL and torch.backends.cpu.get_cpu_capability() == "AVX512" else range(0)
-
-
 def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None, swapped_rows=()) -> torch.Tensor:
     """F.linear for a float weight; a quantised layer (npukit.quant.QuantLinear) projects, then the bias.
 
-    NOTE: on CPU, MKL's fp32 ``x @ W.T`` with 5-48 rows (decode steps of a few sequences) cost up to 1.6x
-    ``W @ x.T`` with the same weight, which streams it like a one-row product (measured on SmolLM2's and a
-    Qwen2's shapes, MKL's AVX512 and AVX2 kernels; ``benchmarks/bench_runner.py --swapped-rows``). Callers
-    pass ``swapped_rows`` where the result may come back as a transposed view: the next ops read it in
-    place (a copy to rows cost a third of the gain), so q/k/v, which attention wants in rows, keep F.linear.
+    NOTE: on CPU an fp32 ``x @ W.T`` of a few rows (decode steps of a few sequences) can cost up to 3x
+    ``W @ x.T`` with the same weight; at which row counts depends on the CPU and BLAS, so the runner measures
+    it (npukit.engine.cpu_gemm) and passes those counts as ``swapped_rows``. Callers pass them where the
+    result may come back as a transposed view: the next ops read it in place (a copy to rows cost a third of
+    the gain), so q/k/v, which attention wants in rows, keep F.linear.
     """
     if isinstance(w, torch.Tensor):
         if x.dim() == 2 and x.shape[0] in swapped_rows and w.dtype == torch.float32 and x.device.type == "cpu":
@@ -193,21 +188,21 @@ def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv
 
 def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
-    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce)
+    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce, lw.swapped_rows)
     h = _rms_norm(x, lw.post_norm, eps)
-    gate = _linear(h, lw.gate_w, lw.gate_b, swapped_rows=CPU_SWAPPED_ROWS)
-    up = _linear(h, lw.up_w, lw.up_b, swapped_rows=CPU_SWAPPED_ROWS)
+    gate = _linear(h, lw.gate_w, lw.gate_b, swapped_rows=lw.swapped_rows)
+    up = _linear(h, lw.up_w, lw.up_b, swapped_rows=lw.swapped_rows)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
         gate = F.silu(gate, inplace=True).mul_(up)
     else:
         gate = lw.act(gate) * up
-    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)
+    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce, lw.swapped_rows)
 
 
-def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
+def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None, swapped_rows=()) -> torch.Tensor:
     """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
     if all_reduce is None:
-        return _linear(x, w, b, swapped_rows=CPU_SWAPPED_ROWS)
+        return _linear(x, w, b, swapped_rows=swapped_rows)
     y = _linear(x, w)
     all_reduce(y)
     return y if b is None else y + b
@@ -257,6 +252,9 @@ class ModelRunner:
             self._keep_shard(shard, config.intermediate_size)
         else:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
+        self.head_swapped_rows: frozenset[int] = frozenset()  # as _LayerWeights.swapped_rows, for lm_head
+        if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
+            self._measure_swapped_rows()
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:
@@ -300,6 +298,21 @@ class ModelRunner:
                                               row_parallel=sh.SPLITS[module] == sh.ROW))
         self.num_heads //= tp
         self.num_kv_heads = sh.kv_heads_per_rank(kv, tp)
+
+    def _measure_swapped_rows(self) -> None:
+        """fp32 on CPU: the row counts at which o/gate/up/down_proj and lm_head run faster as (W @ x.T).T here,
+        measured once per process, shape and thread count (npukit.engine.cpu_gemm; ~1 s for SmolLM2)."""
+        from .cpu_gemm import swapped_rows
+
+        threads = torch.get_num_threads()
+        names = ("o_w", "gate_w", "up_w", "down_w")
+        weights = [getattr(lw, name) for lw in self.layers for name in names]
+        if all(isinstance(w, torch.Tensor) for w in weights):  # NOTE: quantised layers have their own kernels
+            rows = swapped_rows(weights, threads)
+            for lw in self.layers:
+                lw.swapped_rows = rows
+        if isinstance(self.lm_head_w, torch.Tensor):
+            self.head_swapped_rows = swapped_rows([self.lm_head_w], threads)
 
     @property
     def weight_bytes(self) -> int:
@@ -482,7 +495,7 @@ class ModelRunner:
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
         hidden = _rms_norm(hidden, self.final_norm, self.eps)
-        logits = _linear(hidden, self.lm_head_w, swapped_rows=CPU_SWAPPED_HEAD_ROWS).contiguous()  # rows
+        logits = _linear(hidden, self.lm_head_w, swapped_rows=self.head_swapped_rows).contiguous()  # rows
         if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
             logits = self.shard.gather_last_dim(logits)
             if logits is None:
