@@ -9,8 +9,8 @@ B sequences with --context tokens each (non-contiguous blocks). Each is timed as
 runs in process CPU time (steadier than wall time on a shared machine) and reported with its useful model
 FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
 rows also show the time with attention skipped (K/V still written): the share attention takes. With
---swapped-rows they also show the step with every linear through F.linear, timed in turn with the default
-(fp32 CPU linears run as ``(W @ x.T).T`` at the row counts where the runner's probe found that faster: see
+--swapped-rows they also show the step's wall time with every linear through F.linear, timed in turn with
+the default (fp32 CPU linears run as ``(W @ x.T).T`` at the row counts where the runner's probe found that faster: see
 ``npukit.engine.cpu_gemm``); the row counts chosen are printed.
 """
 from __future__ import annotations
@@ -41,8 +41,7 @@ def _cpu_time(fn, repeat: int, clock=time.process_time) -> float:
 
 def _swap_ab(runner, fn, repeat: int) -> tuple[float, float]:
     """Median wall time of fn with the runner's swapped linears (the row counts its probe chose), and with
-    F.linear only, run in turn. NOTE: wall time, as the probe: MKL ran some small fp32 products on one
-    thread, so the swapped order's gain there (both threads busy) shows in wall time, not in CPU time."""
+    F.linear only, run in turn. In wall time, as the probe (npukit.engine.cpu_gemm) measures."""
     def use(layer_rows, head_rows):
         for lw in runner.layers:
             lw.swapped_rows = layer_rows

@@ -1,23 +1,23 @@
 """fp32 linears on CPU: ``x @ W.T`` (F.linear) or the same product in the other operand order, ``(W @ x.T).T``.
 
 Both orders compute the same sums; which one the BLAS runs faster depends on the CPU, the library and the
-number of rows. SmolLM2's o/gate/up/down projections of all 30 layers and its lm_head, two threads, torch's
-MKL, milliseconds per step (weights streamed from memory, as in a decode step):
+number of rows. What we measured with SmolLM2 fp32, two threads, torch's MKL:
 
-| rows | Xeon (AVX512) decoder linears | EPYC (AVX2) decoder linears | EPYC lm_head      |
-|------|-------------------------------|-----------------------------|-------------------|
-| 2-5  | about even                    | 42-50 -> 24-35              | 18-29 -> 7-11     |
-| 8-14 | swapped up to 1.6x faster     | swapped 1.0-1.4x slower     | 20-24 -> 14-22    |
-| 16, 32, 48, 64 | swapped faster      | 45-94 -> 36-82              | 21-41 -> 15-28    |
-
-(The Xeon row is last session's bench_runner A/B; the EPYC rows are from this module's kind of timing.)
-Part of the gap is threads: MKL ran some few-row products on one thread, the swapped order on both.
+- a 2-core AMD EPYC (AVX2), the o/gate/up/down projections of all 30 layers and lm_head, weights streamed from
+  memory as in a step: 3 rows 46 -> 23 ms and lm_head 27 -> 6 ms; 12-14 rows 43-46 -> 49-63 ms (slower);
+  16, 32, 48, 64 rows 45-94 -> 36-82 ms; lm_head faster swapped at every count from 2 to 64. A decode step of
+  2-64 sequences with this module's choice took 0.72-0.93x the time of F.linear only
+  (``python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64
+  --swapped-rows``).
+- a 2-core Xeon (AVX512): decode steps of 8-48 sequences 0.81-0.90x with the decoder linears swapped at 5-48
+  rows, and lm_head faster swapped only at 5-12 rows (slower above, and with MKL's AVX2 kernels there).
 
 A table from one CPU is wrong on the next (and nobody measured ARM hosts' BLAS), so the runner asks this
 module once per process, weight shapes and thread count: ``swapped_rows`` times both orders on the model's
 own weights (a few layers, enough to stream from memory as a step does) at a few row counts of each
 bucket, and returns the buckets where the swapped order won clearly. The result is a transposed view:
-callers that need rows (q/k/v feed attention) keep F.linear. About a second for SmolLM2.
+callers that need rows (q/k/v feed attention) keep F.linear. About two seconds for SmolLM2 (1.8-2.5 s on
+the EPYC), milliseconds for a tiny test model.
 """
 from __future__ import annotations
 
