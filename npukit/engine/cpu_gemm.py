@@ -63,7 +63,7 @@ def swapped_rows(weights: list[torch.Tensor], threads: int) -> frozenset[int]:
 
 def _measure(weights: list[torch.Tensor], threads: int) -> frozenset[int]:
     g = torch.Generator().manual_seed(0)
-    most = max(max(rows) for _, rows in BUCKETS)
+    most = max((max(rows) for _, rows in BUCKETS), default=1)
     inputs = {k: torch.randn(most, k, generator=g) for k in {w.shape[1] for w in weights}}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
