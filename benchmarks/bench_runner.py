@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npukit.bench.flops import matmul_flops_per_s, step_flops  # noqa: E402
 
 
-def _cpu_time(fn, repeat: int, clock=time.process_time) -> float:
+def _median_time(fn, repeat: int, clock=time.process_time) -> float:
     fn()
     times = []
     for _ in range(repeat):
@@ -52,7 +52,7 @@ def _swap_ab(runner, fn, repeat: int) -> tuple[float, float]:
     for _ in range(repeat):
         for swapped in (True, False):
             use(*(chosen if swapped else (frozenset(), frozenset())))
-            times[swapped].append(_cpu_time(fn, 1, time.perf_counter))
+            times[swapped].append(_median_time(fn, 1, time.perf_counter))
     use(*chosen)
     return statistics.median(times[True]), statistics.median(times[False])
 
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
                   f"lm_head {_ranges(runner.head_swapped_rows)}")
         n = args.prefill_tokens // args.prefill_seqs
         batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
-        t = _cpu_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
+        t = _median_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
         f = step_flops(cfg, batch)
         print(f"  prefill {args.prefill_seqs} x {n} tokens: {t * 1e3:8.1f} ms  {n * args.prefill_seqs / t:8.0f} tok/s  "
               f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak")
@@ -125,12 +125,12 @@ def main(argv=None) -> None:
                 batch.append((s, 1))
             step = functools.partial(runner.execute_model, batch)
             swapped = ""
-            t = _cpu_time(step, args.repeat)
+            t = _median_time(step, args.repeat)
             if args.swapped_rows:  # in wall time, each mode in turn
                 t_wall, t_plain = _swap_ab(runner, step, args.repeat)
                 swapped = f"; wall {t_wall * 1e3:6.1f} ms, F.linear only {t_plain * 1e3:6.1f} ({t_wall / t_plain:.2f}x)"
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
-            t_no = _cpu_time(step, args.repeat)
+            t_no = _median_time(step, args.repeat)
             runner._attention = attention
             f = step_flops(cfg, batch)
             print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "

@@ -301,7 +301,7 @@ class ModelRunner:
 
     def _measure_swapped_rows(self) -> None:
         """fp32 on CPU: the row counts at which o/gate/up/down_proj and lm_head run faster as (W @ x.T).T here,
-        measured once per process, shape and thread count (npukit.engine.cpu_gemm; ~1 s for SmolLM2)."""
+        measured once per process, shape and thread count (npukit.engine.cpu_gemm; ~2 s for SmolLM2)."""
         from .cpu_gemm import swapped_rows
 
         threads = torch.get_num_threads()

@@ -184,7 +184,7 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, a
     """
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} (or None)")
-    _quantizable(model, method, quantize_lm_head)
+    linears = _quantizable(model, method, quantize_lm_head)
     t0 = time.perf_counter()
     model_before, linear_before = state_dict_bytes(model), linear_weight_bytes(model)
     smoothing, factors = "off", {}
@@ -206,7 +206,7 @@ def quantize_model(model, method: str, *, tokenizer=None, smooth: bool = True, a
         head_plan = choose_kernels(method, head.device, act_dtype, tuple(head.shape), kernel=kernel)
     apply_quant_recipe(model, QuantRecipe(method, plan, factors, head_plan))
     report = QuantReport(
-        method=method, kernels=plan.describe(), smoothing=smoothing, num_linears=len(named_linears(model)),
+        method=method, kernels=plan.describe(), smoothing=smoothing, num_linears=len(linears),
         linear_bytes_before=linear_before, linear_bytes_after=linear_weight_bytes(model),
         model_bytes_before=model_before, model_bytes_after=state_dict_bytes(model),
         seconds=time.perf_counter() - t0, reasons=plan.reasons,
