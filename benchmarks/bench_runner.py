@@ -2,16 +2,16 @@
 
     python benchmarks/bench_runner.py                          # SmolLM2, float32 and bfloat16 (when native)
     python benchmarks/bench_runner.py --dtype bfloat16 --threads 2 --batches 1 16 64 --context 256
-    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64 --swapped-rows
+    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64 --cpu-kernels
 
 For each dtype: one prefill step of --prefill-tokens tokens (as --prefill-seqs prompts) and decode steps of
 B sequences with --context tokens each (non-contiguous blocks). Each is timed as the median of --repeat
 runs in process CPU time (steadier than wall time on a shared machine) and reported with its useful model
 FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
 rows also show the time with attention skipped (K/V still written): the share attention takes. With
---swapped-rows they also show the step's wall time with every linear through F.linear, timed in turn with
-the default (fp32 CPU linears run as ``(W @ x.T).T`` at the row counts where the runner's probe found that faster: see
-``npukit.engine.cpu_gemm``); the row counts chosen are printed.
+--cpu-kernels they also show the step's wall time with every linear through F.linear, timed in turn with
+the default (fp32 CPU linears run the kernel the runner's probe found fastest for their row count: F.linear,
+``(W @ x.T).T`` or oneDNN on a packed copy, see ``npukit.engine.cpu_gemm``); the choice is printed.
 """
 from __future__ import annotations
 
@@ -39,22 +39,35 @@ def _median_time(fn, repeat: int, clock=time.process_time) -> float:
     return statistics.median(times)
 
 
-def _swap_ab(runner, fn, repeat: int) -> tuple[float, float]:
-    """Median wall time of fn with the runner's swapped linears (the row counts its probe chose), and with
+def _kernels_ab(runner, fn, repeat: int) -> tuple[float, float]:
+    """Median wall time of fn with the kernels the runner's probe chose for its fp32 CPU linears, and with
     F.linear only, run in turn. In wall time, as the probe (npukit.engine.cpu_gemm) measures."""
-    def use(layer_rows, head_rows):
-        for lw in runner.layers:
-            lw.swapped_rows = layer_rows
-        runner.head_swapped_rows = head_rows
-
-    chosen = runner.layers[0].swapped_rows, runner.head_swapped_rows
+    linears = _cpu_linears(runner)
+    chosen = [lin.kernels for lin in linears]
     times = {True: [], False: []}
     for _ in range(repeat):
-        for swapped in (True, False):
-            use(*(chosen if swapped else (frozenset(), frozenset())))
-            times[swapped].append(_median_time(fn, 1, time.perf_counter))
-    use(*chosen)
+        for use in (True, False):
+            for lin, kernels in zip(linears, chosen):
+                lin.kernels = kernels if use else {}
+            times[use].append(_median_time(fn, 1, time.perf_counter))
+    for lin, kernels in zip(linears, chosen):
+        lin.kernels = kernels
     return statistics.median(times[True]), statistics.median(times[False])
+
+
+def _cpu_linears(runner) -> list:
+    from npukit.engine.cpu_gemm import CpuLinear
+
+    found = [runner.lm_head_w] + [v for lw in runner.layers for v in vars(lw).values()]
+    return [v for v in found if isinstance(v, CpuLinear)]
+
+
+def _chosen(linear) -> str:
+    """A CpuLinear's kernel table as 'packed 1-15, 17-23; swapped 16, 24' ('F.linear' for a plain weight)."""
+    by_kernel: dict[str, list[int]] = {}
+    for rows, kernel in getattr(linear, "kernels", {}).items():
+        by_kernel.setdefault(kernel, []).append(rows)
+    return "; ".join(f"{k} {_ranges(rows)}" for k, rows in sorted(by_kernel.items())) or "F.linear"
 
 
 def _ranges(rows) -> str:
@@ -78,7 +91,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--swapped-rows", action="store_true", help="also time decode steps with F.linear only")
+    ap.add_argument("--cpu-kernels", action="store_true", help="also time decode steps with F.linear only")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,9 +120,10 @@ def main(argv=None) -> None:
             return s
 
         print(f"\n{args.model} {name}: F.linear peak here {peak / 1e9:.0f} GFLOP/s")
-        if args.swapped_rows:
-            print(f"  swapped (W @ x.T).T at rows: decoder {_ranges(runner.layers[0].swapped_rows)}; "
-                  f"lm_head {_ranges(runner.head_swapped_rows)}")
+        if args.cpu_kernels:
+            lw = runner.layers[0]
+            print(f"  kernels by rows: o/mlp {_chosen(lw.o_w)}; q/k/v {_chosen(lw.q_w)}; "
+                  f"lm_head {_chosen(runner.lm_head_w)}; packed copies {runner.packed_bytes / 2**20:.0f} MiB")
         n = args.prefill_tokens // args.prefill_seqs
         batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
         t = _median_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
@@ -124,18 +138,18 @@ def main(argv=None) -> None:
                 s.num_computed_tokens = args.context
                 batch.append((s, 1))
             step = functools.partial(runner.execute_model, batch)
-            swapped = ""
+            ab = ""
             t = _median_time(step, args.repeat)
-            if args.swapped_rows:  # in wall time, each mode in turn
-                t_wall, t_plain = _swap_ab(runner, step, args.repeat)
-                swapped = f"; wall {t_wall * 1e3:6.1f} ms, F.linear only {t_plain * 1e3:6.1f} ({t_wall / t_plain:.2f}x)"
+            if args.cpu_kernels:  # in wall time, each mode in turn
+                t_wall, t_plain = _kernels_ab(runner, step, args.repeat)
+                ab = f"; wall {t_wall * 1e3:6.1f} ms, F.linear only {t_plain * 1e3:6.1f} ({t_wall / t_plain:.2f}x)"
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
             t_no = _median_time(step, args.repeat)
             runner._attention = attention
             f = step_flops(cfg, batch)
             print(f"  decode B={b:3d} ctx={args.context}: {t * 1e3:8.1f} ms  {b / t:8.0f} tok/s  "
                   f"{f / t / 1e9:6.0f} GFLOP/s = {f / t / peak:4.0%} of peak; "
-                  f"attention {1 - t_no / t:4.0%} of the step{swapped}")
+                  f"attention {1 - t_no / t:4.0%} of the step{ab}")
         runner = model = None  # free them before the next dtype loads
 
 

@@ -210,16 +210,76 @@ def test_smollm2_graph_greedy_equals_eager(smol):
 
 
 @cpu_only
-@pytest.mark.parametrize("method", ["w8a16", "w8a8"])
-def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method):
-    """The compiled pieces call the quantised linears (npukit.quant.QuantLinear) like the eager ones do."""
+@pytest.mark.parametrize("method,kernel", [("w8a16", "int8pack"), ("w8a16", "int8pack_bf16"), ("w8a16", "dequant"),
+                                           ("w8a8", "int_mm"), ("w8a8", "dequant")])
+def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method, kernel):
+    """The compiled pieces call the quantised linears (npukit.quant.QuantLinear) like the eager ones do, with
+    every CPU kernel (each one forced: the probe picks by timing). Traced by inductor, int_mm gave garbage at
+    batch 1 and int8pack_bf16 did not compile; they run as one opaque op (npukit.quant.kernels.int8_linear)."""
     import npukit
     from npukit.quant import quantize_model
 
     model, tok = npukit.load_model("tiny-llama", device="cpu", dtype="float32")  # its own copy: quantised in place
-    quantize_model(model, method, tokenizer=tok)
+    quantize_model(model, method, tokenizer=tok, kernel=kernel)
     eager = generate(engine((model, tok), max_num_seqs=2), prompts[:4])
     llm = engine((model, tok), enforce_eager=False, compile_sizes=[1, 2], max_num_seqs=2)
     assert generate(llm, prompts[:4]) == eager
     s = llm.graph_stats
     assert s.backend == "inductor" and s.fallback_reason is None and s.num_graph_steps > 0
+
+
+@cpu_only
+@pytest.mark.parametrize("kernel", ["packed", "swapped"])
+def test_compiled_pieces_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monkeypatch, kernel):
+    """fp32 on CPU the runner's linears are CpuLinears (npukit.engine.cpu_gemm); inside the compiled pieces each
+    runs as the opaque op npukit::cpu_linear (dynamo cannot trace oneDNN's packed weight) with the same kernel
+    as eager: the same tokens."""
+    from npukit.engine import cpu_gemm
+
+    if tiny[0].dtype != torch.float32:
+        pytest.skip("the CPU kernels are for fp32")
+    monkeypatch.setattr(cpu_gemm, "_timed", lambda k, run, xs: 0.5 if k == kernel else 1.0)
+    monkeypatch.setattr(cpu_gemm, "_cache", {})
+    packed_calls = []
+    real_packed = cpu_gemm.packed_linear
+    monkeypatch.setattr(cpu_gemm, "packed_linear", lambda *a: packed_calls.append(1) or real_packed(*a))
+    first = engine(tiny, max_num_seqs=2)
+    del packed_calls[:]  # the probe's own
+    eager = generate(first, prompts[:4])
+    eager_calls = len(packed_calls)
+    llm = engine(tiny, enforce_eager=False, compile_sizes=[1, 2], max_num_seqs=2)
+    assert llm.runner.layers[0].o_w.kernels[1] == kernel
+    del packed_calls[:]
+    assert generate(llm, prompts[:4]) == eager
+    s = llm.graph_stats
+    assert s.fallback_reason is None and s.num_graph_steps > 0
+    assert len(packed_calls) == eager_calls and (eager_calls > 0) == (kernel == "packed")  # graph steps too
+
+
+@cpu_only
+@pytest.mark.parametrize("window", [None, 6])
+def test_compiled_paged_decode_attention_equals_a_float64_reference(window):
+    """Graph mode on CPU compiles decode attention once, with dynamic batch and block counts (the block lookup
+    fused into the sums): any batch and context after that, against softmax(q k^T) v in float64."""
+    from npukit.engine.runner import paged_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    blocks, bs, kv, heads, d = 40, 4, 2, 6, 8
+    kc, vc = torch.randn(blocks, bs, kv, d, generator=g), torch.randn(blocks, bs, kv, d, generator=g)
+    attend = graph_mod._compiled(paged_decode_attention, None, ("test", window))
+    for b, n in [(2, 3), (5, 2), (3, 7)]:  # the first call compiles; marked dynamic, the others reuse it
+        ids = torch.randperm(blocks, generator=g)[:b * n].view(b, n)
+        ctx = torch.randint(n * bs - bs + 1, n * bs + 1, (b,), generator=g)
+        q = torch.randn(b, heads, d, generator=g)
+        if (b, n) == (2, 3):
+            for t, dims in ((q, (0,)), (ids, (0, 1)), (ctx, (0,))):
+                torch._dynamo.mark_dynamic(t, dims)
+        with torch.inference_mode():
+            out = attend(q, kc, vc, ids, ctx, window, d ** -0.5)
+        for i in range(b):
+            k = kc[ids[i]].reshape(-1, kv, d)[:ctx[i]].double()
+            v = vc[ids[i]].reshape(-1, kv, d)[:ctx[i]].double()
+            lo = 0 if window is None else max(0, int(ctx[i]) - window)
+            k, v = k[lo:].repeat_interleave(heads // kv, 1), v[lo:].repeat_interleave(heads // kv, 1)
+            p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].double(), k) * d ** -0.5, dim=-1)
+            torch.testing.assert_close(out[i].double(), torch.einsum("hl,lhd->hd", p, v), atol=1e-5, rtol=1e-5)

@@ -1,53 +1,76 @@
-"""fp32 linears on CPU: ``x @ W.T`` (F.linear) or the same product in the other operand order, ``(W @ x.T).T``.
+"""fp32 linears on the CPU: three ways to compute ``x @ W.T``, and a probe that picks one per row count.
 
-Both orders compute the same sums; which one the BLAS runs faster depends on the CPU, the library and the
-number of rows. What we measured with SmolLM2 fp32, two threads, torch's MKL:
+- ``linear``: ``F.linear(x, W)`` (torch's BLAS, MKL on x86).
+- ``swapped``: the same product in the other operand order, ``(W @ x.T).T``. The result is a transposed view,
+  so only callers that read it in place may take it (o_proj, the MLP, lm_head; q/k/v feed attention in rows).
+- ``packed``: oneDNN's matmul on a copy of W reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, the ops inductor's freezing pass
+  uses). vLLM-CPU does the same with its own oneDNN handle (``dispatch_cpu_unquantized_gemm``). It costs a
+  second copy of the weights it packs.
 
-- a 2-core AMD EPYC (AVX2), the o/gate/up/down projections of all 30 layers and lm_head, weights streamed from
-  memory as in a step: 3 rows 46 -> 23 ms and lm_head 27 -> 6 ms; 12-14 rows 43-46 -> 49-63 ms (slower);
-  16, 32, 48, 64 rows 45-94 -> 36-82 ms; lm_head faster swapped at every count from 2 to 64. A decode step of
-  2-64 sequences with this module's choice took 0.72-0.93x the time of F.linear only
-  (``python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64
-  --swapped-rows``).
-- a 2-core Xeon (AVX512): decode steps of 8-48 sequences 0.81-0.90x with the decoder linears swapped at 5-48
-  rows, and lm_head faster swapped only at 5-12 rows (slower above, and with MKL's AVX2 kernels there).
+Which is fastest depends on the CPU, its BLAS, the thread count and the number of rows. What we measured with
+SmolLM2 fp32, all 211 linears of a step streamed from memory:
 
-A table from one CPU is wrong on the next (and nobody measured ARM hosts' BLAS), so the runner asks this
-module once per process, weight shapes and thread count: ``swapped_rows`` times both orders on the model's
-own weights (a few layers, enough to stream from memory as a step does) at a few row counts of each
-bucket, and returns the buckets where the swapped order won clearly. The result is a transposed view:
-callers that need rows (q/k/v feed attention) keep F.linear. About two seconds for SmolLM2 (1.8-2.5 s on
-the EPYC), milliseconds for a tiny test model.
+- a 2-core AMD EPYC (AVX2), 2 threads: at 1 row F.linear 30 ms, packed 21.5 ms (memory reads at ~19 instead of
+  ~13 GB/s; a plain sum reads at 35); at 2-4 rows swapped 20-22 ms against F.linear's 46-50; lm_head packed at
+  every count (1 row 9.7 -> 3.7 ms, 64 rows 54 -> 32 ms); from 128 rows F.linear or swapped, packed slower.
+  With 1 thread all three were even at 1 row (33 ms).
+- a 2-core Xeon (AVX512, VNNI), 2 threads: the probe chose packed for q/k/v and lm_head from 4 rows on, and for
+  o/mlp at 4-15 rows and the counts from 17 on that are not multiples of 8 (swapped at 16, 24, .. 56); at 1-2
+  rows nothing beat F.linear by MARGIN. Decode steps against F.linear only: 4 rows 0.73x, 8 0.70x, 16 0.56x,
+  32 0.65x, 48 0.66x, 64 0.95x (``python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2
+  4 8 16 32 48 64 --context 64 --cpu-kernels``).
+
+A table from one CPU is wrong on the next (and nobody measured ARM hosts'), so the runner asks this module once
+per process, weight shapes and thread count: ``probe`` times each kernel on the model's own weights (a slice
+big enough to stream from memory as a step does) at a few row counts of each bucket, and ``choose`` keeps,
+per bucket, the fastest kernel that beat F.linear by MARGIN. Steps of more rows than the buckets hold (prefill)
+keep F.linear. About three seconds for SmolLM2, milliseconds for a tiny test model.
 """
 from __future__ import annotations
 
 import statistics
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
 
+KERNELS = ("linear", "swapped", "packed")
+ROW_KERNELS = ("linear", "packed")  # for callers that need the result in rows
 # (the row counts a bucket decides, the ones timed for it). One row count's timing swings from run to run, a
 # bucket's sum does not. From 16 rows on, multiples of 8 get their own bucket: there MKL's swapped order won
-# clearly and was even or lost at most other counts. Steps of more rows than the buckets hold keep F.linear.
+# clearly and was even or lost at most other counts. 64 rows (a common max_num_seqs) is timed alone: on a Xeon
+# (AVX512) F.linear took 77 ms there for the o/mlp projections and 119 ms at 48 rows, swapped 86 and 61.
 BUCKETS = (
+    (range(1, 2), (1,)),
     (range(2, 4), (2, 3)),
     (range(4, 8), (4, 6)),
     (range(8, 16), (8, 12)),
-    (range(16, 65, 8), (16, 32, 48)),
+    (range(16, 64, 8), (16, 32, 48)),
+    (range(64, 65), (64,)),
     (tuple(m for m in range(17, 65) if m % 8), (20, 33, 50)),
 )
-MARGIN = 0.92     # a bucket swaps only where the swapped order took at most this fraction of F.linear's time
+MARGIN = 0.92     # a kernel replaces F.linear in a bucket only where it took at most this fraction of its time
 PROBE_BYTES = 48 << 20  # about this many bytes of weights per timing: more than a CPU's caches hold
 REPEAT = 3
-_cache: dict[tuple, frozenset[int]] = {}
+_cache: dict[tuple, dict] = {}
 
 
-def swapped_rows(weights: list[torch.Tensor], threads: int) -> frozenset[int]:
-    """Row counts at which ``(W @ x.T).T`` beat ``F.linear(x, W)`` by MARGIN over these fp32 CPU weights
-    ([out, in] each; the first ones that make up PROBE_BYTES are timed, a weight bigger than that on its
-    first rows), with ``threads`` torch threads (the caller's count: the answer depends on it). Remembered
-    per process, weight shapes and thread count."""
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 ``[out, in]`` weight reordered for oneDNN's matmul (a copy, in torch's opaque mkldnn layout)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def probe(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str, float]]:
+    """Summed median seconds of each kernel per bucket (``BUCKETS``' first element -> kernel -> seconds) over
+    these fp32 CPU weights ([out, in] each; the first ones that make up PROBE_BYTES, a weight bigger than that
+    on its first rows), with ``threads`` torch threads. A kernel this torch build cannot run is left out.
+    Remembered per process, weight shapes and thread count."""
     timed, size = [], 0
     for w in weights:
         rows = max(1, min(w.shape[0], (PROBE_BYTES - size) // (w.shape[1] * w.element_size())))
@@ -61,39 +84,113 @@ def swapped_rows(weights: list[torch.Tensor], threads: int) -> frozenset[int]:
     return _cache[key]
 
 
-def _measure(weights: list[torch.Tensor], threads: int) -> frozenset[int]:
+def choose(times: dict[tuple, dict[str, float]], kernels=KERNELS) -> dict[int, str]:
+    """Row count -> the fastest of ``kernels`` in its bucket, where that beat F.linear by MARGIN (the row
+    counts left out run F.linear)."""
+    chosen = {}
+    for bucket, t in times.items():
+        best = min((k for k in kernels if k in t), key=t.get, default="linear")
+        if best != "linear" and t[best] <= MARGIN * t["linear"]:
+            chosen.update(dict.fromkeys(bucket, best))
+    return chosen
+
+
+class CpuLinear:
+    """An fp32 weight on the CPU with the kernel ``choose`` picked for each row count (F.linear for the rest).
+
+    ``weight`` is the model's own tensor; ``packed`` a oneDNN copy when some row count runs ``packed``.
+    NOTE: the copy is taken once: change ``weight`` in place afterwards and the packed rows go stale.
+
+    Inside ``torch.compile`` (graph mode) the call is one opaque op, ``npukit::cpu_linear``, that finds this
+    object again by its weight: dynamo cannot trace a oneDNN packed tensor, and the compiled pieces still fuse
+    the element-wise work around the matmuls while these run the kernels measured here.
+    """
+
+    def __init__(self, weight: torch.Tensor, kernels: dict[int, str], packed: torch.Tensor | None = None):
+        if "packed" in kernels.values() and packed is None:
+            raise ValueError("a packed kernel needs the packed weight: CpuLinear(w, kernels, pack(w))")
+        self.weight, self.kernels, self.packed = weight, kernels, packed
+        _BY_WEIGHT[weight.data_ptr()] = self
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return cpu_linear(x, self.weight, bias)
+        kernel = self.kernels.get(x.shape[0]) if x.dim() == 2 else None
+        if kernel == "packed":
+            return packed_linear(x, self.packed, bias)
+        if kernel == "swapped":
+            w = self.weight
+            return (torch.mm(w, x.t()) if bias is None else torch.addmm(bias.unsqueeze(1), w, x.t())).t()
+        return F.linear(x, self.weight, bias)
+
+
+# weight.data_ptr() -> its CpuLinear, while that lives (the runner holds it)
+_BY_WEIGHT: weakref.WeakValueDictionary[int, CpuLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("npukit::cpu_linear", mutates_args=())
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the kernels of ``weight``'s CpuLinear (F.linear when it has none).
+    The result comes back in rows (contiguous), as the compiled graph expects."""
+    linear = _BY_WEIGHT.get(weight.data_ptr())
+    if linear is None or linear.weight.shape != weight.shape:
+        return F.linear(x, weight, bias)
+    return linear(x, bias).contiguous()
+
+
+@cpu_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _measure(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str, float]]:
     g = torch.Generator().manual_seed(0)
-    most = max((max(rows) for _, rows in BUCKETS), default=1)
+    most = max(max(rows) for _, rows in BUCKETS)
     inputs = {k: torch.randn(most, k, generator=g) for k in {w.shape[1] for w in weights}}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            won = set()
+            runs = {"linear": _linear_run(weights), "swapped": _swapped_run(weights)}
+            try:
+                runs["packed"] = _packed_run(weights, inputs)
+            except (RuntimeError, AttributeError):  # NOTE: a torch built without oneDNN (mkldnn)
+                pass
+            times = {}
             for bucket, probe_rows in BUCKETS:
-                total = {False: 0.0, True: 0.0}
+                total = dict.fromkeys(runs, 0.0)
                 for m in probe_rows:
                     xs = [inputs[w.shape[1]][:m] for w in weights]
-                    times = {False: [], True: []}
+                    samples = {k: [] for k in runs}
                     for i in range(REPEAT + 1):  # the first round warms up
-                        for swapped in (False, True):
-                            t = _run(weights, xs, swapped)
+                        for k, run in runs.items():
+                            t = _timed(k, run, xs)
                             if i:
-                                times[swapped].append(t)
-                    for swapped in (False, True):
-                        total[swapped] += statistics.median(times[swapped])
-                if total[True] <= MARGIN * total[False]:
-                    won.update(bucket)
-            return frozenset(won)
+                                samples[k].append(t)
+                    for k in runs:
+                        total[k] += statistics.median(samples[k])
+                times[tuple(bucket)] = total
+            return times
     finally:
         torch.set_num_threads(before)
 
 
-def _run(weights, xs, swapped: bool) -> float:
+def _linear_run(weights):
+    return lambda xs: [F.linear(x, w) for w, x in zip(weights, xs)]
+
+
+def _swapped_run(weights):
+    return lambda xs: [torch.mm(w, x.t()) for w, x in zip(weights, xs)]
+
+
+def _packed_run(weights, inputs):
+    packed = [pack(w.contiguous()) for w in weights]
+    packed_linear(inputs[weights[0].shape[1]][:1], packed[0])  # raises here when oneDNN cannot run it
+    return lambda xs: [packed_linear(x, p) for p, x in zip(packed, xs)]
+
+
+def _timed(kernel: str, run, xs) -> float:
+    """Seconds ``run`` (the ``kernel``'s) took over these inputs."""
     t = time.perf_counter()
-    for w, x in zip(weights, xs):
-        if swapped:
-            torch.mm(w, x.t())
-        else:
-            F.linear(x, w)
+    run(xs)
     return time.perf_counter() - t

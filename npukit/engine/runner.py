@@ -29,14 +29,17 @@ references the HF weights, never copies them.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_gemm import CpuLinear
 from .kv_cache import KVCache, kv_shape
 
+_log = logging.getLogger(__name__)
 # On CPU one decode attention call gathers at most this many bytes of K (and as many of V); see __init__.
 CPU_DECODE_CHUNK_BYTES = 1 << 20
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -59,7 +62,7 @@ class _LayerWeights:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q_w: torch.Tensor  # each *_w: the weight tensor, or a QuantLinear module (see _linear)
+    q_w: torch.Tensor  # each *_w: the weight tensor, a CpuLinear or a QuantLinear module (see _linear)
     k_w: torch.Tensor
     v_w: torch.Tensor
     o_w: torch.Tensor
@@ -78,9 +81,6 @@ class _LayerWeights:
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over head_dim before RoPE
     k_norm: torch.Tensor | None = None
     sliding_window: int | None = None
-    # fp32 on CPU: row counts at which o_proj, gate/up and down_proj run as (W @ x.T).T (see _linear); one
-    # set shared by every layer, measured by the runner (npukit.engine.cpu_gemm)
-    swapped_rows: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -103,6 +103,7 @@ class _DecodeBucket:
     block_ids: torch.Tensor  # [(end - start) * max_blocks] block table rows, padded with block 0, flattened
     max_blocks: int
     masks: dict[int | None, torch.Tensor]  # window -> additive [end - start, 1, 1, max_blocks * block_size]
+    ctx_lens: torch.Tensor  # [end - start]: the tokens each row attends to (its context and itself)
 
 
 @dataclass
@@ -140,19 +141,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x32.to(dtype)
 
 
-def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None, swapped_rows=()) -> torch.Tensor:
-    """F.linear for a float weight; a quantised layer (npukit.quant.QuantLinear) projects, then the bias.
-
-    NOTE: on CPU an fp32 ``x @ W.T`` of a few rows (decode steps of a few sequences) can cost up to 3x
-    ``W @ x.T`` with the same weight; at which row counts depends on the CPU and BLAS, so the runner measures
-    it (npukit.engine.cpu_gemm) and passes those counts as ``swapped_rows``. Callers pass them where the
-    result may come back as a transposed view: the next ops read it in place (a copy to rows cost a third of
-    the gain), so q/k/v, which attention wants in rows, keep F.linear.
-    """
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a float weight; a CpuLinear (fp32 on CPU: the kernel the runner's probe chose for this row
+    count, npukit.engine.cpu_gemm) computes with its bias; a quantised layer (npukit.quant.QuantLinear)
+    projects, then the bias."""
     if isinstance(w, torch.Tensor):
-        if x.dim() == 2 and x.shape[0] in swapped_rows and w.dtype == torch.float32 and x.device.type == "cpu":
-            return (torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())).t()
         return F.linear(x, w, b)
+    if isinstance(w, CpuLinear):
+        return w(x, b)
     y = w.project(x)
     return y if b is None else y + b
 
@@ -188,21 +184,44 @@ def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv
 
 def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
-    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce, lw.swapped_rows)
+    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce)
     h = _rms_norm(x, lw.post_norm, eps)
-    gate = _linear(h, lw.gate_w, lw.gate_b, swapped_rows=lw.swapped_rows)
-    up = _linear(h, lw.up_w, lw.up_b, swapped_rows=lw.swapped_rows)
+    gate = _linear(h, lw.gate_w, lw.gate_b)
+    up = _linear(h, lw.up_w, lw.up_b)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
         gate = F.silu(gate, inplace=True).mul_(up)
     else:
         gate = lw.act(gate) * up
-    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce, lw.swapped_rows)
+    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)
 
 
-def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None, swapped_rows=()) -> torch.Tensor:
+def paged_decode_attention(q, k_cache, v_cache, block_ids, ctx_lens, window: int | None, scale: float):
+    """One query per sequence over its cache blocks: ``q [b, heads, D]``, caches ``[blocks, block_size,
+    kv_heads, D]``, ``block_ids [b, n]``, ``ctx_lens [b]`` -> ``[b, heads, D]``.
+
+    Written as sums, not matmuls, for torch.compile (graph mode on CPU, npukit.engine.graph): inductor fuses
+    the block lookup into the reductions, so K and V are read where they lie, never gathered into a copy.
+    NOTE: eager, this would materialise every product; the runner calls it compiled only.
+    """
+    b, n = block_ids.shape
+    _, bs, kv, d = k_cache.shape
+    g = q.shape[1] // kv
+    k, v = k_cache[block_ids].float(), v_cache[block_ids].float()  # [b, n, bs, kv, d]
+    s = (q.float().view(b, 1, 1, kv, g, d) * k[..., None, :]).sum(-1) * scale  # [b, n, bs, kv, g]
+    pos = (torch.arange(n, device=q.device)[:, None] * bs + torch.arange(bs, device=q.device))[None]
+    outside = pos >= ctx_lens[:, None, None]
+    if window is not None:
+        outside |= pos < (ctx_lens - window)[:, None, None]  # HF's sliding window, as _decode_buckets masks it
+    s = s.masked_fill(outside[..., None, None], float("-inf"))
+    p = (s - s.amax(dim=(1, 2), keepdim=True)).exp()
+    o = (p[..., None] * v[..., None, :]).sum(dim=(1, 2)) / p.sum(dim=(1, 2))[..., None]  # [b, kv, g, d]
+    return o.reshape(b, kv * g, d).to(q.dtype)
+
+
+def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
     """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
     if all_reduce is None:
-        return _linear(x, w, b, swapped_rows=swapped_rows)
+        return _linear(x, w, b)
     y = _linear(x, w)
     all_reduce(y)
     return y if b is None else y + b
@@ -252,9 +271,9 @@ class ModelRunner:
             self._keep_shard(shard, config.intermediate_size)
         else:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
-        self.head_swapped_rows: frozenset[int] = frozenset()  # as _LayerWeights.swapped_rows, for lm_head
+        self.packed_bytes = 0  # the oneDNN copies of weights that CpuLinears keep (see _choose_cpu_kernels)
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
-            self._measure_swapped_rows()
+            self._choose_cpu_kernels()
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:
@@ -299,20 +318,34 @@ class ModelRunner:
         self.num_heads //= tp
         self.num_kv_heads = sh.kv_heads_per_rank(kv, tp)
 
-    def _measure_swapped_rows(self) -> None:
-        """fp32 on CPU: the row counts at which o/gate/up/down_proj and lm_head run faster as (W @ x.T).T here,
-        measured once per process, shape and thread count (npukit.engine.cpu_gemm; ~2 s for SmolLM2)."""
-        from .cpu_gemm import swapped_rows
+    def _choose_cpu_kernels(self) -> None:
+        """fp32 on CPU: wrap the float weights in CpuLinears that run, per row count, the kernel measured fastest
+        here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T or oneDNN on a packed copy; ~3 s for SmolLM2, once
+        per process, shapes and thread count). q/k/v need rows, so never take the transposed one. Packed
+        copies are taken only while they fit in a quarter of the available memory."""
+        from .. import device as device_mod
+        from .cpu_gemm import KERNELS, ROW_KERNELS, choose, pack, probe
 
         threads = torch.get_num_threads()
-        names = ("o_w", "gate_w", "up_w", "down_w")
-        weights = [getattr(lw, name) for lw in self.layers for name in names]
-        if all(isinstance(w, torch.Tensor) for w in weights):  # NOTE: quantised layers have their own kernels
-            rows = swapped_rows(weights, threads)
-            for lw in self.layers:
-                lw.swapped_rows = rows
+        dense, qkv = ("o_w", "gate_w", "up_w", "down_w"), ("q_w", "k_w", "v_w")
+        members = []  # (owner, attribute, the probe's times for it, the kernels it may run)
+        if all(isinstance(getattr(lw, f), torch.Tensor) for lw in self.layers for f in dense + qkv):  # not quantised
+            times = probe([getattr(lw, f) for lw in self.layers for f in dense], threads)
+            members += [(lw, f, times, KERNELS if f in dense else ROW_KERNELS)
+                        for lw in self.layers for f in dense + qkv]
         if isinstance(self.lm_head_w, torch.Tensor):
-            self.head_swapped_rows = swapped_rows([self.lm_head_w], threads)
+            members.append((self, "lm_head_w", probe([self.lm_head_w], threads), KERNELS))
+        packed = sum(getattr(o, f).nbytes for o, f, times, k in members if "packed" in choose(times, k).values())
+        if packed > device_mod.memory_stats(self.device).free // 4:
+            _log.info("fp32 CPU linears without packed oneDNN copies: %d MiB would not fit in a quarter of the free "
+                      "memory", packed >> 20)
+            packed = 0
+        for owner, f, times, kernels in members:
+            table = choose(times, kernels if packed else tuple(k for k in kernels if k != "packed"))
+            if table:
+                w = getattr(owner, f)
+                setattr(owner, f, CpuLinear(w, table, pack(w) if "packed" in table.values() else None))
+        self.packed_bytes = packed
 
     @property
     def weight_bytes(self) -> int:
@@ -320,6 +353,8 @@ class ModelRunner:
         seen: dict[int, int] = {}
         tensors = [self.embed, self.final_norm]
         for v in [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]:
+            if isinstance(v, CpuLinear):  # its packed copy is counted in packed_bytes
+                v = v.weight
             if isinstance(v, torch.Tensor):
                 tensors.append(v)
             elif isinstance(v, torch.nn.Module):  # a QuantLinear: int8 weight + scales
@@ -407,13 +442,16 @@ class ModelRunner:
         )
 
     def _as_long(self, xs) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.long, device=self.device)
+        # NOTE: always an inference tensor, whoever calls: compiled graph-mode attention guards on it
+        with torch.inference_mode():
+            return torch.tensor(xs, dtype=torch.long, device=self.device)
 
     def _decode_buckets(self, seqs) -> list[_DecodeBucket]:
         """Decode sequences (longest context first) -> spans of similar length, one padded attention each."""
         bs, buckets = self.block_size, []
-        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for s in seqs],
-                                       self.decode_blocks_per_call):
+        # NOTE: compiled attention reads K/V in place: no byte cap (it keeps eager gathers in cache)
+        cap = self.decode_blocks_per_call if self.graph is None or self.graph.decode_attention is None else 1 << 30
+        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for s in seqs], cap):
             group = seqs[start:end]
             max_blocks = (group[0].num_computed_tokens + bs) // bs  # NOTE: sorted, longest first
             # NOTE: padding points at block 0: read, then masked out (the cache is zero-initialised).
@@ -426,7 +464,7 @@ class ModelRunner:
                 if w is not None:
                     mask &= key_pos >= ctx - w  # NOTE: HF's sliding window: key > query_pos - window
                 masks[w] = self._additive(mask)[:, None, None, :]
-            buckets.append(_DecodeBucket(start, end, self._as_long(ids), max_blocks, masks))
+            buckets.append(_DecodeBucket(start, end, self._as_long(ids), max_blocks, masks, ctx[:, 0]))
         return buckets
 
     def _prefill(self, seq, n: int, start_row: int) -> _Prefill:
@@ -495,7 +533,7 @@ class ModelRunner:
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
         hidden = _rms_norm(hidden, self.final_norm, self.eps)
-        logits = _linear(hidden, self.lm_head_w, swapped_rows=self.head_swapped_rows).contiguous()  # rows
+        logits = _linear(hidden, self.lm_head_w).contiguous()  # rows (a CpuLinear may give a transposed view)
         if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
             logits = self.shard.gather_last_dim(logits)
             if logits is None:
@@ -581,10 +619,19 @@ class ModelRunner:
                 value_cache=self.kv_cache.v_caches[layer_idx], num_kv_heads=self.num_kv_heads,
                 num_heads=self.num_heads, scale_value=self.scaling, block_table=inp.npu_block_table,
                 context_lens=inp.npu_context_lens, out=out[:nd])
+        # graph mode on CPU: paged_decode_attention compiled (None when a call is not for it: then eager)
+        compiled = None if self.graph is None else self.graph.decode_attention
         for d in inp.decode_buckets:
+            nd = d.end - d.start
+            if compiled is not None:
+                o = compiled(q[d.start:d.end], self.kv_cache.k_caches[layer_idx],
+                             self.kv_cache.v_caches[layer_idx], d.block_ids.view(nd, d.max_blocks), d.ctx_lens,
+                             window, self.scaling)
+                if o is not None:
+                    out[d.start:d.end] = o
+                    continue
             # One query per sequence: fold the query heads of a KV group into SDPA's "query length" so
             # K/V are never repeated: q [b, kv_heads, group, D] against K/V [b, kv_heads, L, D].
-            nd = d.end - d.start
             kk, vv = self.kv_cache.gather_blocks(layer_idx, d.block_ids, nd)
             qd = q[d.start:d.end].view(nd, self.num_kv_heads, groups, self.head_dim)
             o = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2),

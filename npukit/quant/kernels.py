@@ -116,6 +116,22 @@ KERNELS = {
 }
 
 
+@torch.library.custom_op("npukit::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, method: str, kernel: str) -> torch.Tensor:
+    """``KERNELS[method][kernel](x, w, w_scale)``, an op that torch.compile calls without tracing into it.
+
+    NOTE: traced, inductor got these kernels wrong (torch 2.13, CPU): ``_int_mm(w, qx.t())`` with ``qx``
+    quantised in the same graph gave garbage at one row (so W8A8 graph-mode decode at batch 1 did), and
+    ``_weight_int8pack_mm`` of a bf16 cast failed to lower. Opaque, they compute what eager computes.
+    """
+    return KERNELS[method][kernel](x, w, w_scale).contiguous()
+
+
+@int8_linear.register_fake
+def _(x, w, w_scale, method, kernel):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
     """Kernels worth trying for `method` on this device and activation dtype (the fallback last)."""
     if device_type == "npu":
@@ -139,10 +155,21 @@ class KernelPlan:
     reasons: list[str] = field(default_factory=list)  # the probe's timings, or why a kernel was forced
 
     def __post_init__(self):
-        self._small, self._large = KERNELS[self.method][self.small], KERNELS[self.method][self.large]
+        for kernel in (self.small, self.large):
+            if kernel not in KERNELS[self.method]:
+                raise QuantizationError(f"unknown {self.method} kernel {kernel!r}; the kernels are "
+                                        f"{', '.join(KERNELS[self.method])}")
 
-    def pick(self, rows: int):
-        return self._small if rows <= self.cutoff else self._large
+    def pick(self, rows: int) -> str:
+        return self.small if rows <= self.cutoff else self.large
+
+    def run(self, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` through the kernel picked for M rows; inside torch.compile as one opaque op
+        (``int8_linear``), so a compiled graph runs exactly the eager kernel."""
+        kernel = self.pick(x.shape[0])
+        if torch.compiler.is_compiling():
+            return int8_linear(x, w, w_scale, self.method, kernel)
+        return KERNELS[self.method][kernel](x, w, w_scale)
 
     def describe(self) -> str:
         if self.small == self.large:

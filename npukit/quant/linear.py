@@ -60,7 +60,7 @@ class QuantLinear(nn.Module):
         """x @ weight.T × weight_scale, without the bias (the engine's runner adds the bias itself)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        return self.plan.pick(x2.shape[0])(x2, self.weight, self.weight_scale).view(*shape[:-1], self.out_features)
+        return self.plan.run(x2, self.weight, self.weight_scale).view(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(x)
