@@ -101,6 +101,18 @@ def test_quantize_model_puts_int8_weights_and_scales_in_the_state_dict(tiny):
     assert model.quantization == "w8a16" and model.quant_report is report and "w8a16" in str(report)
 
 
+def test_a_forced_kernel_that_runs_wrong_or_not_at_all_here_is_refused_at_load(monkeypatch):
+    """A kernel can run and be wrong (torch._int_mm under ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU gave ~5 %
+    error): forcing one is checked against the reference first, as the probe checks every candidate."""
+    model, _ = fresh_tiny()
+    monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", lambda x, w, s: K.w8a8_dequant(x, w, s) * 1.1)
+    with pytest.raises(QuantizationError, match="forced w8a8 kernel 'int_mm' does not work on cpu.*relative error"):
+        quantize_model(model, "w8a8", smooth=False, kernel="int_mm")
+    with pytest.raises(QuantizationError, match="forced w8a16 kernel 'npu' does not work on cpu.*leave kernel unset"):
+        quantize_model(model, "w8a16", smooth=False, kernel="npu")  # torch_npu: not here
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any layer changed
+
+
 def test_bad_settings_say_what_to_do(tiny):
     model, tok = fresh_tiny()
     with pytest.raises(QuantizationError, match="use one of w8a16, w8a8"):

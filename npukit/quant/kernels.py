@@ -226,22 +226,30 @@ def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: i
     with torch.inference_mode():
         for m in rows:
             x = torch.randn(m, k, generator=g).to(dev, dtype)
-            ref = w8a8_dequant(x, w, w_scale) if method == "w8a8" else w8a16_dequant(x.double(), w, w_scale.double())
             results: dict[str, float | str] = {}
             for name in candidates(method, dev.type, dtype):
-                fn = KERNELS[method][name]
                 try:
-                    y = fn(x, w, w_scale)
-                    err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-                    if not err < 2e-2:  # bf16 activations: ~4e-3
-                        raise RuntimeError(f"relative error {err:.1e} against the reference")
-                    results[name] = _time_us(functools.partial(fn, x, w, w_scale), dev)
+                    _check(method, name, x, w, w_scale)
+                    results[name] = _time_us(functools.partial(KERNELS[method][name], x, w, w_scale), dev)
                 except Exception as e:  # noqa: BLE001 - a kernel this build/device lacks is simply skipped
                     results[name] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             timed = {k_: v for k_, v in results.items() if isinstance(v, float)}
             best = min(timed, key=timed.get) if timed else None
             out.append((m, best, tuple(results.items())))
     return tuple(out)
+
+
+def _check(method: str, kernel: str, x, w, w_scale) -> None:
+    """Raise RuntimeError unless the kernel computes what the dequantise-then-matmul reference does.
+
+    NOTE: a kernel can run and be wrong: with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a CPU with VNNI (our AVX2
+    emulation), torch._int_mm went to oneDNN's AVX2 int8 path and returned wrong sums (2-5 % relative error).
+    """
+    ref = w8a8_dequant(x, w, w_scale) if method == "w8a8" else w8a16_dequant(x.double(), w, w_scale.double())
+    err = ((KERNELS[method][kernel](x, w, w_scale).double() - ref.double()).norm() / ref.double().norm()).item()
+    low_precision = x.dtype in (torch.bfloat16, torch.float16) or kernel.endswith("bf16")
+    if not err < (2e-2 if low_precision else 1e-4):  # bf16 activations: ~4e-3; fp32: ~1e-7
+        raise RuntimeError(f"relative error {err:.1e} against the reference")
 
 
 def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, int], *,
@@ -258,6 +266,14 @@ def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, 
         if kernel not in KERNELS[method]:
             raise QuantizationError(f"unknown {method} kernel {kernel!r}; the kernels are "
                                     f"{', '.join(KERNELS[method])}")
+        g = torch.Generator().manual_seed(0)
+        w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
+        try:
+            _check(method, kernel, torch.randn(8, 64, generator=g).to(dev, dtype), w.to(dev), w_scale.to(dev))
+        except Exception as e:  # noqa: BLE001 - cannot run here, or runs wrong: say so before any request
+            raise QuantizationError(f"the forced {method} kernel {kernel!r} does not work on {dev} "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); leave kernel unset "
+                                    "and the probe picks one that does") from e
         return KernelPlan(method, kernel, kernel, reasons=[f"{kernel} forced"])
     n, k = shape
     probe = _probe(method, str(dev), dtype, n, k, (small_rows, large_rows))
