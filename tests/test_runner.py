@@ -329,12 +329,19 @@ def _fake_clock(kernel, run, xs):
     return 1.0
 
 
-def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(monkeypatch, tiny):
+@pytest.fixture
+def fake_probe(monkeypatch, tiny):
+    """The tiny fp32 CPU model, with the kernel probe timing on _fake_clock and remembering nothing yet."""
     model = tiny[0]
     if model.device.type != "cpu" or model.dtype != torch.float32:
         pytest.skip("the probe is for fp32 linears on the CPU")
     monkeypatch.setattr(cpu_gemm, "_timed", _fake_clock)
     monkeypatch.setattr(cpu_gemm, "_cache", {})
+    return model
+
+
+def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(fake_probe):
+    model = fake_probe
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(40, 96, generator=g), torch.randn(96, 40, generator=g)]
@@ -357,14 +364,10 @@ def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(monk
     assert runner.packed_bytes == sum(w.weight.nbytes for w in wrapped)
 
 
-def test_without_memory_for_packed_copies_the_runner_keeps_the_other_kernels(monkeypatch, tiny):
+def test_without_memory_for_packed_copies_the_runner_keeps_the_other_kernels(monkeypatch, fake_probe):
     from npukit import device as device_mod
 
-    model = tiny[0]
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        pytest.skip("the probe is for fp32 linears on the CPU")
-    monkeypatch.setattr(cpu_gemm, "_timed", _fake_clock)
-    monkeypatch.setattr(cpu_gemm, "_cache", {})
+    model = fake_probe
     almost_full = dataclasses.replace(device_mod.memory_stats("cpu"), free=1000)
     monkeypatch.setattr(device_mod, "memory_stats", lambda device: almost_full)
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=8)

@@ -335,13 +335,14 @@ class ModelRunner:
                         for lw in self.layers for f in dense + qkv]
         if isinstance(self.lm_head_w, torch.Tensor):
             members.append((self, "lm_head_w", probe([self.lm_head_w], threads), KERNELS))
-        packed = sum(getattr(o, f).nbytes for o, f, times, k in members if "packed" in choose(times, k).values())
+        tables = [choose(times, kernels) for _, _, times, kernels in members]
+        packed = sum(getattr(o, f).nbytes for (o, f, _, _), t in zip(members, tables) if "packed" in t.values())
         if packed > device_mod.memory_stats(self.device).free // 4:
             _log.info("fp32 CPU linears without packed oneDNN copies: %d MiB would not fit in a quarter of the free "
                       "memory", packed >> 20)
             packed = 0
-        for owner, f, times, kernels in members:
-            table = choose(times, kernels if packed else tuple(k for k in kernels if k != "packed"))
+            tables = [choose(times, tuple(k for k in kernels if k != "packed")) for _, _, times, kernels in members]
+        for (owner, f, _, _), table in zip(members, tables):
             if table:
                 w = getattr(owner, f)
                 setattr(owner, f, CpuLinear(w, table, pack(w) if "packed" in table.values() else None))

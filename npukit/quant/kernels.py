@@ -263,9 +263,7 @@ def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, 
         raise QuantizationError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     dev = torch.device(device)
     if kernel is not None:
-        if kernel not in KERNELS[method]:
-            raise QuantizationError(f"unknown {method} kernel {kernel!r}; the kernels are "
-                                    f"{', '.join(KERNELS[method])}")
+        plan = KernelPlan(method, kernel, kernel, reasons=[f"{kernel} forced"])  # raises for an unknown kernel
         g = torch.Generator().manual_seed(0)
         w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
         try:
@@ -274,7 +272,7 @@ def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, 
             raise QuantizationError(f"the forced {method} kernel {kernel!r} does not work on {dev} "
                                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); leave kernel unset "
                                     "and the probe picks one that does") from e
-        return KernelPlan(method, kernel, kernel, reasons=[f"{kernel} forced"])
+        return plan
     n, k = shape
     probe = _probe(method, str(dev), dtype, n, k, (small_rows, large_rows))
     reasons, picks = [], []
