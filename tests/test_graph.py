@@ -254,32 +254,3 @@ def test_compiled_pieces_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monk
     s = llm.graph_stats
     assert s.fallback_reason is None and s.num_graph_steps > 0
     assert len(packed_calls) == eager_calls and (eager_calls > 0) == (kernel == "packed")  # graph steps too
-
-
-@cpu_only
-@pytest.mark.parametrize("window", [None, 6])
-def test_compiled_paged_decode_attention_equals_a_float64_reference(window):
-    """Graph mode on CPU compiles decode attention once, with dynamic batch and block counts (the block lookup
-    fused into the sums): any batch and context after that, against softmax(q k^T) v in float64."""
-    from npukit.engine.runner import paged_decode_attention
-
-    g = torch.Generator().manual_seed(0)
-    blocks, bs, kv, heads, d = 40, 4, 2, 6, 8
-    kc, vc = torch.randn(blocks, bs, kv, d, generator=g), torch.randn(blocks, bs, kv, d, generator=g)
-    attend = graph_mod._compiled(paged_decode_attention, None, ("test", window))
-    for b, n in [(2, 3), (5, 2), (3, 7)]:  # the first call compiles; marked dynamic, the others reuse it
-        ids = torch.randperm(blocks, generator=g)[:b * n].view(b, n)
-        ctx = torch.randint(n * bs - bs + 1, n * bs + 1, (b,), generator=g)
-        q = torch.randn(b, heads, d, generator=g)
-        if (b, n) == (2, 3):
-            for t, dims in ((q, (0,)), (ids, (0, 1)), (ctx, (0,))):
-                torch._dynamo.mark_dynamic(t, dims)
-        with torch.inference_mode():
-            out = attend(q, kc, vc, ids, ctx, window, d ** -0.5)
-        for i in range(b):
-            k = kc[ids[i]].reshape(-1, kv, d)[:ctx[i]].double()
-            v = vc[ids[i]].reshape(-1, kv, d)[:ctx[i]].double()
-            lo = 0 if window is None else max(0, int(ctx[i]) - window)
-            k, v = k[lo:].repeat_interleave(heads // kv, 1), v[lo:].repeat_interleave(heads // kv, 1)
-            p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].double(), k) * d ** -0.5, dim=-1)
-            torch.testing.assert_close(out[i].double(), torch.einsum("hl,lhd->hd", p, v), atol=1e-5, rtol=1e-5)

@@ -213,15 +213,19 @@ def _force_kernel(runner: ModelRunner, kernel: str) -> None:
     runner.lm_head_w = wrap(runner.lm_head_w, cpu_gemm.KERNELS)
 
 
-@pytest.mark.parametrize("chunk_bytes,kernel", [(None, None), (1, None), (None, "swapped"), (None, "packed")])
-def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes, kernel):
-    # chunk_bytes=1: every decode sequence gets its own attention call. kernel: the linears run as (W @ x.T).T
-    # or as oneDNN's matmul on packed weights, as the runner does at the row counts where its CPU probe found
-    # that faster.
+@pytest.mark.parametrize("chunk_bytes,kernel,sdpa", [(None, None, False), (None, None, True), (1, None, True),
+                                                     (None, "swapped", False), (None, "packed", False)])
+def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes, kernel, sdpa):
+    # sdpa: decode attention gathers blocks and runs SDPA in length buckets (what runs without the CPU
+    # attention kernel: other devices and dtypes, no C compiler); chunk_bytes=1: every decode sequence gets its
+    # own call. kernel: the linears run as (W @ x.T).T or as oneDNN's matmul on packed weights, as the runner
+    # does at the row counts where its CPU probe found that faster.
     model = tiny[0]
     lengths = [3, 60, 5, 33, 17, 40, 9, 2, 25, 48, 12, 7]
     assert len(ModelRunner._bucket(sorted((n + BLOCK) // BLOCK for n in lengths)[::-1])) > 1
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128, decode_chunk_bytes=chunk_bytes)
+    if sdpa:
+        runner.decode_kernel = None
     if kernel:
         if model.device.type != "cpu" or model.dtype != torch.float32:
             pytest.skip("the CPU kernels are for fp32 linears on the CPU")

@@ -14,13 +14,11 @@ shapes change with the context length, stay eager in between, so a longer contex
           [ out_mlp graph, size 4 ]                  4 rows
           ... every layer ...  -> hidden[:3] -> final norm, lm_head (eager)
 
-On CPU decode attention is compiled as well, once, with the batch and the number of blocks left dynamic
-(``runner.paged_decode_attention``: the block lookup fuses into its sums, so K/V are read in place instead of
-gathered into a copy; one sequence or one block runs eagerly). It serves every decode row, in graph steps
-and eager ones. On SmolLM2 fp32, 2 threads, a Xeon: 64 sequences of 384 tokens 0.83-0.90x the eager step
-with it, 1.05-1.06x without; at 1-8 sequences the graphs cost 1.1-1.3x eager (the opaque matmul calls,
-see cpu_gemm.CpuLinear, are dearer than eager ones) - ``python benchmarks/bench_graph.py --model
-smollm2-135m-instruct --threads 2 --dtype float32 --context 384``.
+On CPU decode attention runs the runner's C paged-attention kernel between the pieces (it reads K/V in place,
+see npukit.engine.cpu_attention), as in eager steps. The matmuls inside the compiled pieces are opaque calls
+to the kernels the runner's probe chose (see cpu_gemm.CpuLinear), so on CPU a graph saves the elementwise
+work between them and the dispatch of ~20 small ops per layer, not the matmuls: measure it with
+``python benchmarks/bench_graph.py --model smollm2-135m-instruct --threads 2 --dtype float32 --context 384``.
 
 A step with any prefill, or more decodes than the largest size, runs eager (as in vLLM). Regional
 compilation: one compiled function per piece and size serves every layer (its guards check shapes, not whose
@@ -42,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .runner import out_mlp_piece, paged_decode_attention, qkv_piece
+from .runner import out_mlp_piece, qkv_piece
 
 _log = logging.getLogger(__name__)
 
@@ -103,13 +101,12 @@ def _inductor_cache_per_cpu_capability() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
 
 
-def _compiled(piece, size: int | None, signature: tuple):
-    """torch.compile of a piece for one batch size, static shapes, no graph breaks allowed; ``size`` None:
-    the sizes its first call marks dynamic (torch._dynamo.mark_dynamic) stay symbolic, the rest are static."""
+def _compiled(piece, size: int, signature: tuple):
+    """torch.compile of a piece for one batch size, static shapes, no graph breaks allowed."""
     key = (piece.__name__, size, signature)
     if key not in _COMPILED:
         _inductor_cache_per_cpu_capability()
-        _COMPILED[key] = torch.compile(_own_copy(piece), dynamic=False if size else None, fullgraph=True)
+        _COMPILED[key] = torch.compile(_own_copy(piece), dynamic=False, fullgraph=True)
     return _COMPILED[key]
 
 
@@ -141,7 +138,6 @@ class GraphRunner:
         backend = {"cpu": "inductor", "cuda": "cuda-graph", "npu": "npu-graph"}.get(device, "eager")
         self.stats = GraphStats(backend=backend, capture_sizes=list(self.sizes))
         self.pieces: dict[int, tuple] = {}  # size -> (qkv, out_mlp) callables taking (layer_idx, ...)
-        self.decode_attention = None  # CPU: compiled paged decode attention (see _compile_attention)
         self.device_graphs: DeviceGraphs | None = None
         if runner.shard is not None:
             self._fall_back("graph mode runs at tensor_parallel_size 1 only")
@@ -166,7 +162,6 @@ class GraphRunner:
     def _fall_back(self, reason: str) -> None:
         _log.warning("graph mode off, running eager: %s", reason)
         self.pieces = {}
-        self.decode_attention = None
         self.device_graphs = None
         self.stats.backend, self.stats.fallback_reason = "eager", reason
 
@@ -178,7 +173,6 @@ class GraphRunner:
             for size in self.sizes:
                 self.pieces[size] = self._compiled_pieces(size)
                 self._warm_up(size)  # compiles now, at start-up, not in the first request's step
-            self._compile_attention()
         else:  # UNTESTED on npu
             api = torch.cuda if backend == "cuda-graph" else torch.npu
             self.device_graphs = DeviceGraphs(r, api)
@@ -190,32 +184,6 @@ class GraphRunner:
         qkv, out = (_compiled(piece, size, _signature(r)) for piece in (qkv_piece, out_mlp_piece))
         return (lambda i, x, cos, sin: qkv(r.layers[i], x, cos, sin, r.eps, r.num_heads, r.num_kv_heads, r.head_dim),
                 lambda i, x, attn: out(r.layers[i], x, attn, r.eps))
-
-    def _compile_attention(self) -> None:
-        """CPU: decode attention compiled too (runner.paged_decode_attention, dynamic shapes: one compilation
-        per window kind serves every batch and context, in graph steps and eager ones alike):
-        ``self.decode_attention``, which the runner calls for each decode bucket."""
-        r = self.runner
-        attend = _compiled(paged_decode_attention, None, _signature(r))
-
-        def decode_attention(q, k_cache, v_cache, block_ids, ctx_lens, window, scale):
-            if 1 in block_ids.shape:  # NOTE: torch.compile specialises size 1 (a compilation of its own);
-                return None           # one sequence or one block is small work: the eager path does it
-            try:
-                return attend(q, k_cache, v_cache, block_ids, ctx_lens, window, scale)
-            except Exception as e:  # noqa: BLE001 - the runner computes this call eagerly and stays eager
-                self._fall_back(f"compiled decode attention failed: {type(e).__name__}: {e}")
-                return None
-
-        kc, vc = r.kv_cache.k_caches[0], r.kv_cache.v_caches[0]
-        for window in r.windows:  # compile now, not in the first request's step
-            # NOTE: 2 rows of 3 blocks: equal sizes here would compile a graph for b == n only ("duck sizing")
-            ids, ctx_lens = r._as_long([[0] * 3] * 2), r._as_long([1, 1])
-            q = torch.zeros(2, r.num_heads, r.head_dim, dtype=r.dtype, device=r.device)
-            for t, dims in ((q, (0,)), (ids, (0, 1)), (ctx_lens, (0,))):  # any batch, any number of blocks
-                torch._dynamo.mark_dynamic(t, dims)
-            attend(q, kc, vc, ids, ctx_lens, window, r.scaling)
-        self.decode_attention = decode_attention
 
     def _warm_up(self, size: int) -> None:
         """Run every layer's pieces once at this size (dummy rows) so that torch.compile compiles now."""

@@ -4,23 +4,23 @@ One step computes a batch of ``(seq, num_new_tokens)`` entries. Their tokens are
 ``[num_tokens, hidden]`` tensor (no padding to the longest): embeddings, norms, q/k/v/o projections and
 the MLP run once over all of them. Only attention is per sequence:
 
-- decode entries (1 new token) attend in batched SDPA calls over their gathered blocks: sorted by
-  context length, grouped so padding to a group's longest context stays small (and, on CPU, so one call
-  gathers ~1 MiB of K: cache-sized gathers were 2x faster than one big one), masked;
+- decode entries (1 new token): fp32 on CPU, one call per layer of a C paged-attention kernel that walks
+  each sequence's block table and reads K/V in place (``npukit.engine.cpu_attention``); otherwise batched
+  SDPA calls over their gathered blocks: sorted by context length, grouped so padding to a group's longest
+  context stays small (and, on CPU, so one call gathers ~1 MiB of K: cache-sized gathers were 2x faster
+  than one big one), masked;
 - prefill chunks (several new tokens) attend one sequence at a time; a first chunk attends over its
   own fresh K/V (``is_causal``), a later chunk over its gathered context with a causal offset mask.
 
 All index tensors (positions, slots, block tables, masks) are built once per step, not per layer.
-On CPU, measured with benchmarks/bench_runner.py: linears run at 60-80 % of the F.linear peak; batched
-decode attention (one query per sequence, which SDPA's CPU kernel handles at ~10 GFLOP/s) is the main
-remaining cost once many sequences decode with long contexts.
-NOTE: a portable C++ paged-decode kernel reading K/V in place through the block tables (no gather, one
-OpenMP region per layer, blocks converted to float in one sweep with the next block prefetched) was built
-and measured against this path: 0.96-1.11x on 64-sequence bf16 decode steps of SmolLM2 and a Qwen2-shaped
-model, 1 and 2 threads. Not kept: plain vectorised loops pay a horizontal sum per (token, head); beating
-this path needs hand-written SIMD micro-kernels (what vLLM-CPU ships) or the NPU ops below.
+On CPU, measured with benchmarks/bench_runner.py: linears run at 60-80 % of the F.linear peak; decode
+attention over long contexts is bound by reading K/V from memory. The gather + SDPA path moved each byte
+three times and took ~60 % of a 64-sequence step at 384 tokens of context (SmolLM2 fp32, 2-core Xeon); the
+kernel makes that step 0.67x as long. (An earlier bf16 C++ kernel with one horizontal sum per (token,
+head) was no faster than gather + SDPA: the fp32 kernel's 16 partial sums per dot product, its prefetch of
+the next block and 512-bit vectors are what made the difference.)
 Supported: LlamaForCausalLM (SmolLM2), MistralForCausalLM, Qwen2ForCausalLM (q/k/v bias),
-Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured through the masks.
+Qwen3ForCausalLM (q_norm/k_norm). Sliding-window layers are honoured (masks; the kernel's window).
 Tensor parallelism: given a ``shard`` (``npukit.parallel.group.Shard``), the runner keeps only its rank's slice of
 each weight (the table in ``npukit.parallel.sharding``), attends over its own heads with its own slice of
 the KV cache, and all-reduces after o_proj and down_proj; rank 0 gets the logits. Without a shard it
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .cpu_gemm import CpuLinear
 from .kv_cache import KVCache, kv_shape
 
@@ -195,29 +196,6 @@ def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_ids, ctx_lens, window: int | None, scale: float):
-    """One query per sequence over its cache blocks: ``q [b, heads, D]``, caches ``[blocks, block_size,
-    kv_heads, D]``, ``block_ids [b, n]``, ``ctx_lens [b]`` -> ``[b, heads, D]``.
-
-    Written as sums, not matmuls, for torch.compile (graph mode on CPU, npukit.engine.graph): inductor fuses
-    the block lookup into the reductions, so K and V are read where they lie, never gathered into a copy.
-    NOTE: eager, this would materialise every product; the runner calls it compiled only.
-    """
-    b, n = block_ids.shape
-    _, bs, kv, d = k_cache.shape
-    g = q.shape[1] // kv
-    k, v = k_cache[block_ids].float(), v_cache[block_ids].float()  # [b, n, bs, kv, d]
-    s = (q.float().view(b, 1, 1, kv, g, d) * k[..., None, :]).sum(-1) * scale  # [b, n, bs, kv, g]
-    pos = (torch.arange(n, device=q.device)[:, None] * bs + torch.arange(bs, device=q.device))[None]
-    outside = pos >= ctx_lens[:, None, None]
-    if window is not None:
-        outside |= pos < (ctx_lens - window)[:, None, None]  # HF's sliding window, as _decode_buckets masks it
-    s = s.masked_fill(outside[..., None, None], float("-inf"))
-    p = (s - s.amax(dim=(1, 2), keepdim=True)).exp()
-    o = (p[..., None] * v[..., None, :]).sum(dim=(1, 2)) / p.sum(dim=(1, 2))[..., None]  # [b, kv, g, d]
-    return o.reshape(b, kv * g, d).to(q.dtype)
-
-
 def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None) -> torch.Tensor:
     """o_proj / down_proj: under tensor parallelism a partial sum per rank, all-reduced, then the bias once."""
     if all_reduce is None:
@@ -274,6 +252,10 @@ class ModelRunner:
         self.packed_bytes = 0  # the oneDNN copies of weights that CpuLinears keep (see _choose_cpu_kernels)
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
             self._choose_cpu_kernels()
+        # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
+        # None (no compiler, other dtypes and devices): gather the blocks and run SDPA.
+        self.decode_kernel = (cpu_attention.load() if self.device.type == "cpu" and self.dtype == torch.float32
+                              else None)
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:
@@ -443,21 +425,26 @@ class ModelRunner:
         )
 
     def _as_long(self, xs) -> torch.Tensor:
-        # NOTE: always an inference tensor, whoever calls: compiled graph-mode attention guards on it
-        with torch.inference_mode():
-            return torch.tensor(xs, dtype=torch.long, device=self.device)
+        return torch.tensor(xs, dtype=torch.long, device=self.device)
 
     def _decode_buckets(self, seqs) -> list[_DecodeBucket]:
         """Decode sequences (longest context first) -> spans of similar length, one padded attention each."""
         bs, buckets = self.block_size, []
-        # NOTE: compiled attention reads K/V in place: no byte cap (it keeps eager gathers in cache)
-        cap = self.decode_blocks_per_call if self.graph is None or self.graph.decode_attention is None else 1 << 30
-        for start, end in self._bucket([(s.num_computed_tokens + bs) // bs for s in seqs], cap):
+        num_blocks = [(s.num_computed_tokens + bs) // bs for s in seqs]
+        # NOTE: the kernel reads each row's own blocks only (no padding cost, no gather): one call for all rows
+        spans = self._bucket(num_blocks, self.decode_blocks_per_call) if self.decode_kernel is None else \
+            [(0, len(seqs))] if seqs else []
+        for start, end in spans:
             group = seqs[start:end]
-            max_blocks = (group[0].num_computed_tokens + bs) // bs  # NOTE: sorted, longest first
+            max_blocks = num_blocks[start]  # NOTE: sorted, longest first
             # NOTE: padding points at block 0: read, then masked out (the cache is zero-initialised).
             ids = [b for s in group for b in (s.block_table + [0] * max_blocks)[:max_blocks]]
             ctx = self._as_long([s.num_computed_tokens + 1 for s in group])[:, None]  # [b, 1]
+            if self.decode_kernel is not None:  # it reads K/V at these ids unchecked
+                if ids and not 0 <= min(ids) <= max(ids) < self.num_kv_blocks:
+                    raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {min(ids)}..{max(ids)}")
+                buckets.append(_DecodeBucket(start, end, self._as_long(ids), max_blocks, {}, ctx[:, 0]))
+                continue
             key_pos = torch.arange(max_blocks * bs, device=self.device)[None, :]        # [1, L]
             masks = {}
             for w in self.windows:
@@ -620,17 +607,14 @@ class ModelRunner:
                 value_cache=self.kv_cache.v_caches[layer_idx], num_kv_heads=self.num_kv_heads,
                 num_heads=self.num_heads, scale_value=self.scaling, block_table=inp.npu_block_table,
                 context_lens=inp.npu_context_lens, out=out[:nd])
-        # graph mode on CPU: paged_decode_attention compiled (None when a call is not for it: then eager)
-        compiled = None if self.graph is None else self.graph.decode_attention
         for d in inp.decode_buckets:
             nd = d.end - d.start
-            if compiled is not None:
-                o = compiled(q[d.start:d.end], self.kv_cache.k_caches[layer_idx],
-                             self.kv_cache.v_caches[layer_idx], d.block_ids.view(nd, d.max_blocks), d.ctx_lens,
-                             window, self.scaling)
-                if o is not None:
-                    out[d.start:d.end] = o
-                    continue
+            if self.decode_kernel is not None:
+                cpu_attention.paged_decode_attention(
+                    self.decode_kernel, q[d.start:d.end].contiguous(), self.kv_cache.k_caches[layer_idx],
+                    self.kv_cache.v_caches[layer_idx], d.block_ids.view(nd, d.max_blocks), d.ctx_lens, window,
+                    self.scaling, out[d.start:d.end])
+                continue
             # One query per sequence: fold the query heads of a KV group into SDPA's "query length" so
             # K/V are never repeated: q [b, kv_heads, group, D] against K/V [b, kv_heads, L, D].
             kk, vv = self.kv_cache.gather_blocks(layer_idx, d.block_ids, nd)

@@ -1,0 +1,140 @@
+"""The CPU paged decode attention kernel (npukit.engine.cpu_attention): against a float64 reference over
+random block tables, ragged contexts, sliding windows and head layouts; how it is built, cached, switched off
+and replaced by gather + SDPA when it cannot be built; and the runner's use of it."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from npukit.engine import cpu_attention
+from npukit.engine.runner import ModelRunner
+from npukit.engine.sequence import Sequence
+
+needs_cc = pytest.mark.skipif(cpu_attention.load() is None, reason="no C compiler to build the kernel")
+
+
+def _reference(q, kc, vc, tables, lens, window, scale):
+    """softmax(q K^T * scale) V per sequence in float64, from the blocks gathered the slow, obvious way."""
+    b, heads, d = q.shape
+    kv = kc.shape[2]
+    out = torch.empty(b, heads, d, dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        k = kc[tables[i]].reshape(-1, kv, d)[:n].double()
+        v = vc[tables[i]].reshape(-1, kv, d)[:n].double()
+        lo = 0 if window is None else max(0, n - window)
+        k, v = k[lo:].repeat_interleave(heads // kv, 1), v[lo:].repeat_interleave(heads // kv, 1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].double(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hl,lhd->hd", p, v)
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize("b,heads,kv,d,bs,window,threads", [
+    (1, 4, 2, 8, 4, None, 2),      # fewer sequences than threads: one KV head per work item
+    (5, 6, 2, 8, 4, None, 1),
+    (7, 9, 3, 64, 16, None, 2),    # SmolLM2's layout, 16 dims per partial sum exactly
+    (6, 4, 4, 20, 8, 6, 2),        # no GQA, a head_dim with a tail after the 16-wide sums, sliding window
+    (3, 8, 1, 128, 16, 37, 3),     # one KV head (MQA), a window that starts inside a block
+])
+def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads):
+    g = torch.Generator().manual_seed(b * 100 + d)
+    blocks = 64
+    kc, vc = torch.randn(blocks, bs, kv, d, generator=g), torch.randn(blocks, bs, kv, d, generator=g)
+    lens = torch.randint(1, 6 * bs + 1, (b,), generator=g)
+    lens[0] = 1  # a sequence whose only key is its own new token
+    width = int((lens.max() + bs - 1) // bs)
+    tables = torch.randperm(blocks, generator=g)[:b * width].view(b, width)  # padding entries never read
+    q = torch.randn(b, heads, d, generator=g) * 3  # peaked softmaxes too
+    out = torch.full_like(q, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_attention.paged_decode_attention(cpu_attention.load(), q, kc, vc, tables, lens, window, d ** -0.5, out)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), _reference(q, kc, vc, tables, lens, window, d ** -0.5),
+                               atol=2e-6, rtol=2e-6)
+
+
+@needs_cc
+def test_bad_tensors_are_refused_before_the_kernel_reads_them():
+    kernel = cpu_attention.load()
+    q, out = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
+    kc = torch.zeros(4, 4, 2, 8)
+    tables, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_attention.paged_decode_attention(kernel, q.bfloat16(), kc, kc, tables, lens, None, 1.0, out)
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        cpu_attention.paged_decode_attention(kernel, q.transpose(0, 1), kc, kc, tables, lens, None, 1.0, out)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_attention.paged_decode_attention(kernel, q, kc, kc, tables.int(), lens, None, 1.0, out)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """load() with an empty kernel cache in tmp_path, its memo cleared before and after."""
+    monkeypatch.setenv("NPUKIT_KERNEL_CACHE", str(tmp_path))
+    cpu_attention.load.cache_clear()
+    yield tmp_path
+    cpu_attention.load.cache_clear()
+
+
+@needs_cc
+def test_the_kernel_is_built_once_into_the_cache_folder(fresh_build, monkeypatch):
+    assert cpu_attention.load() is not None
+    built = list(fresh_build.glob("paged_attention-*.so"))
+    assert len(built) == 1
+    cpu_attention.load.cache_clear()
+    monkeypatch.setattr(cpu_attention, "_build", lambda *a: pytest.fail("rebuilt a cached kernel"))
+    assert cpu_attention.load() is not None  # another process: loads the cached file
+    monkeypatch.setattr(cpu_attention, "_cpu_id", lambda: "another CPU model")
+    cpu_attention.load.cache_clear()
+    with pytest.raises(pytest.fail.Exception, match="rebuilt"):
+        cpu_attention.load()  # a different CPU never loads a kernel built with -march=native elsewhere
+
+
+def test_no_compiler_means_gather_and_sdpa_with_a_warning(fresh_build, monkeypatch, caplog, tiny):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="npukit.engine.cpu_attention"):
+        assert cpu_attention.load() is None
+    assert "gathers the blocks and runs SDPA" in caplog.text and "no-such-cc" in caplog.text
+    runner = ModelRunner(tiny[0], block_size=4, num_kv_blocks=8)
+    assert runner.decode_kernel is None
+    s = Sequence("a", [5, 6, 7], None)
+    s.block_table = [3]
+    runner.execute_model([(s, 2)])
+    s.num_computed_tokens = 2
+    assert runner.execute_model([(s, 1)]).shape == (1, tiny[0].config.vocab_size)
+
+
+def test_switched_off_by_the_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("NPUKIT_CPU_ATTENTION", "0")
+    assert cpu_attention.load() is None
+    assert not list(fresh_build.iterdir())
+
+
+@needs_cc
+def test_the_runner_refuses_block_ids_outside_its_cache(tiny):
+    if tiny[0].device.type != "cpu":
+        pytest.skip("the kernel is the CPU path")
+    runner = ModelRunner(tiny[0], block_size=4, num_kv_blocks=8)
+    assert runner.decode_kernel is not None
+    s = Sequence("a", [5, 6, 7, 8, 9], None)
+    s.block_table = [1, 2]
+    runner.execute_model([(s, 4)])
+    s.num_computed_tokens = 4
+    s.block_table = [99, 2]  # a corrupt table must never reach the kernel (it reads where ids point)
+    with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
+        runner.execute_model([(s, 1)])
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+    """Where there is a C compiler (CI; inductor's graph mode needs one too) the kernel builds, so the other
+    tests here and the runner's fidelity tests exercise it rather than skip."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu_attention.load() is not None
