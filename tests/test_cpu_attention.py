@@ -111,6 +111,16 @@ def test_no_compiler_means_gather_and_sdpa_with_a_warning(fresh_build, monkeypat
     assert runner.execute_model([(s, 1)]).shape == (1, tiny[0].config.vocab_size)
 
 
+@needs_cc
+def test_loading_the_kernel_leaves_subnormal_floats_alone(fresh_build):
+    """-ffast-math at link time would add crtfastmath.o, which sets flush-to-zero for the whole process when the
+    library loads: torch's float math (and hypothesis' float strategies) would change under everyone."""
+    assert cpu_attention.load() is not None
+    tiny_value = float("5e-324")  # the smallest subnormal double
+    assert tiny_value * 1.5 > 0.0
+    assert torch.tensor([1e-40], dtype=torch.float32).mul(1.5).item() > 0.0
+
+
 def test_switched_off_by_the_environment(fresh_build, monkeypatch):
     monkeypatch.setenv("NPUKIT_CPU_ATTENTION", "0")
     assert cpu_attention.load() is None

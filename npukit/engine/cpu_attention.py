@@ -36,7 +36,10 @@ SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
 # then one thread)
 FLAG_SETS = (["-march=native", "-mprefer-vector-width=512", "-fopenmp"], ["-march=native", "-fopenmp"],
              ["-fopenmp"], [])
-COMMON_FLAGS = ["-O3", "-ffast-math", "-shared", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-c"]
+# NOTE: linked in a second command WITHOUT -ffast-math: with it gcc links crtfastmath.o, whose constructor turns on
+# flush-to-zero for the whole process when the library loads (torch's and Python's float math with it).
+LINK_FLAGS = ["-shared", "-lm"]
 
 _log = logging.getLogger(__name__)
 
@@ -63,13 +66,17 @@ def _build(compiler: str, out: Path) -> list[str]:
     errors = []
     for flags in FLAG_SETS:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_so = Path(tmp, out.name)
-            cmd = [compiler, *COMMON_FLAGS, *flags, str(SOURCE), "-o", str(tmp_so), "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if proc.returncode == 0:
+            obj, tmp_so = Path(tmp, "kernel.o"), Path(tmp, out.name)
+            omp = [f for f in flags if f == "-fopenmp"]
+            for cmd in ([compiler, *COMPILE_FLAGS, *flags, str(SOURCE), "-o", str(obj)],
+                        [compiler, str(obj), *LINK_FLAGS, *omp, "-o", str(tmp_so)]):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if proc.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
+                    break
+            else:
                 os.replace(tmp_so, out)  # NOTE: atomic, so that processes building at once never see half a file
                 return flags
-            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
     raise RuntimeError("; ".join(errors))
 
 
@@ -83,8 +90,8 @@ def load():
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (apt-get install gcc, or set CC)")
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, repr(FLAG_SETS), repr(COMMON_FLAGS),
-                                        _cpu_id()]).encode()).hexdigest()[:16]
+        recipe = [SOURCE.read_text(), compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS), _cpu_id()]
+        key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
         so = cache_dir() / f"paged_attention-{key}.so"
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
