@@ -428,12 +428,14 @@ class ModelRunner:
         return torch.tensor(xs, dtype=torch.long, device=self.device)
 
     def _decode_buckets(self, seqs) -> list[_DecodeBucket]:
-        """Decode sequences (longest context first) -> spans of similar length, one padded attention each."""
+        """Decode sequences (longest context first) -> spans of similar length, one padded attention each
+        (with the CPU kernel one span of them all: it reads each row's own blocks, padding costs nothing)."""
         bs, buckets = self.block_size, []
         num_blocks = [(s.num_computed_tokens + bs) // bs for s in seqs]
-        # NOTE: the kernel reads each row's own blocks only (no padding cost, no gather): one call for all rows
-        spans = self._bucket(num_blocks, self.decode_blocks_per_call) if self.decode_kernel is None else \
-            [(0, len(seqs))] if seqs else []
+        if self.decode_kernel is None:
+            spans = self._bucket(num_blocks, self.decode_blocks_per_call)
+        else:
+            spans = [(0, len(seqs))] if seqs else []
         for start, end in spans:
             group = seqs[start:end]
             max_blocks = num_blocks[start]  # NOTE: sorted, longest first
