@@ -1,6 +1,7 @@
 """The CPU paged decode attention kernel (npukit.engine.cpu_attention): against a float64 reference over
-random block tables, ragged contexts, sliding windows and head layouts; how it is built, cached, switched off
-and replaced by gather + SDPA when it cannot be built; and the runner's use of it."""
+random block tables, ragged contexts, sliding windows and head layouts; how npukit's C kernels are built and
+cached (npukit.engine.native); the kernel switched off or replaced by gather + SDPA when it cannot be built;
+and the runner's use of it."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from npukit.engine import cpu_attention
+from npukit.engine import cpu_attention, native
 from npukit.engine.runner import ModelRunner
 from npukit.engine.sequence import Sequence
 
@@ -79,29 +80,31 @@ def fresh_build(monkeypatch, tmp_path):
     """load() with an empty kernel cache in tmp_path, its memo cleared before and after."""
     monkeypatch.setenv("NPUKIT_KERNEL_CACHE", str(tmp_path))
     cpu_attention.load.cache_clear()
+    native.load_library.cache_clear()
     yield tmp_path
     cpu_attention.load.cache_clear()
+    native.load_library.cache_clear()
 
 
 @needs_cc
 def test_the_kernel_is_built_once_into_the_cache_folder(fresh_build, monkeypatch):
-    assert cpu_attention.load() is not None
+    assert native.load_library("paged_attention") is not None
     built = list(fresh_build.glob("paged_attention-*.so"))
     assert len(built) == 1
-    cpu_attention.load.cache_clear()
-    monkeypatch.setattr(cpu_attention, "_build", lambda *a: pytest.fail("rebuilt a cached kernel"))
-    assert cpu_attention.load() is not None  # another process: loads the cached file
-    monkeypatch.setattr(cpu_attention, "_cpu_id", lambda: "another CPU model")
-    cpu_attention.load.cache_clear()
+    native.load_library.cache_clear()
+    monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt a cached kernel"))
+    assert native.load_library("paged_attention") is not None  # another process: loads the cached file
+    monkeypatch.setattr(native, "_cpu_id", lambda: "another CPU model")
+    native.load_library.cache_clear()
     with pytest.raises(pytest.fail.Exception, match="rebuilt"):
-        cpu_attention.load()  # a different CPU never loads a kernel built with -march=native elsewhere
+        native.load_library("paged_attention")  # a different CPU never loads a -march=native build from elsewhere
 
 
 def test_no_compiler_means_gather_and_sdpa_with_a_warning(fresh_build, monkeypatch, caplog, tiny):
     monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
-    with caplog.at_level(logging.WARNING, logger="npukit.engine.cpu_attention"):
+    with caplog.at_level(logging.WARNING, logger="npukit.engine.native"):
         assert cpu_attention.load() is None
-    assert "gathers the blocks and runs SDPA" in caplog.text and "no-such-cc" in caplog.text
+    assert "'paged_attention' is unavailable" in caplog.text and "no-such-cc" in caplog.text
     runner = ModelRunner(tiny[0], block_size=4, num_kv_blocks=8)
     assert runner.decode_kernel is None
     s = Sequence("a", [5, 6, 7], None)
