@@ -80,7 +80,8 @@ def load_library(name: str) -> ctypes.CDLL | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (apt-get install gcc, or set CC)")
         recipe = [source.read_text(), compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS), _cpu_id()]
-        so = cache_dir() / f"{name}-{hashlib.sha256(chr(10).join(recipe).encode()).hexdigest()[:16]}.so"
+        key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
+        so = cache_dir() / f"{name}-{key}.so"
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
             flags = _build(compiler, source, so)
