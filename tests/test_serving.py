@@ -415,6 +415,57 @@ def test_shutdown_aborts_in_flight_requests(fake):
     assert s.app.state.engine.is_running is False
 
 
+def test_run_steps_the_engine_in_the_calling_thread_until_the_app_shuts_down(fake):
+    app = create_app(fake, served_model_name="fake")
+    engine, server = app.state.engine, ServerThread(app)
+    driver = threading.Thread(target=engine.run, kwargs={"on_ready": server.start}, name="model-loader")
+    driver.start()
+    assert wait_for(lambda: server.server is not None and server.server.started)
+    r = httpx.post(server.base_url + "/completions", json={"prompt": "abc", "max_tokens": 3})
+    assert r.json()["choices"][0]["text"] == "cba" and engine.is_running
+    with pytest.raises(RuntimeError, match="already running"):
+        engine.run()
+    server.stop()  # the app's shutdown stops the engine: run() returns
+    driver.join(10)
+    assert not driver.is_alive() and not engine.is_running
+    assert fake.engine_threads == {"model-loader"}
+
+
+def test_npukit_serve_ctrl_c_lets_the_stream_in_flight_finish():
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "npukit", "serve", "tiny-llama", "--port", "0", "--dtype", "float32",
+                             "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NPUKIT_DEVICE": "cpu"})
+    try:
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line):
+                url = m.group(1)
+                break
+        assert url, "no banner"
+        assert wait_for(lambda: httpx.get(url + "/health").status_code == 200, timeout=60)
+        body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: graceful, the stream in flight runs to its end
+            events = [first] + [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(30) == 0
+        assert "npukit serve: stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_openai_error_shape():
     e = OpenAIError("nope", 404, param="model")
     assert e.to_dict() == {"error": {"message": "nope", "type": "NotFoundError", "param": "model", "code": 404}}

@@ -13,6 +13,7 @@ load when an app is built.
 """
 import argparse
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -274,10 +275,27 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     limits = Limits(args.limit_concurrency, args.timeout_keep_alive, args.timeout_request_read)
+    server = uvicorn.Server(uvicorn_config(app, args.log_level, limits))
+    engine = app.state.engine
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # the app shut down (its lifespan stopped the engine) or never started: end engine.run()
+            engine.shutdown()
+
+    # NOTE: the engine steps in this thread, the one that loaded the model, and uvicorn serves from a second
+    # one: on CPU a decode step is ~1.5x slower in a thread that did not load the model (see the NOTE in
+    # async_engine.py). Ctrl-C / SIGTERM reach uvicorn's graceful shutdown (a second Ctrl-C forces it);
+    # requests in flight keep being stepped until the app's shutdown stops the engine.
+    handlers = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    web = threading.Thread(target=serve_http, name="npukit-http", daemon=True)
     try:
-        uvicorn.Server(uvicorn_config(app, args.log_level, limits)).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C
-        pass
+        engine.run(on_ready=web.start)
+        web.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print("npukit serve: stopped", file=sys.stderr)
     return 0
 
