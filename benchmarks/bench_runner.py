@@ -11,7 +11,8 @@ FLOP/s next to the F.linear throughput measured in the same process, dtype and t
 rows also show the time with attention skipped (K/V still written): the share attention takes. With
 --cpu-kernels they also show the step's wall time with every linear through F.linear, timed in turn with
 the default (fp32 CPU linears run the kernel the runner's probe found fastest for their row count: F.linear,
-``(W @ x.T).T`` or oneDNN on a packed copy, see ``npukit.engine.cpu_gemm``); the choice is printed.
+``(W @ x.T).T``, oneDNN on a packed copy or npukit's panel kernel, see ``npukit.engine.cpu_gemm``); the choice
+is printed.
 """
 from __future__ import annotations
 

@@ -229,7 +229,7 @@ def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method, kernel):
 
 
 @cpu_only
-@pytest.mark.parametrize("kernel", ["packed", "swapped"])
+@pytest.mark.parametrize("kernel", ["packed", "swapped", "panel"])
 def test_compiled_pieces_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monkeypatch, kernel):
     """fp32 on CPU the runner's linears are CpuLinears (npukit.engine.cpu_gemm); inside the compiled pieces each
     runs as the opaque op npukit::cpu_linear (dynamo cannot trace oneDNN's packed weight) with the same kernel

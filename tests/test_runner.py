@@ -204,7 +204,7 @@ def _force_kernel(runner: ModelRunner, kernel: str) -> None:
     def wrap(w, kernels):
         w = w.weight if isinstance(w, CpuLinear) else w
         table = dict.fromkeys(range(1, 1000), kernel) if kernel in kernels else {}
-        return CpuLinear(w, table, cpu_gemm.pack(w) if kernel == "packed" else None)
+        return CpuLinear(w, table)
 
     for lw in runner.layers:
         for f in ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w"):
@@ -214,7 +214,8 @@ def _force_kernel(runner: ModelRunner, kernel: str) -> None:
 
 
 @pytest.mark.parametrize("chunk_bytes,kernel,sdpa", [(None, None, False), (None, None, True), (1, None, True),
-                                                     (None, "swapped", False), (None, "packed", False)])
+                                                     (None, "swapped", False), (None, "packed", False),
+                                                     (None, "panel", False)])
 def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes, kernel, sdpa):
     # sdpa: decode attention gathers blocks and runs SDPA in length buckets (what runs without the CPU
     # attention kernel: other devices and dtypes, no C compiler); chunk_bytes=1: every decode sequence gets its
@@ -311,13 +312,42 @@ def test_cpu_linear_kernels_equal_f_linear(rows, bias, kernel):
     x, w = torch.randn(rows, 96, generator=g), torch.randn(40, 96, generator=g)
     b = torch.randn(40, generator=g) if bias else None
     table = dict.fromkeys((5, 12), kernel)
-    y = _linear(x, CpuLinear(w, table, cpu_gemm.pack(w)), b)
+    linear = CpuLinear(w, table)
+    y = _linear(x, linear, b)
     ref = x.double() @ w.double().T + (b.double() if bias else 0)
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=0)
     assert y.shape == (rows, 40)
     assert (y.stride() == (1, rows)) == (rows in table and kernel == "swapped")
-    with pytest.raises(ValueError, match="packed weight"):
-        CpuLinear(w, {1: "packed"})
+    assert linear.copies.keys() == ({kernel} & cpu_gemm.COPIES.keys())  # a packed copy only for its kernel
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (13, 33, 7), (25, 64, 100), (12, 31, 576)])
+def test_the_panel_kernel_equals_a_float64_reference(rows, n, k):
+    """csrc/panel_gemm.c: blocks of 12 rows and a part block, a last panel with fewer than 32 columns, x rows
+    further apart than K (a view), with and without bias."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k + 5, generator=g)[:, 2:k + 2]
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    panels = cpu_gemm.pack_panels(w)
+    assert panels.shape == (-(-n // 32), k, 32)
+    for bias in (None, b):
+        y = cpu_gemm.panel_linear(x, panels, n, bias)
+        ref = x.double() @ w.double().T + (0 if bias is None else b.double())
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_gemm.panel_linear(torch.randn(2, k + 1), panels, n)
+
+
+def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_panel_gemm", lambda: None)
+    monkeypatch.setattr(cpu_gemm, "_cache", {})
+    monkeypatch.setattr(cpu_gemm, "_timed", lambda kernel, run, xs: 1.0)
+    times = cpu_gemm.probe([torch.randn(40, 96)], 1)
+    assert all("panel" not in t and "packed" in t for t in times.values())
+    with pytest.raises(ValueError, match="C compiler"):
+        CpuLinear(torch.randn(4, 4), {2: "panel"})
 
 
 def _fake_clock(kernel, run, xs):
@@ -329,7 +359,7 @@ def _fake_clock(kernel, run, xs):
     if 8 <= m <= 15:
         return 0.97 if kernel == "swapped" else 1.0
     if m in (16, 32, 48, 64):
-        return {"linear": 1.0, "swapped": 0.7, "packed": 0.9}[kernel]
+        return {"linear": 1.0, "swapped": 0.7, "packed": 0.9}.get(kernel, 1.0)
     return 1.0
 
 
@@ -361,10 +391,10 @@ def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(fake
     lw = runner.layers[0]
     assert lw.o_w.kernels == cpu_gemm.choose(times) and lw.q_w.kernels == in_rows
     assert lw.o_w.weight is model.model.layers[0].self_attn.o_proj.weight  # the model's tensor, and a packed copy
-    assert lw.o_w.packed is not None and runner.lm_head_w.kernels == lw.o_w.kernels
+    assert "packed" in lw.o_w.copies and runner.lm_head_w.kernels == lw.o_w.kernels
     wrapped = [runner.lm_head_w] + [getattr(lw, f) for lw in runner.layers for f in
                                     ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")]
-    assert all(isinstance(w, CpuLinear) and w.packed is not None for w in wrapped)
+    assert all(isinstance(w, CpuLinear) and list(w.copies) == ["packed"] for w in wrapped)
     assert runner.packed_bytes == sum(w.weight.nbytes for w in wrapped)
 
 
@@ -375,7 +405,7 @@ def test_without_memory_for_packed_copies_the_runner_keeps_the_other_kernels(mon
     almost_full = dataclasses.replace(device_mod.memory_stats("cpu"), free=1000)
     monkeypatch.setattr(device_mod, "memory_stats", lambda device: almost_full)
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=8)
-    assert runner.packed_bytes == 0 and runner.layers[0].o_w.packed is None
+    assert runner.packed_bytes == 0 and runner.layers[0].o_w.copies == {}
     assert runner.layers[0].o_w.kernels == dict.fromkeys(range(16, 65, 8), "swapped")
     assert isinstance(runner.layers[0].q_w, torch.Tensor)  # no row kernel left for q/k/v: plain F.linear
 

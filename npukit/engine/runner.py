@@ -249,7 +249,7 @@ class ModelRunner:
             self._keep_shard(shard, config.intermediate_size)
         else:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
-        self.packed_bytes = 0  # the oneDNN copies of weights that CpuLinears keep (see _choose_cpu_kernels)
+        self.packed_bytes = 0  # the packed copies of weights that CpuLinears keep (see _choose_cpu_kernels)
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
             self._choose_cpu_kernels()
         # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
@@ -302,11 +302,12 @@ class ModelRunner:
 
     def _choose_cpu_kernels(self) -> None:
         """fp32 on CPU: wrap the float weights in CpuLinears that run, per row count, the kernel measured fastest
-        here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T or oneDNN on a packed copy; ~3 s for SmolLM2, once
-        per process, shapes and thread count). q/k/v need rows, so never take the transposed one. Packed
-        copies are taken only while they fit in a quarter of the available memory."""
+        here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T, oneDNN on a packed copy or npukit's C kernel on a
+        copy packed in panels; ~4 s for SmolLM2, once per process, shapes and thread count). q/k/v need rows,
+        so never take the transposed one. Packed copies (oneDNN's, panels) are taken only while they fit in a
+        quarter of the available memory."""
         from .. import device as device_mod
-        from .cpu_gemm import KERNELS, ROW_KERNELS, choose, pack, probe
+        from .cpu_gemm import COPIES, KERNELS, ROW_KERNELS, choose, probe
 
         threads = torch.get_num_threads()
         dense, qkv = ("o_w", "gate_w", "up_w", "down_w"), ("q_w", "k_w", "v_w")
@@ -318,17 +319,16 @@ class ModelRunner:
         if isinstance(self.lm_head_w, torch.Tensor):
             members.append((self, "lm_head_w", probe([self.lm_head_w], threads), KERNELS))
         tables = [choose(times, kernels) for _, _, times, kernels in members]
-        packed = sum(getattr(o, f).nbytes for (o, f, _, _), t in zip(members, tables) if "packed" in t.values())
-        if packed > device_mod.memory_stats(self.device).free // 4:
-            _log.info("fp32 CPU linears without packed oneDNN copies: %d MiB would not fit in a quarter of the free "
-                      "memory", packed >> 20)
-            packed = 0
-            tables = [choose(times, tuple(k for k in kernels if k != "packed")) for _, _, times, kernels in members]
+        copies = sum(getattr(o, f).nbytes * len(COPIES.keys() & set(t.values()))
+                     for (o, f, _, _), t in zip(members, tables))
+        if copies > device_mod.memory_stats(self.device).free // 4:
+            _log.info("fp32 CPU linears without packed copies: %d MiB would not fit in a quarter of the free "
+                      "memory", copies >> 20)
+            tables = [choose(times, tuple(k for k in kernels if k not in COPIES)) for _, _, times, kernels in members]
         for (owner, f, _, _), table in zip(members, tables):
             if table:
-                w = getattr(owner, f)
-                setattr(owner, f, CpuLinear(w, table, pack(w) if "packed" in table.values() else None))
-        self.packed_bytes = packed
+                setattr(owner, f, CpuLinear(getattr(owner, f), table))
+                self.packed_bytes += getattr(owner, f).copy_bytes
 
     @property
     def weight_bytes(self) -> int:
