@@ -3,13 +3,15 @@
     python benchmarks/bench_runner.py                          # SmolLM2, float32 and bfloat16 (when native)
     python benchmarks/bench_runner.py --dtype bfloat16 --threads 2 --batches 1 16 64 --context 256
     python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2 4 8 16 32 64 --context 64 --cpu-kernels
+    python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 4 8 16 32 48 --cpu-kernels panel
 
 For each dtype: one prefill step of --prefill-tokens tokens (as --prefill-seqs prompts) and decode steps of
 B sequences with --context tokens each (non-contiguous blocks). Each is timed as the median of --repeat
 runs in process CPU time (steadier than wall time on a shared machine) and reported with its useful model
 FLOP/s next to the F.linear throughput measured in the same process, dtype and thread count. The decode
 rows also show the time with attention skipped (K/V still written): the share attention takes. With
---cpu-kernels they also show the step's wall time with every linear through F.linear, timed in turn with
+--cpu-kernels they also show the step's wall time with every linear through F.linear (with kernel names, e.g.
+`--cpu-kernels panel`: with the table the probe makes without them, in a second runner), timed in turn with
 the default (fp32 CPU linears run the kernel the runner's probe found fastest for their row count: F.linear,
 ``(W @ x.T).T``, oneDNN on a packed copy or npukit's panel kernel, see ``npukit.engine.cpu_gemm``); the choice
 is printed.
@@ -40,20 +42,39 @@ def _median_time(fn, repeat: int, clock=time.process_time) -> float:
     return statistics.median(times)
 
 
-def _kernels_ab(runner, fn, repeat: int) -> tuple[float, float]:
-    """Median wall time of fn with the kernels the runner's probe chose for its fp32 CPU linears, and with
-    F.linear only, run in turn. In wall time, as the probe (npukit.engine.cpu_gemm) measures."""
+def _ab(fn_a, fn_b, repeat: int) -> tuple[float, float]:
+    """Median wall times of fn_a and fn_b, run in turn (this machine's speed drifts within minutes)."""
+    times = ([], [])
+    for _ in range(repeat):
+        for i, fn in enumerate((fn_a, fn_b)):
+            times[i].append(_median_time(fn, 1, time.perf_counter))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _f_linear_only(runner, fn):
+    """fn with every fp32 CPU linear of the runner on F.linear (their kernel tables emptied meanwhile)."""
     linears = _cpu_linears(runner)
     chosen = [lin.kernels for lin in linears]
-    times = {True: [], False: []}
-    for _ in range(repeat):
-        for use in (True, False):
-            for lin, kernels in zip(linears, chosen):
-                lin.kernels = kernels if use else {}
-            times[use].append(_median_time(fn, 1, time.perf_counter))
-    for lin, kernels in zip(linears, chosen):
-        lin.kernels = kernels
-    return statistics.median(times[True]), statistics.median(times[False])
+    for lin in linears:
+        lin.kernels = {}
+    try:
+        return fn()
+    finally:
+        for lin, kernels in zip(linears, chosen):
+            lin.kernels = kernels
+
+
+def _runner_without(model, leave_out: list[str], **kw):
+    """A second runner whose probe may not choose the kernels in leave_out (e.g. panel)."""
+    from npukit.engine import cpu_gemm
+    from npukit.engine.runner import ModelRunner
+
+    saved = cpu_gemm.KERNELS, cpu_gemm.ROW_KERNELS
+    cpu_gemm.KERNELS, cpu_gemm.ROW_KERNELS = (tuple(k for k in ks if k not in leave_out) for ks in saved)
+    try:
+        return ModelRunner(model, **kw)
+    finally:
+        cpu_gemm.KERNELS, cpu_gemm.ROW_KERNELS = saved
 
 
 def _cpu_linears(runner) -> list:
@@ -92,7 +113,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--cpu-kernels", action="store_true", help="also time decode steps with F.linear only")
+    ap.add_argument("--cpu-kernels", nargs="*", metavar="LEAVE_OUT", default=None,
+                    help="also time decode steps against another kernel table, in turn: alone, F.linear only; with "
+                         "kernel names (e.g. panel), the table the probe makes without them")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +136,9 @@ def main(argv=None) -> None:
         per_seq = (max(args.context + 1, args.prefill_tokens // args.prefill_seqs) + bs) // bs
         num_blocks = per_seq * max(max(args.batches), args.prefill_seqs)
         runner = ModelRunner(model, block_size=bs, num_kv_blocks=num_blocks)
+        other = None
+        if args.cpu_kernels:
+            other = _runner_without(model, args.cpu_kernels, block_size=bs, num_kv_blocks=num_blocks)
         free = torch.randperm(num_blocks, generator=g).tolist()  # non-contiguous tables
 
         def make(n_tokens: int, i: int, cfg=cfg, g=g, free=free, per_seq=per_seq) -> Sequence:
@@ -121,10 +147,11 @@ def main(argv=None) -> None:
             return s
 
         print(f"\n{args.model} {name}: F.linear peak here {peak / 1e9:.0f} GFLOP/s")
-        if args.cpu_kernels:
-            lw = runner.layers[0]
-            print(f"  kernels by rows: o/mlp {_chosen(lw.o_w)}; q/k/v {_chosen(lw.q_w)}; "
-                  f"lm_head {_chosen(runner.lm_head_w)}; packed copies {runner.packed_bytes / 2**20:.0f} MiB")
+        for tag, r in (("kernels", runner), (f"without {' '.join(args.cpu_kernels or [])}", other)):
+            if args.cpu_kernels is not None and r is not None:
+                lw = r.layers[0]
+                print(f"  {tag} by rows: o/mlp {_chosen(lw.o_w)}; q/k/v {_chosen(lw.q_w)}; "
+                      f"lm_head {_chosen(r.lm_head_w)}; packed copies {r.packed_bytes / 2**20:.0f} MiB")
         n = args.prefill_tokens // args.prefill_seqs
         batch = [(make(n, i), n) for i in range(args.prefill_seqs)]
         t = _median_time(lambda runner=runner, batch=batch: runner.execute_model(batch), args.repeat)
@@ -141,9 +168,13 @@ def main(argv=None) -> None:
             step = functools.partial(runner.execute_model, batch)
             ab = ""
             t = _median_time(step, args.repeat)
-            if args.cpu_kernels:  # in wall time, each mode in turn
-                t_wall, t_plain = _kernels_ab(runner, step, args.repeat)
-                ab = f"; wall {t_wall * 1e3:6.1f} ms, F.linear only {t_plain * 1e3:6.1f} ({t_wall / t_plain:.2f}x)"
+            if args.cpu_kernels is not None:  # in wall time, each table in turn
+                if other is None:
+                    base, label = functools.partial(_f_linear_only, runner, step), "F.linear only"
+                else:
+                    base, label = functools.partial(other.execute_model, batch), "without " + " ".join(args.cpu_kernels)
+                t_wall, t_base = _ab(step, base, args.repeat)
+                ab = f"; wall {t_wall * 1e3:6.1f} ms, {label} {t_base * 1e3:6.1f} ({t_wall / t_base:.2f}x)"
             runner._attention = lambda i, w, q, k, v, inp: q.reshape(q.shape[0], -1)  # skip attention only
             t_no = _median_time(step, args.repeat)
             runner._attention = attention

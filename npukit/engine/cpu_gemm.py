@@ -20,17 +20,20 @@ SmolLM2 fp32, all 211 linears of a step streamed from memory:
   ~13 GB/s; a plain sum reads at 35); at 2-4 rows swapped 20-22 ms against F.linear's 46-50; lm_head packed at
   every count (1 row 9.7 -> 3.7 ms, 64 rows 54 -> 32 ms); from 128 rows F.linear or swapped, packed slower.
   With 1 thread all three were even at 1 row (33 ms).
-- a 2-core Xeon (AVX512, VNNI), 2 threads: the probe chose packed for q/k/v and lm_head from 4 rows on, and for
-  o/mlp at 4-15 rows and the counts from 17 on that are not multiples of 8 (swapped at 16, 24, .. 56); at 1-2
-  rows nothing beat F.linear by MARGIN. Decode steps against F.linear only: 4 rows 0.73x, 8 0.70x, 16 0.56x,
-  32 0.65x, 48 0.66x, 64 0.95x (``python benchmarks/bench_runner.py --dtype float32 --threads 2 --batches 1 2
-  4 8 16 32 48 64 --context 64 --cpu-kernels``).
+- a 2-core Xeon (AVX512, VNNI), 2 threads, before ``panel`` existed: the probe chose packed for q/k/v and
+  lm_head from 4 rows on, and for o/mlp at 4-15 rows and the counts from 17 on that are not multiples of 8
+  (swapped at 16, 24, .. 56); at 1-2 rows nothing beat F.linear by MARGIN. Decode steps against F.linear only:
+  4 rows 0.73x, 8 0.70x, 16 0.56x, 32 0.65x, 48 0.66x, 64 0.95x (``python benchmarks/bench_runner.py --dtype
+  float32 --threads 2 --batches 1 2 4 8 16 32 48 64 --context 64 --cpu-kernels``). With ``panel``: it took
+  every layer linear at 4-48 rows (F.linear kept 1-3 and 64) and lm_head at 8-32 (packed at 4 and 64); decode
+  steps against the table the probe makes without ``panel``, interleaved in one process: 4 sequences 0.79x,
+  8 0.59x, 16 0.83x, 24 0.86x, 32 0.91x, 48 0.85x. Packed copies: 621 MiB for SmolLM2.
 
 A table from one CPU is wrong on the next (and nobody measured ARM hosts'), so the runner asks this module once
 per process, weight shapes and thread count: ``probe`` times each kernel on the model's own weights (a slice
 big enough to stream from memory as a step does) at a few row counts of each bucket, and ``choose`` keeps,
 per bucket, the fastest kernel that beat F.linear by MARGIN. Steps of more rows than the buckets hold (prefill)
-keep F.linear. About three seconds for SmolLM2, milliseconds for a tiny test model.
+keep F.linear. About four seconds for SmolLM2, milliseconds for a tiny test model.
 """
 from __future__ import annotations
 
