@@ -5,43 +5,57 @@
  *   bias    [N] or NULL
  *   y       [M, N]          row-major
  *
- * Per panel and block of up to 12 rows of x, 24 running 16-wide sums stay in registers (AVX512 has 32): for
- * each k, two vectors of the panel are loaded and multiplied by each row's x[m, k], broadcast. A panel is read
+ * Per panel and block of rows of x (12 on AVX512: 24 running 16-wide sums in its 32 registers), the sums stay
+ * in registers: for each k, a row of the panel is loaded and multiplied by each row's x[m, k], broadcast. A panel is read
  * from memory once, sequentially (prefetched 4 KiB ahead), and from cache for the further blocks of rows.
  * BLAS reads W at a fraction of the memory bandwidth at these row counts, or computes at a fraction of the
  * peak: SmolLM2's 210 layer linears on a 2-core Xeon, 16 rows: 32 ms with this kernel, 44 in MKL's swapped
  * order, 46 in oneDNN's packed layout, 110 F.linear (npukit.engine.cpu_gemm's probe times them all here and
- * keeps the fastest per row count). Plain C with GCC / clang vector extensions (one AVX512 register, two AVX2
- * or four NEON ones per vector), parallel over panels with OpenMP; built by npukit.engine.native.
+ * keeps the fastest per row count). Plain C with GCC / clang vector extensions sized to the target's registers,
+ * parallel over panels with OpenMP; built by npukit.engine.native.
  */
 #include <stdint.h>
 
-#define PW 32  /* columns per panel: two 16-wide vectors */
-#define MB 12  /* rows of x per block */
+#define PW 32  /* columns per panel (npukit.engine.cpu_gemm.PANEL) */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
+/* The vector width and rows per block follow the target's registers: AVX512 has 32 x 16 floats (12 rows x 2
+ * vectors of running sums), AVX / AVX2 16 x 8 (6 rows x 4 vectors, some kept in L1: measured faster than 2-4
+ * rows at 8-64 rows of x), else 4-float vectors (NEON, SSE; not measured). A 16-float type in an AVX2 build was
+ * split through memory by the compiler: 3 GFLOP/s. */
+#if defined(__AVX512F__)
+#define VL 16
+#define MB 12
+#elif defined(__AVX__)
+#define VL 8
+#define MB 6
+#else
+#define VL 4
+#define MB 2
+#endif
+#define NV (PW / VL)  /* vectors per panel row */
+
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef float vecu __attribute__((vector_size(VL * 4), aligned(4), may_alias));
+static inline vec load(const float *p) { return *(const vecu *)p; }
 
 /* acc[m * PW + c] = x[m] . panel column c, for MT rows of x */
 #define DEFINE_TILE(MT)                                                                                      \
     static void tile_##MT(const float *restrict x, int64_t ldx, const float *restrict panel, int64_t K,      \
                           float *restrict acc) {                                                             \
-        v16 a0[MT], a1[MT];                                                                                  \
-        for (int m = 0; m < MT; m++) a0[m] = a1[m] = (v16){0.f};                                             \
+        vec a[MT][NV];                                                                                       \
+        for (int m = 0; m < MT; m++)                                                                         \
+            for (int v = 0; v < NV; v++) a[m][v] = (vec){0.f};                                               \
         for (int64_t k = 0; k < K; k++) {                                                                    \
-            const v16 u0 = load16(panel + k * PW), u1 = load16(panel + k * PW + 16);                         \
+            vec u[NV];                                                                                       \
+            for (int v = 0; v < NV; v++) u[v] = load(panel + k * PW + v * VL);                               \
             __builtin_prefetch(panel + k * PW + 1024);                                                       \
             for (int m = 0; m < MT; m++) {                                                                   \
-                const v16 xb = (v16){0.f} + x[m * ldx + k];                                                  \
-                a0[m] += xb * u0;                                                                            \
-                a1[m] += xb * u1;                                                                            \
+                const vec xb = (vec){0.f} + x[m * ldx + k];                                                  \
+                for (int v = 0; v < NV; v++) a[m][v] += xb * u[v];                                           \
             }                                                                                                \
         }                                                                                                    \
-        for (int m = 0; m < MT; m++) {                                                                       \
-            *(v16u *)(acc + m * PW) = a0[m];                                                                 \
-            *(v16u *)(acc + m * PW + 16) = a1[m];                                                            \
-        }                                                                                                    \
+        for (int m = 0; m < MT; m++)                                                                         \
+            for (int v = 0; v < NV; v++) *(vecu *)(acc + m * PW + v * VL) = a[m][v];                         \
     }
 
 DEFINE_TILE(1)
@@ -58,8 +72,8 @@ DEFINE_TILE(11)
 DEFINE_TILE(12)
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *);
-static const tile_fn TILES[MB + 1] = {0,      tile_1, tile_2, tile_3, tile_4,  tile_5, tile_6,
-                                      tile_7, tile_8, tile_9, tile_10, tile_11, tile_12};
+static const tile_fn TILES[] = {0,      tile_1, tile_2, tile_3, tile_4,  tile_5, tile_6,
+                                tile_7, tile_8, tile_9, tile_10, tile_11, tile_12}; /* MB of them used */
 
 void npukit_panel_gemm_f32(const float *x, int64_t ldx, const float *panels, const float *bias, float *y,
                            int64_t M, int64_t N, int64_t K, int num_threads) {
