@@ -327,8 +327,9 @@ class ModelRunner:
             tables = [choose(times, tuple(k for k in kernels if k not in COPIES)) for _, _, times, kernels in members]
         for (owner, f, _, _), table in zip(members, tables):
             if table:
-                setattr(owner, f, CpuLinear(getattr(owner, f), table))
-                self.packed_bytes += getattr(owner, f).copy_bytes
+                linear = CpuLinear(getattr(owner, f), table)
+                setattr(owner, f, linear)
+                self.packed_bytes += linear.copy_bytes
 
     @property
     def weight_bytes(self) -> int:

@@ -6,8 +6,9 @@
  *   y       [M, N]          row-major
  *
  * Per panel and block of rows of x (12 on AVX512: 24 running 16-wide sums in its 32 registers), the sums stay
- * in registers: for each k, a row of the panel is loaded and multiplied by each row's x[m, k], broadcast. A panel is read
- * from memory once, sequentially (prefetched 4 KiB ahead), and from cache for the further blocks of rows.
+ * in registers: for each k, a row of the panel is loaded and multiplied by each row's x[m, k], broadcast. A
+ * panel is read from memory once, sequentially (prefetched 4 KiB ahead), and from cache for the further blocks
+ * of rows.
  * BLAS reads W at a fraction of the memory bandwidth at these row counts, or computes at a fraction of the
  * peak: SmolLM2's 210 layer linears on a 2-core Xeon, 16 rows: 32 ms with this kernel, 44 in MKL's swapped
  * order, 46 in oneDNN's packed layout, 110 F.linear (npukit.engine.cpu_gemm's probe times them all here and
