@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import npukit
-from npukit.engine import LLM, SamplingParams
+from npukit.engine import LLM, SamplingParams, cpu_gemm
 from npukit.engine.config import EngineConfig, add_engine_args, engine_args
 from npukit.quant import (
     QuantizationError,
@@ -55,6 +55,8 @@ def test_per_channel_and_per_token_quantisation_round_within_half_a_step():
 @pytest.mark.parametrize("method,kernel", [(m, k) for m in K.METHODS for k in K.KERNELS[m] if k != "npu"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_kernels_match_a_float64_reference(method, kernel, rows):
+    if kernel == "panel" and cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows)
     w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
     x = torch.randn(rows, 64, generator=g) * 3
@@ -79,6 +81,31 @@ def test_int_mm_gives_the_same_bits_in_either_operand_order(monkeypatch, rows):
     y = K.w8a8_int_mm(x, w, w_scale)
     monkeypatch.setattr(K, "CPU_SWAPPED_INT_MM_ROWS", 0 if rows <= K.CPU_SWAPPED_INT_MM_ROWS else rows)
     assert torch.equal(y, K.w8a8_int_mm(x, w, w_scale))
+
+
+@pytest.mark.parametrize("method", K.METHODS)
+def test_the_panel_kernel_runs_on_the_copy_its_layer_made(monkeypatch, method):
+    """A QuantLinear whose plan takes the C panel kernel packs its int8 weight once, at construction; calls
+    find that copy by the weight (nothing is packed per call) and it stays out of the state_dict."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 70, bias=True)
+    layer = QuantLinear.from_linear(lin, K.KernelPlan(method, "panel", "panel"))
+    assert layer.copies["panel"].shape == (3, 48, 32) and layer.copies["panel"].dtype == torch.int8
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    packs = []
+    monkeypatch.setattr(cpu_gemm, "pack_panels", lambda w: packs.append(w) or torch.zeros(0))
+    x = torch.randn(2, 5, 48, generator=g)
+    ref = K.KERNELS[method]["dequant"](x.reshape(10, 48), layer.weight, layer.weight_scale) + lin.bias
+    torch.testing.assert_close(layer(x), ref.view(2, 5, 70).detach(), atol=1e-4, rtol=1e-5)
+    assert packs == []
+
+
+def test_without_a_c_compiler_the_panel_kernel_is_no_candidate(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_panel_gemm", lambda: None)
+    for method in K.METHODS:
+        assert "panel" not in K.candidates(method, "cpu", torch.float32)
 
 
 def test_quantize_model_puts_int8_weights_and_scales_in_the_state_dict(tiny):
@@ -136,6 +163,7 @@ def test_w8a8_without_an_int8_kernel_falls_back_with_a_warning_or_fails_clearly(
 
     K._probe.cache_clear()
     monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", broken)
+    monkeypatch.setattr(cpu_gemm, "_panel_gemm", lambda: None)  # npukit's C kernel (int8 weights) is not built
     try:
         with caplog.at_level(logging.WARNING, logger="npukit.quant"):
             plan = choose_kernels("w8a8", "cpu", torch.float32, (32, 16))
@@ -192,8 +220,11 @@ def test_the_searched_alpha_is_the_one_with_the_smallest_int8_error():
     assert error(best) == min(error(a) for a in ALPHAS) < error(0.0)
 
 
-@pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm")])
+@pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm"),
+                                           ("w8a16", "panel"), ("w8a8", "panel")])
 def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_batch(method, kernel):
+    if kernel == "panel" and cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
     model, tok = fresh_tiny()
     quantize_model(model, method, tokenizer=tok, kernel=kernel)
     prompts = ["Hello there", "The cat sat on the", "1 2 3 4", "a" * 40, "Once upon a time"]

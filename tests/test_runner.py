@@ -322,22 +322,30 @@ def test_cpu_linear_kernels_equal_f_linear(rows, bias, kernel):
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (13, 33, 7), (25, 64, 100), (12, 31, 576)])
-def test_the_panel_kernel_equals_a_float64_reference(rows, n, k):
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, int8):
     """csrc/panel_gemm.c: blocks of 12 rows and a part block, a last panel with fewer than 32 columns, x rows
-    further apart than K (a view), with and without bias."""
+    further apart than K (a view), with and without bias; fp32 weights, and int8 ones with a scale per output
+    (W8A16)."""
     if cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k + 5, generator=g)[:, 2:k + 2]
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    scale = None
+    if int8:
+        w, scale = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g)
     panels = cpu_gemm.pack_panels(w)
-    assert panels.shape == (-(-n // 32), k, 32)
+    assert panels.shape == (-(-n // 32), k, 32) and panels.dtype == w.dtype
+    w64 = w.double() * (1 if scale is None else scale.double()[:, None])
     for bias in (None, b):
-        y = cpu_gemm.panel_linear(x, panels, n, bias)
-        ref = x.double() @ w.double().T + (0 if bias is None else b.double())
-        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
-    with pytest.raises(ValueError, match="does not fit"):
-        cpu_gemm.panel_linear(torch.randn(2, k + 1), panels, n)
+        y = cpu_gemm.panel_linear(x, panels, n, bias, scale=scale)
+        ref = x.double() @ w64.T + (0 if bias is None else b.double())
+        torch.testing.assert_close(y.double(), ref, atol=1e-4 * (1 + 50 * int8), rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_gemm.panel_linear(torch.randn(2, k + 1), panels, n, scale=scale)
+    with pytest.raises(ValueError, match="do not fit"):  # int8 panels without their scales, or fp32 with
+        cpu_gemm.panel_linear(x, panels, n, scale=None if int8 else torch.ones(n))
 
 
 def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch):

@@ -12,7 +12,7 @@
   on AVX512, 6 on AVX2) whose sums stay in registers. At 4-64 rows BLAS either reads W at a fraction of the
   memory bandwidth or computes at a fraction of the peak; SmolLM2's 210 layer linears on a 2-core Xeon took,
   at 16 rows, 32 ms with it against 44 swapped, 46 packed and 110 with F.linear (at 1 row MKL's F.linear read
-  fastest).
+  fastest). The same kernel reads int8 panels (with a scale per output) for npukit.quant's W8A16 and W8A8.
 
 Which is fastest depends on the CPU, its BLAS, the thread count and the number of rows. What we measured with
 SmolLM2 fp32, all 211 linears of a step streamed from memory:
@@ -83,40 +83,51 @@ PANEL = 32  # output columns per panel (csrc/panel_gemm.c's PW)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """An fp32 ``[N, K]`` weight as ``[ceil(N / 32), K, 32]`` panels (a copy; the last panel zero-padded)."""
+    """An ``[N, K]`` weight (fp32, or int8 for W8A16) as ``[ceil(N / 32), K, 32]`` panels (a copy; the last panel
+    zero-padded)."""
     n, k = weight.shape
-    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
 @functools.cache
 def _panel_gemm():
-    """The C kernel as a ctypes function, or None (logged) where it cannot be built."""
+    """The C kernels as ctypes functions by weight dtype, or None (logged) where they cannot be built."""
     lib = native.load_library("panel_gemm")
     if lib is None:
         return None
-    fn = lib.npukit_panel_gemm_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int]
-    fn.restype = None
-    return fn
+    f32, i8 = lib.npukit_panel_gemm_f32, lib.npukit_panel_gemm_i8
+    f32.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int]
+    i8.argtypes = [p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
+    f32.restype = i8.restype = None
+    return {torch.float32: f32, torch.int8: i8}  # NOTE: another dtype raises KeyError
 
 
-def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` by the C kernel: x ``[M, K]`` fp32, ``panels = pack_panels(W)``, W ``[out_features,
-    K]``, bias ``[out_features]`` or None."""
+    K]``, bias ``[out_features]`` or None. An int8 W (W8A16) needs its fp32 ``scale`` per output (``[out_features]``):
+    then the result is ``x @ (W * scale[:, None]).T + bias``.
+
+    NOTE: called ~200 times a decode step, so the checks are the few that keep the C code inside its tensors."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
     m, k = x.shape
-    if panels.shape[1] != k or x.dtype != torch.float32:
-        raise ValueError(f"panel_linear: x {tuple(x.shape)} {x.dtype} does not fit panels {tuple(panels.shape)}")
-    y = torch.empty(m, out_features, dtype=torch.float32)
-    _panel_gemm()(x.data_ptr(), x.stride(0), panels.data_ptr(), None if bias is None else bias.data_ptr(),
-                  y.data_ptr(), m, out_features, k, torch.get_num_threads())
+    kernel = _panel_gemm()[panels.dtype]
+    extra = [t if t is None or (t.dtype is torch.float32 and t.is_contiguous()) else t.contiguous().float()
+             for t in (scale, bias)]  # kept alive until the call returns
+    if (panels.shape[1] != k or x.dtype is not torch.float32 or (panels.dtype is torch.int8) != (scale is not None)
+            or any(t is not None and t.numel() != out_features for t in extra)
+            or panels.shape[0] * PANEL < out_features):
+        raise ValueError(f"panel_linear: x {tuple(x.shape)} {x.dtype}, scale "
+                         f"{None if scale is None else (tuple(scale.shape), scale.dtype)} do not fit "
+                         f"{panels.dtype} panels {tuple(panels.shape)} of {out_features} outputs")
+    y = torch.empty(m, out_features)
+    pointers = [None if t is None else t.data_ptr() for t in extra]
+    kernel(x.data_ptr(), x.stride(0), panels.data_ptr(), *(pointers if scale is not None else pointers[1:]),
+           y.data_ptr(), m, out_features, k, torch.get_num_threads())
     return y
 
 

@@ -8,11 +8,18 @@ scale per output channel (``w_scale[N]``); they differ in what runs underneath:
 |--------|-----------------|----------------|---------------------------------------------------------------------|
 | w8a16  | `int8pack`      | CPU (torch≥2.3)| `aten._weight_int8pack_mm(x, w, scale)`: int8 weights, x in its dtype |
 | w8a16  | `int8pack_bf16` | CPU            | the same with x cast to bf16 (wins at M=1 even on AVX2, per DESIGN.md)  |
+| w8a16  | `panel`         | CPU, fp32 x    | npukit's C panel GEMM on a copy of w in panels of 32 outputs (below)   |
 | w8a16  | `dequant`       | anywhere       | `F.linear(x, w.to(x.dtype)) * scale`: the plain fallback              |
 | w8a16  | `npu`           | Ascend         | `torch_npu.npu_weight_quant_batchmatmul` (vLLM-Ascend's W8A16; UNTESTED) |
 | w8a8   | `int_mm`        | CPU, CUDA      | x quantised per token, `torch._int_mm` int8×int8→int32 (fast with VNNI) |
+| w8a8   | `panel`         | CPU, fp32 x    | x quantised per token, its integers (as floats) through `panel`        |
 | w8a8   | `dequant`       | anywhere       | x quantised per token, the same integers in fp32: no int8 speed  |
 | w8a8   | `npu`           | Ascend         | `npu_dynamic_quant` + `npu_quant_matmul` (W8A8_DYNAMIC; UNTESTED) |
+
+``panel`` is npukit.engine.cpu_gemm's panel kernel reading int8 panels: each weight is widened to fp32 in
+registers, so batch-1 decode reads a quarter of fp32's bytes at the speed of the fp32 kernel. It runs on a copy
+of the weight (``COPIES``), made once by the layer that holds the weight (QuantLinear): the int8 weights are
+then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one.
 
 NOTE: which one is fastest depends on the CPU (VNNI or not, native bf16 or not) and on M (batch-1 decode
 reads weights; 64-row steps compute), so `choose_kernels` times the candidates once per process on the
@@ -23,10 +30,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..engine import cpu_gemm
 
 log = logging.getLogger("npukit.quant")
 
@@ -69,6 +79,28 @@ def w8a16_dequant(x, w, w_scale):
     return F.linear(x, w.to(x.dtype)) * w_scale.to(x.dtype)
 
 
+def w8a16_panel(x, w, w_scale):
+    panels = _COPIES.get(w.data_ptr())
+    if panels is None or panels.shape[1] != w.shape[1]:  # NOTE: a weight nobody packed (probe checks): pack it now
+        panels = cpu_gemm.pack_panels(w)
+    return cpu_gemm.panel_linear(x, panels, w.shape[0], scale=w_scale)
+
+
+# the kernels that run on a copy of the int8 weight in their own layout, and how to make it
+COPIES = {"panel": cpu_gemm.pack_panels}
+# weight.data_ptr() -> the copy made for it, while the copy lives (the layer that holds the weight keeps it)
+_COPIES: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def make_copy(kernel: str, w: torch.Tensor) -> torch.Tensor | None:
+    """The copy of ``w`` that ``kernel`` runs on, or None when it runs on ``w`` itself. Keep it as long as ``w``:
+    the kernel finds it by ``w`` (change ``w`` in place afterwards and it goes stale)."""
+    if kernel not in COPIES:
+        return None
+    copy = _COPIES[w.data_ptr()] = COPIES[kernel](w)
+    return copy
+
+
 def w8a16_npu(x, w, w_scale):  # UNTESTED: no Ascend NPU here; the call vLLM-Ascend's W8A16 method makes
     import torch_npu
 
@@ -101,6 +133,13 @@ def w8a8_dequant(x, w, w_scale):
     return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
 
 
+def w8a8_panel(x, w, w_scale):
+    # NOTE: the same integer products as int_mm, summed in fp32 (exact while |sum| < 2**24, see w8a8_dequant);
+    # at decode's few rows the int8 weights' bytes are the cost, not the multiplications.
+    qx, x_scale = quantize_per_token(x)
+    return w8a16_panel(qx.float(), w, w_scale).mul_(x_scale).to(x.dtype)
+
+
 def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMIC method
     import torch_npu
 
@@ -110,9 +149,9 @@ def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMI
 
 
 KERNELS = {
-    "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "dequant": w8a16_dequant,
-              "npu": w8a16_npu},
-    "w8a8": {"int_mm": w8a8_int_mm, "dequant": w8a8_dequant, "npu": w8a8_npu},
+    "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "panel": w8a16_panel,
+              "dequant": w8a16_dequant, "npu": w8a16_npu},
+    "w8a8": {"int_mm": w8a8_int_mm, "panel": w8a8_panel, "dequant": w8a8_dequant, "npu": w8a8_npu},
 }
 
 
@@ -136,12 +175,14 @@ def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
     """Kernels worth trying for `method` on this device and activation dtype (the fallback last)."""
     if device_type == "npu":
         return ["npu", "dequant"]
+    # npukit's C kernel: fp32 activations on CPU, where a C compiler built it (npukit.engine.native)
+    panel = ["panel"] if device_type == "cpu" and dtype == torch.float32 and cpu_gemm._panel_gemm() else []
     if method == "w8a16":
         if device_type in ("cpu", "cuda"):
             extra = ["int8pack_bf16"] if device_type == "cpu" and dtype != torch.bfloat16 else []
-            return ["int8pack"] + extra + ["dequant"]
+            return ["int8pack"] + extra + panel + ["dequant"]
         return ["dequant"]
-    return ["int_mm", "dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
+    return ["int_mm"] + panel + ["dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
 
 
 @dataclass
@@ -218,6 +259,13 @@ def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: t
     return _probe_rows(method, dev, dtype, n, k, rows)
 
 
+# Decode-sized rows are timed on copies of the weight that add up to this many bytes, more than a CPU's caches
+# hold: a decode step streams every layer's weights from memory, and a kernel that wins on one weight kept in
+# cache (torch._int_mm in W8A8 at one row, here) can lose reading them.
+STREAM_BYTES = 32 << 20
+STREAM_ROWS = 16
+
+
 def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
     g = torch.Generator().manual_seed(0)
     w, w_scale = quantize_per_channel(torch.randn(n, k, generator=g))
@@ -225,18 +273,26 @@ def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: i
     out = []
     with torch.inference_mode():
         for m in rows:
+            ws = [w] + [w.clone() for _ in range(STREAM_BYTES // w.nbytes if m <= STREAM_ROWS else 0)]
             x = torch.randn(m, k, generator=g).to(dev, dtype)
             results: dict[str, float | str] = {}
             for name in candidates(method, dev.type, dtype):
                 try:
+                    copies = [make_copy(name, wi) for wi in ws]  # noqa: F841 - made beforehand, as a layer does
                     _check(method, name, x, w, w_scale)
-                    results[name] = _time_us(functools.partial(KERNELS[method][name], x, w, w_scale), dev)
+                    results[name] = _time_us(functools.partial(_run_all, KERNELS[method][name], x, ws, w_scale),
+                                             dev) / len(ws)
                 except Exception as e:  # noqa: BLE001 - a kernel this build/device lacks is simply skipped
                     results[name] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             timed = {k_: v for k_, v in results.items() if isinstance(v, float)}
             best = min(timed, key=timed.get) if timed else None
             out.append((m, best, tuple(results.items())))
     return tuple(out)
+
+
+def _run_all(kernel, x, ws, w_scale) -> None:
+    for w in ws:
+        kernel(x, w, w_scale)
 
 
 def _check(method: str, kernel: str, x, w, w_scale) -> None:

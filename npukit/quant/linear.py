@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..rows import Rows
-from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel
+from .kernels import COPIES, METHODS, KernelPlan, QuantizationError, choose_kernels, make_copy, quantize_per_channel
 from .layers import named_linears
 from .smooth import CALIBRATION_TEXT, apply_smoothing, fit_smoothing
 
@@ -31,7 +31,8 @@ class QuantLinear(nn.Module):
     """An nn.Linear stored as int8 ``weight`` [out, in] + fp32 ``weight_scale`` [out] (vLLM-Ascend's names).
 
     ``forward`` accepts [..., in] like nn.Linear; the kernel comes from the shared KernelPlan and the number
-    of rows (``plan.pick``).
+    of rows (``plan.pick``). A kernel that runs on its own layout of the weight (``panel``) gets a copy here,
+    in ``copies``.
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -45,6 +46,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", bias)
+        # the weight in the layouts its kernels run on (kernels.COPIES), not in the state_dict
+        self.copies = {k: make_copy(k, weight) for k in {plan.small, plan.large} & COPIES.keys()}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: KernelPlan) -> QuantLinear:
@@ -58,6 +61,8 @@ class QuantLinear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T × weight_scale, without the bias (the engine's runner adds the bias itself)."""
+        if x.dim() == 2:  # the engine's rows (the reshapes below cost microseconds, 210 times a step)
+            return self.plan.run(x.contiguous(), self.weight, self.weight_scale)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         return self.plan.run(x2, self.weight, self.weight_scale).view(*shape[:-1], self.out_features)
