@@ -259,10 +259,11 @@ def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: t
     return _probe_rows(method, dev, dtype, n, k, rows)
 
 
-# Decode-sized rows are timed on copies of the weight that add up to this many bytes, more than a CPU's caches
-# hold: a decode step streams every layer's weights from memory, and a kernel that wins on one weight kept in
-# cache (torch._int_mm in W8A8 at one row, here) can lose reading them.
-STREAM_BYTES = 32 << 20
+# Decode-sized rows are timed on copies of the weight that add up to this many bytes (at most STREAM_COPIES of
+# them: a model that small stays in cache), more than a CPU's caches hold: a decode step streams every layer's
+# weights from memory, and a kernel that wins on one weight kept in cache (torch._int_mm in W8A8 at one row,
+# here) can lose reading them.
+STREAM_BYTES, STREAM_COPIES = 32 << 20, 64
 STREAM_ROWS = 16
 
 
@@ -273,12 +274,13 @@ def _probe_rows(method: str, dev: torch.device, dtype: torch.dtype, n: int, k: i
     out = []
     with torch.inference_mode():
         for m in rows:
-            ws = [w] + [w.clone() for _ in range(STREAM_BYTES // w.nbytes if m <= STREAM_ROWS else 0)]
+            copies = min(STREAM_COPIES, STREAM_BYTES // w.nbytes) if m <= STREAM_ROWS else 0
+            ws = [w] + [w.clone() for _ in range(copies)]
             x = torch.randn(m, k, generator=g).to(dev, dtype)
             results: dict[str, float | str] = {}
             for name in candidates(method, dev.type, dtype):
                 try:
-                    copies = [make_copy(name, wi) for wi in ws]  # noqa: F841 - made beforehand, as a layer does
+                    packed = [make_copy(name, wi) for wi in ws]  # noqa: F841 - made beforehand, as a layer does
                     _check(method, name, x, w, w_scale)
                     results[name] = _time_us(functools.partial(_run_all, KERNELS[method][name], x, ws, w_scale),
                                              dev) / len(ws)
