@@ -52,6 +52,27 @@ def test_per_channel_and_per_token_quantisation_round_within_half_a_step():
     assert sx.shape == (5, 1) and ((qx.float() * sx - x).abs() <= sx / 2 + 1e-6).all()
 
 
+def test_per_token_quantisation_in_c_gives_torchs_bits(monkeypatch):
+    """csrc/quant_rows.c (fp32 rows on CPU) against the torch ops it replaces: the same int8 values and scales,
+    bit for bit, over magnitudes from 1e-6 to 1e4, a row of zeros and rows further apart than K; the int32 ->
+    fp32 epilogue within an fp32 rounding of torch's."""
+    if K._quant_rows() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    for i, (m, k) in enumerate([(1, 1), (1, 576), (7, 33), (64, 1536), (300, 576)]):
+        x = torch.randn(m, k + 3, generator=g)[:, :k] * 10.0 ** torch.randint(-6, 5, (m, 1), generator=g)
+        x[0, :k // 2] = 0 if i % 2 else x[0, :k // 2]
+        x[-1] = 0 if m > 1 else x[-1]
+        q, scale = K.quantize_per_token(x)
+        q_ref, scale_ref = K._quantize_per_token_torch(x)
+        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+        acc = torch.randint(-2**20, 2**20, (m, 50), generator=g, dtype=torch.int32)
+        w_scale = torch.rand(50, generator=g)
+        torch.testing.assert_close(K._scale_rows(acc, scale, w_scale), acc.float() * scale * w_scale, rtol=3e-7, atol=0)
+    monkeypatch.setattr(K, "_quant_rows", lambda: None)  # no compiler: the torch ops
+    assert torch.equal(K.quantize_per_token(x)[0], q)
+
+
 @pytest.mark.parametrize("method,kernel", [(m, k) for m in K.METHODS for k in K.KERNELS[m] if k != "npu"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_kernels_match_a_float64_reference(method, kernel, rows):

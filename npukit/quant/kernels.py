@@ -21,12 +21,17 @@ registers, so batch-1 decode reads a quarter of fp32's bytes at the speed of the
 of the weight (``COPIES``), made once by the layer that holds the weight (QuantLinear): the int8 weights are
 then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one.
 
+W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32, run in
+npukit's C code on CPU (``csrc/quant_rows.c``, the same bits as the torch ops it replaces): as seven and three
+torch ops they took longer than the int8 matmuls of a 1,800-token prefill.
+
 NOTE: which one is fastest depends on the CPU (VNNI or not, native bf16 or not) and on M (batch-1 decode
 reads weights; 64-row steps compute), so `choose_kernels` times the candidates once per process on the
 model's MLP shape, for a small M and a large M, and the layer picks by the rows it gets.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import time
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..engine import cpu_gemm
+from ..engine import cpu_gemm, native
 
 log = logging.getLogger("npukit.quant")
 
@@ -57,11 +62,50 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (int8 [M, K], fp32 scale [M, 1]): one symmetric scale per row, at run time."""
+    """Activations [M, K] -> (int8 [M, K], fp32 scale [M, 1]): one symmetric scale per row, at run time.
+
+    fp32 rows on CPU go through npukit's C code (``csrc/quant_rows.c``: one pass, the same bits), else torch."""
+    lib = _quant_rows() if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 else None
+    if lib is not None:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0], 1)
+        lib.npukit_quantize_rows(x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1],
+                                 torch.get_num_threads())
+        return q, scale
+    return _quantize_per_token_torch(x)
+
+
+def _quantize_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x.float()
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(INT8_MAX)
     # NOTE: |x / scale| <= 127 by construction, so no clamp; multiplying by 1/scale is one pass cheaper.
     return (x32 * scale.reciprocal()).round_().to(torch.int8), scale
+
+
+def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """int32 sums [M, N] -> fp32 ``acc * x_scale * w_scale`` in rows (x_scale [M, 1], w_scale [N]); in C on CPU
+    (one pass instead of three), else torch."""
+    lib = _quant_rows() if acc.device.type == "cpu" else None
+    if lib is None:
+        return acc.to(torch.float32, memory_format=torch.contiguous_format).mul_(x_scale).mul_(w_scale)
+    acc, x_scale, w_scale = acc.contiguous(), x_scale.contiguous(), w_scale.float().contiguous()
+    y = torch.empty(acc.shape)
+    lib.npukit_scale_rows(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(), y.data_ptr(), acc.shape[0],
+                          acc.shape[1], torch.get_num_threads())
+    return y
+
+
+@functools.cache
+def _quant_rows():
+    """csrc/quant_rows.c through ctypes, or None (logged once) where it cannot be built."""
+    lib = native.load_library("quant_rows")
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.npukit_quantize_rows.argtypes = [p, i64, p, p, i64, i64, ctypes.c_int]
+        lib.npukit_scale_rows.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
+        lib.npukit_quantize_rows.restype = lib.npukit_scale_rows.restype = None
+    return lib
 
 
 # ---------------------------------------------------------------- W8A16: int8 weights, float activations
@@ -119,10 +163,10 @@ def w8a8_int_mm(x, w, w_scale):
         # NOTE: oneDNN's int8 GEMM ran the decode shapes (1-8 rows) of SmolLM2's layers and int8 lm_head
         # 0.66-0.91x as long in this order, conversion to float rows included; the integers are the same
         # (exact sums), so the output is bit for bit what the other order gives. From 16 rows on it lost.
-        acc = torch._int_mm(w, qx.t()).t().to(torch.float32, memory_format=torch.contiguous_format)
+        acc = torch._int_mm(w, qx.t()).t()
     else:
-        acc = torch._int_mm(qx, w.t()).float()  # int32 [M, N]: exact integer dot products
-    return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
+        acc = torch._int_mm(qx, w.t())  # int32 [M, N]: exact integer dot products
+    return _scale_rows(acc, x_scale, w_scale).to(x.dtype)
 
 
 def w8a8_dequant(x, w, w_scale):
