@@ -9,8 +9,9 @@ are the most sensitive output), norms and biases. ``quantize_lm_head=True`` also
 channel, never smoothed; a tied embedding keeps its float table for the lookups, so the int8 rows are an extra
 copy): in a small model like SmolLM2-135M it is a fifth of the weights every decode step reads. It costs
 agreement: on quality.EVAL_TEXT, SmolLM2 fp32, W8A16 top-1 fell from 97.7 % to 93.9 % (perplexity +0.4 % ->
-+0.6 %) and W8A8 from 92.2 % to 90.9 % (+2.2 % -> +2.6 %), for 0.74x -> 0.66x of fp32's batch-1 TPOT (W8A16,
-AVX2, 1 thread, benchmarks/bench_levers.py) and about 1.05x W8A8 throughput on the 64-request mixed workload.
++0.6 %) and W8A8 from 92.2 % to 90.9 % (+2.2 % -> +2.6 %), for W8A16 batch-1 TPOT 0.60-0.65x -> 0.50x of fp32's
+(AVX512 Xeon, 1 thread, int8 panel kernel; benchmarks/bench_levers.py; before that kernel, on AVX2: 0.74x -> 0.66x)
+and about 1.05x W8A8 throughput on the 64-request mixed workload.
 """
 from __future__ import annotations
 
