@@ -12,7 +12,7 @@
   on AVX512, 6 on AVX2) whose sums stay in registers. At 4-64 rows BLAS either reads W at a fraction of the
   memory bandwidth or computes at a fraction of the peak; SmolLM2's 210 layer linears on a 2-core Xeon took,
   at 16 rows, 32 ms with it against 44 swapped, 46 packed and 110 with F.linear (at 1 row MKL's F.linear read
-  fastest). The same kernel reads int8 panels (with a scale per output) for npukit.quant's W8A16 and W8A8.
+  fastest). The same kernel reads int8 panels (with a scale per output) for npukit.quant's W8A16.
 
 Which is fastest depends on the CPU, its BLAS, the thread count and the number of rows. What we measured with
 SmolLM2 fp32, all 211 linears of a step streamed from memory:

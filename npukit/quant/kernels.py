@@ -12,7 +12,6 @@ scale per output channel (``w_scale[N]``); they differ in what runs underneath:
 | w8a16  | `dequant`       | anywhere       | `F.linear(x, w.to(x.dtype)) * scale`: the plain fallback              |
 | w8a16  | `npu`           | Ascend         | `torch_npu.npu_weight_quant_batchmatmul` (vLLM-Ascend's W8A16; UNTESTED) |
 | w8a8   | `int_mm`        | CPU, CUDA      | x quantised per token, `torch._int_mm` int8×int8→int32 (fast with VNNI) |
-| w8a8   | `panel`         | CPU, fp32 x    | x quantised per token, its integers (as floats) through `panel`        |
 | w8a8   | `dequant`       | anywhere       | x quantised per token, the same integers in fp32: no int8 speed  |
 | w8a8   | `npu`           | Ascend         | `npu_dynamic_quant` + `npu_quant_matmul` (W8A8_DYNAMIC; UNTESTED) |
 
@@ -177,13 +176,6 @@ def w8a8_dequant(x, w, w_scale):
     return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
 
 
-def w8a8_panel(x, w, w_scale):
-    # NOTE: the same integer products as int_mm, summed in fp32 (exact while |sum| < 2**24, see w8a8_dequant);
-    # at decode's few rows the int8 weights' bytes are the cost, not the multiplications.
-    qx, x_scale = quantize_per_token(x)
-    return w8a16_panel(qx.float(), w, w_scale).mul_(x_scale).to(x.dtype)
-
-
 def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMIC method
     import torch_npu
 
@@ -195,7 +187,7 @@ def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMI
 KERNELS = {
     "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "panel": w8a16_panel,
               "dequant": w8a16_dequant, "npu": w8a16_npu},
-    "w8a8": {"int_mm": w8a8_int_mm, "panel": w8a8_panel, "dequant": w8a8_dequant, "npu": w8a8_npu},
+    "w8a8": {"int_mm": w8a8_int_mm, "dequant": w8a8_dequant, "npu": w8a8_npu},
 }
 
 
@@ -219,14 +211,14 @@ def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
     """Kernels worth trying for `method` on this device and activation dtype (the fallback last)."""
     if device_type == "npu":
         return ["npu", "dequant"]
-    # npukit's C kernel: fp32 activations on CPU, where a C compiler built it (npukit.engine.native)
-    panel = ["panel"] if device_type == "cpu" and dtype == torch.float32 and cpu_gemm._panel_gemm() else []
     if method == "w8a16":
         if device_type in ("cpu", "cuda"):
             extra = ["int8pack_bf16"] if device_type == "cpu" and dtype != torch.bfloat16 else []
-            return ["int8pack"] + extra + panel + ["dequant"]
+            if device_type == "cpu" and dtype == torch.float32 and cpu_gemm._panel_gemm() is not None:
+                extra.append("panel")  # npukit's C kernel, where a C compiler built it (npukit.engine.native)
+            return ["int8pack"] + extra + ["dequant"]
         return ["dequant"]
-    return ["int_mm"] + panel + ["dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
+    return ["int_mm", "dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
 
 
 @dataclass

@@ -3,7 +3,7 @@
  *   x       [M, K]          fp32, row-major, rows ldx apart
  *   panels  [N/32, K, 32]   W [N, K] packed by npukit.engine.cpu_gemm.pack_panels (last panel zero-padded):
  *                           fp32 (npukit_panel_gemm_f32), or int8 with one fp32 scale per output column
- *                           (npukit_panel_gemm_i8: W8A16, and W8A8's integer activations, npukit.quant.kernels)
+ *                           (npukit_panel_gemm_i8: W8A16, npukit.quant.kernels)
  *   bias    [N] or NULL
  *   y       [M, N]          fp32, row-major
  *
