@@ -258,6 +258,8 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
             ref.append(y[0, x.shape[1]:].tolist())
     llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
     assert llm.config.quantization == method
+    copies = sum(c.nbytes for m in model.modules() if isinstance(m, QuantLinear) for c in m.copies.values())
+    assert (copies > 0) == (kernel == "panel") and llm.runner.packed_bytes >= copies  # the panels are counted
     params = SamplingParams(max_tokens=8, **GREEDY)
     alone = [llm.generate([x], params, use_tqdm=False)[0].outputs[0].token_ids for x in ids]
     together = [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]

@@ -249,7 +249,10 @@ class ModelRunner:
             self._keep_shard(shard, config.intermediate_size)
         else:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
-        self.packed_bytes = 0  # the packed copies of weights that CpuLinears keep (see _choose_cpu_kernels)
+        # the packed copies of weights that CpuLinears (see _choose_cpu_kernels) and QuantLinears keep
+        quantised = [v for v in [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]
+                     if isinstance(v, torch.nn.Module)]
+        self.packed_bytes = sum(c.nbytes for q in quantised for c in getattr(q, "copies", {}).values())
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
             self._choose_cpu_kernels()
         # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);

@@ -123,16 +123,21 @@ def w8a16_dequant(x, w, w_scale):
 
 
 def w8a16_panel(x, w, w_scale):
-    panels = _COPIES.get(w.data_ptr())
-    if panels is None or panels.shape[1] != w.shape[1]:  # NOTE: a weight nobody packed (probe checks): pack it now
+    panels = _COPIES.get(_key(w))
+    if panels is None:  # NOTE: a weight nobody packed (the probe's checks): pack it now
         panels = cpu_gemm.pack_panels(w)
     return cpu_gemm.panel_linear(x, panels, w.shape[0], scale=w_scale)
 
 
 # the kernels that run on a copy of the int8 weight in their own layout, and how to make it
 COPIES = {"panel": cpu_gemm.pack_panels}
-# weight.data_ptr() -> the copy made for it, while the copy lives (the layer that holds the weight keeps it)
-_COPIES: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# a weight (its address, shape and strides: a shard can start where the whole weight does) -> the copy made for
+# it, while the copy lives (the layer that holds the weight keeps it)
+_COPIES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _key(w: torch.Tensor) -> tuple:
+    return w.data_ptr(), w.shape, w.stride()
 
 
 def make_copy(kernel: str, w: torch.Tensor) -> torch.Tensor | None:
@@ -140,7 +145,7 @@ def make_copy(kernel: str, w: torch.Tensor) -> torch.Tensor | None:
     the kernel finds it by ``w`` (change ``w`` in place afterwards and it goes stale)."""
     if kernel not in COPIES:
         return None
-    copy = _COPIES[w.data_ptr()] = COPIES[kernel](w)
+    copy = _COPIES[_key(w)] = COPIES[kernel](w)
     return copy
 
 
