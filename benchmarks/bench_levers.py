@@ -6,10 +6,11 @@
 
 For each variant (a base dtype + quantization): batch-1 decode TPOT (median of --rounds, --new-tokens
 greedy tokens after a --prompt-len prompt) and throughput with --batch sequences decoding together
-(prompts of --prompt-len, --new-tokens each, all admitted at once), in process CPU time (steadier than
-wall time on a shared machine; with --threads 1 it is the time the work took) and wall time. Ratios are
-against the first variant (the unquantised dtype="auto" path). --mixed also runs npukit's 64-request
-mixed workload (`npukit bench throughput`'s, seed 0) on the first and the listed variants.
+(prompts of --prompt-len, --new-tokens each, all admitted at once; median of --rounds), in process CPU time
+(steadier than wall time on a shared machine; with --threads 1 it is the time the work took) and wall time.
+All variants are loaded first and their rounds interleaved, so a slow stretch of a shared machine falls on
+every variant. Ratios are against the first variant (the unquantised dtype="auto" path). --mixed also runs
+npukit's 64-request mixed workload (`npukit bench throughput`'s, seed 0) on the first and the listed variants.
 """
 from __future__ import annotations
 
@@ -46,45 +47,57 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def measure(name: str, model_name: str, args) -> dict:
-    dtype, quant, extra = VARIANTS[name]
-    extra = dict(extra)
-    head = extra.pop("quantize_lm_head", False)  # a load_model setting, not an engine one
-    (model, tok), load_s, _ = timed(lambda: npukit.load_model(model_name, device=args.device, dtype=dtype,
-                                                              quantization=quant, quantize_lm_head=head))
-    cpu_clock = model.device.type == "cpu"  # NOTE: on an accelerator the process's CPU time says nothing
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompts = [torch.randint(100, min(vocab, 30000), (args.prompt_len,), generator=g).tolist()
-               for _ in range(args.batch)]
-    llm = LLM(model, tok, num_kv_blocks=args.batch * ((args.prompt_len + args.new_tokens) // 16 + 2),
-              max_num_seqs=args.batch, enable_prefix_caching=False, **extra)
-    params = greedy_params(args.new_tokens)
-    llm.generate([prompts[0][:8]], greedy_params(2), use_tqdm=False)  # warm-up
-    tpots = []
-    for r in range(args.rounds):
-        out, wall, cpu = timed(functools.partial(llm.generate, [prompts[r]], params, use_tqdm=False))
-        m = out[0].metrics
-        tpots.append(m.tpot * (cpu / wall if cpu_clock else 1))  # NOTE: scaled to CPU time (shared machine)
-    _, wall, cpu = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
-    cpu = cpu if cpu_clock else wall
-    row = {"variant": name, "dtype": str(model.dtype).removeprefix("torch."), "load_s": load_s,
-           "weights_MiB": model.load_report.weight_bytes / 2**20,
-           "kernels": getattr(getattr(model, "quant_report", None), "kernels", "-"),
-           "tpot_ms": 1e3 * statistics.median(tpots), "tpot_range_ms": (1e3 * min(tpots), 1e3 * max(tpots)),
-           f"tok_s_at_{args.batch}_cpu": args.batch * args.new_tokens / cpu,
-           f"tok_s_at_{args.batch}_wall": args.batch * args.new_tokens / wall}
-    if args.mixed and (name == args.variants[0] or name in args.mixed):
-        wl = make_workload(tok, 64, (32, 512), (16, 256), seed=0)
-        need = sum((len(p) + o) // 16 + 2 for p, o in zip(wl.prompts, wl.max_tokens))
-        llm2 = LLM(model, tok, num_kv_blocks=need, max_num_seqs=64, **extra)
-        run_workload(llm2, Workload([wl.prompts[0][:16]], [2]), label="warm-up")
-        llm2.reset_prefix_cache()
-        run, wall, cpu = timed(lambda: run_workload(llm2, wl, label=name))
-        cpu = cpu if cpu_clock else wall
-        row["mixed_out_tok_s_wall"] = run.num_output_tokens / wall
-        row["mixed_out_tok_s_cpu"] = run.num_output_tokens / cpu
-    return row
+class Variant:
+    """One loaded variant and its engine; the rounds of every variant are interleaved (see main), so the drift of
+    a shared machine's speed falls on all of them alike instead of on whichever ran in a slow minute."""
+
+    def __init__(self, name: str, model_name: str, args):
+        dtype, quant, extra = VARIANTS[name]
+        self.extra = dict(extra)
+        head = self.extra.pop("quantize_lm_head", False)  # a load_model setting, not an engine one
+        (self.model, self.tok), self.load_s, _ = timed(lambda: npukit.load_model(
+            model_name, device=args.device, dtype=dtype, quantization=quant, quantize_lm_head=head))
+        self.name, self.args = name, args
+        self.cpu_clock = self.model.device.type == "cpu"  # NOTE: on an accelerator the process's CPU time says nothing
+        g = torch.Generator().manual_seed(0)
+        vocab = self.model.config.vocab_size
+        self.prompts = [torch.randint(100, min(vocab, 30000), (args.prompt_len,), generator=g).tolist()
+                        for _ in range(args.batch)]
+        self.llm = LLM(self.model, self.tok, num_kv_blocks=args.batch * ((args.prompt_len + args.new_tokens) // 16 + 2),
+                       max_num_seqs=args.batch, enable_prefix_caching=False, **self.extra)
+        self.params = greedy_params(args.new_tokens)
+        self.llm.generate([self.prompts[0][:8]], greedy_params(2), use_tqdm=False)  # warm-up
+        self.tpots, self.batch_runs = [], []
+
+    def tpot_round(self, r: int) -> None:
+        out, wall, cpu = timed(functools.partial(self.llm.generate, [self.prompts[r % len(self.prompts)]], self.params,
+                                                 use_tqdm=False))
+        self.tpots.append(out[0].metrics.tpot * (cpu / wall if self.cpu_clock else 1))  # NOTE: scaled to CPU time
+
+    def batch_round(self) -> None:
+        _, wall, cpu = timed(lambda: self.llm.generate(self.prompts, self.params, use_tqdm=False))
+        self.batch_runs.append((wall, cpu if self.cpu_clock else wall))
+
+    def row(self) -> dict:
+        args, tokens = self.args, self.args.batch * self.args.new_tokens
+        wall, cpu = (statistics.median(t) for t in zip(*self.batch_runs))
+        row = {"variant": self.name, "dtype": str(self.model.dtype).removeprefix("torch."), "load_s": self.load_s,
+               "weights_MiB": self.model.load_report.weight_bytes / 2**20,
+               "kernels": getattr(getattr(self.model, "quant_report", None), "kernels", "-"),
+               "tpot_ms": 1e3 * statistics.median(self.tpots),
+               "tpot_range_ms": (1e3 * min(self.tpots), 1e3 * max(self.tpots)),
+               f"tok_s_at_{args.batch}_cpu": tokens / cpu, f"tok_s_at_{args.batch}_wall": tokens / wall}
+        if args.mixed is not None and (self.name == args.variants[0] or self.name in args.mixed):
+            wl = make_workload(self.tok, 64, (32, 512), (16, 256), seed=0)
+            need = sum((len(p) + o) // 16 + 2 for p, o in zip(wl.prompts, wl.max_tokens))
+            llm2 = LLM(self.model, self.tok, num_kv_blocks=need, max_num_seqs=64, **self.extra)
+            run_workload(llm2, Workload([wl.prompts[0][:16]], [2]), label="warm-up")
+            llm2.reset_prefix_cache()
+            run, wall, cpu = timed(lambda: run_workload(llm2, wl, label=self.name))
+            cpu = cpu if self.cpu_clock else wall
+            row["mixed_out_tok_s_wall"] = run.num_output_tokens / wall
+            row["mixed_out_tok_s_cpu"] = run.num_output_tokens / cpu
+        return row
 
 
 def main(argv=None) -> None:
@@ -107,7 +120,14 @@ def main(argv=None) -> None:
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), native bf16: {cpu_has_fast_bf16()}, "
           f"capability: {torch.backends.cpu.get_cpu_capability()}, model {args.model}")
-    rows = [measure(v, args.model, args) for v in args.variants]
+    variants = [Variant(v, args.model, args) for v in args.variants]
+    for r in range(args.rounds):  # round r of every variant, then round r + 1: interleaved
+        for v in variants:
+            v.tpot_round(r)
+    for _ in range(args.rounds):
+        for v in variants:
+            v.batch_round()
+    rows = [v.row() for v in variants]
     base = rows[0]
     key = f"tok_s_at_{args.batch}_cpu"
     for r in rows:
