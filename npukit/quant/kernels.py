@@ -16,7 +16,8 @@ scale per output channel (``w_scale[N]``); they differ in what runs underneath:
 | w8a8   | `npu`           | Ascend         | `npu_dynamic_quant` + `npu_quant_matmul` (W8A8_DYNAMIC; UNTESTED) |
 
 ``panel`` is npukit.engine.cpu_gemm's panel kernel reading int8 panels: each weight is widened to fp32 in
-registers, so batch-1 decode reads a quarter of fp32's bytes at the speed of the fp32 kernel. It runs on a copy
+registers, so batch-1 decode reads a quarter of fp32's bytes (SmolLM2's 210 layer linears at one row, 2 threads
+on a 2-core Xeon: 5.7-7.4 ms, against 67-95 for int8pack and 18-21 for fp32 F.linear). It runs on a copy
 of the weight (``COPIES``), made once by the layer that holds the weight (QuantLinear): the int8 weights are
 then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one.
 
