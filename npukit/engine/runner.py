@@ -249,10 +249,8 @@ class ModelRunner:
             self._keep_shard(shard, config.intermediate_size)
         else:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
-        # the packed copies of weights that CpuLinears (see _choose_cpu_kernels) and QuantLinears keep
-        quantised = [v for v in [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]
-                     if isinstance(v, torch.nn.Module)]
-        self.packed_bytes = sum(c.nbytes for q in quantised for c in getattr(q, "copies", {}).values())
+        # the packed copies of weights that QuantLinears and CpuLinears (see _choose_cpu_kernels) keep
+        self.packed_bytes = sum(c.nbytes for v in self._fields() for c in getattr(v, "copies", {}).values())
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
             self._choose_cpu_kernels()
         # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
@@ -334,12 +332,16 @@ class ModelRunner:
                 setattr(owner, f, linear)
                 self.packed_bytes += linear.copy_bytes
 
+    def _fields(self) -> list:
+        """lm_head's and every layer's weights (tensors, CpuLinears, QuantLinears) and other fields."""
+        return [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights this runner uses (a rank's shard under tensor parallelism), tied ones once."""
         seen: dict[int, int] = {}
         tensors = [self.embed, self.final_norm]
-        for v in [self.lm_head_w] + [v for lw in self.layers for v in vars(lw).values()]:
+        for v in self._fields():
             if isinstance(v, CpuLinear):  # its packed copy is counted in packed_bytes
                 v = v.weight
             if isinstance(v, torch.Tensor):
