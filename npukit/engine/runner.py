@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import cpu_attention
 from .cpu_gemm import CpuLinear
+from .cpu_ops import add_rms_norm, rms_norm, rope, silu_and_mul
 from .kv_cache import KVCache, kv_shape
 
 _log = logging.getLogger(__name__)
@@ -133,15 +134,6 @@ class StepInputs:
     npu_context_lens: torch.Tensor | None = None   # use_npu_fused_ops: int32 [num_decodes], on the CPU
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # NOTE: the same op order as HF's LlamaRMSNorm (float32 math, cast back, then scale) so fp32 logits
-    # match HF bit for bit in the norm and bf16 rounds the same way.
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
 def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a float weight; a CpuLinear (fp32 on CPU: the kernel the runner's probe chose for this row
     count, npukit.engine.cpu_gemm) computes with its bias; a quantised layer (npukit.quant.QuantLinear)
@@ -159,11 +151,6 @@ def _weight(lin):
     return lin.weight if isinstance(lin, torch.nn.Linear) else lin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 # ---------------------------------------------------------------------- the dense pieces of a decoder layer
 # NOTE: plain functions of tensors (and a layer's _LayerWeights), so that one torch.compile of each serves
 # every layer (regional compilation: the guards check shapes, not which layer's weights), and the eager path
@@ -171,26 +158,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv_heads: int, head_dim: int):
     """input norm -> q, k, v projections (-> Qwen3's q/k norms) -> RoPE: ``[T, heads, head_dim]`` each."""
     num_tokens = x.shape[0]
-    h = _rms_norm(x, lw.input_norm, eps)
+    h = rms_norm(x, lw.input_norm, eps)
     q = _linear(h, lw.q_w, lw.q_b).view(num_tokens, num_heads, head_dim)
     k = _linear(h, lw.k_w, lw.k_b).view(num_tokens, num_kv_heads, head_dim)
     v = _linear(h, lw.v_w, lw.v_b).view(num_tokens, num_kv_heads, head_dim)
     if lw.q_norm is not None:
-        q = _rms_norm(q, lw.q_norm, eps)
-        k = _rms_norm(k, lw.k_norm, eps)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+        q = rms_norm(q, lw.q_norm, eps)
+        k = rms_norm(k, lw.k_norm, eps)
+    q, k = rope(q, k, cos, sin)
     return q, k, v
 
 
 def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
-    x = x + _row_parallel(attn, lw.o_w, lw.o_b, all_reduce)
-    h = _rms_norm(x, lw.post_norm, eps)
+    h, x = add_rms_norm(x, _row_parallel(attn, lw.o_w, lw.o_b, all_reduce), lw.post_norm, eps)
     gate = _linear(h, lw.gate_w, lw.gate_b)
     up = _linear(h, lw.up_w, lw.up_b)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
-        gate = F.silu(gate, inplace=True).mul_(up)
+        gate = silu_and_mul(gate, up)
     else:
         gate = lw.act(gate) * up
     return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)
@@ -528,7 +513,7 @@ class ModelRunner:
             idx = [end - 1 for _, end in inputs.rows]
         hidden = self.forward(inputs)
         hidden = hidden[torch.tensor(idx, dtype=torch.long, device=self.device)]
-        hidden = _rms_norm(hidden, self.final_norm, self.eps)
+        hidden = rms_norm(hidden, self.final_norm, self.eps)
         logits = _linear(hidden, self.lm_head_w).contiguous()  # rows (a CpuLinear may give a transposed view)
         if self.shard is not None:  # each rank has a vocab slice: rank 0 gathers them (None elsewhere)
             logits = self.shard.gather_last_dim(logits)

@@ -1,0 +1,72 @@
+/* The element-wise work of a decoder layer, fp32 rows, one pass each (npukit.engine.cpu_ops):
+ *
+ *   npukit_add_rms_norm: x [M, N] (+ delta [M, N] when given, written to sum) -> out = w * (x * rsqrt(mean(x^2) + eps))
+ *   npukit_rope:         q [M, Hq, D] and k [M, Hk, D] in place: x * cos + rotate_half(x) * sin
+ *   npukit_silu_mul:     gate [M, N] in place: silu(gate) * up
+ *
+ * In torch these are eight, twelve and two ops per layer, each a dispatch and a temporary tensor: at one decode
+ * row their overhead, not their arithmetic, was about a tenth of SmolLM2's step. Rows are independent (a row's
+ * result never depends on the others in the batch) and parallel with OpenMP only where there are enough of them.
+ * Built by npukit.engine.native (-O3 -ffast-math -march=native).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define PARALLEL_ELEMS (1 << 16) /* below this many elements one thread does it: waking others costs more */
+
+void npukit_add_rms_norm(const float *x, int64_t ldx, const float *delta, int64_t ldd, float *sum,
+                         const float *w, float eps, float *out, int64_t M, int64_t N, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * ldx;
+        if (delta) { /* the residual add: sum = x + delta, the same bits as torch's add */
+            float *s = sum + m * N;
+            for (int64_t n = 0; n < N; n++) s[n] = row[n] + delta[m * ldd + n];
+            row = s;
+        }
+        float ss = 0.f;
+        for (int64_t n = 0; n < N; n++) ss += row[n] * row[n];
+        /* NOTE: in double: under -ffast-math gcc computes 1.0f / sqrtf(v) with an approximate rsqrt */
+        const float r = (float)(1.0 / sqrt((double)(ss / (float)N + eps)));
+        float *o = out + m * N;
+        for (int64_t n = 0; n < N; n++) o[n] = w[n] * (row[n] * r); /* HF's order: normalise, then scale */
+    }
+}
+
+/* NOTE: no fused multiply-add here, so the result has torch's bits: (x * cos) + (rotate_half(x) * sin), each
+ * product rounded, as the three torch ops round them. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+static void rope_heads(float *x, int64_t heads, int64_t D, const float *cos, const float *sin) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * D;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            const float lo = a * cos[i] + (-b) * sin[i];
+            const float hi = b * cos[i + half] + a * sin[i + half];
+            v[i] = lo;
+            v[i + half] = hi;
+        }
+    }
+}
+#pragma GCC pop_options
+
+void npukit_rope(float *q, int64_t ldq, int64_t Hq, float *k, int64_t ldk, int64_t Hk, const float *cos,
+                 const float *sin, int64_t M, int64_t D, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * (Hq + Hk) * D >= PARALLEL_ELEMS)
+    for (int64_t m = 0; m < M; m++) {
+        rope_heads(q + m * ldq, Hq, D, cos + m * D, sin + m * D);
+        rope_heads(k + m * ldk, Hk, D, cos + m * D, sin + m * D);
+    }
+}
+
+void npukit_silu_mul(float *gate, int64_t ldg, const float *up, int64_t ldu, int64_t M, int64_t N,
+                     int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
+    for (int64_t m = 0; m < M; m++) {
+        float *g = gate + m * ldg;
+        const float *u = up + m * ldu;
+        for (int64_t n = 0; n < N; n++) g[n] = g[n] / (1.f + expf(-g[n])) * u[n];
+    }
+}

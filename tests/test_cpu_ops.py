@@ -1,0 +1,117 @@
+"""The fused element-wise ops of a decoder layer (npukit.engine.cpu_ops): RMSNorm with its residual add, RoPE and
+SiLU-and-mul in C against torch's ops and a float64 reference, row by row the same whatever the batch, strided
+inputs, the inputs left alone, and the torch path where C does not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npukit.engine import cpu_ops
+
+needs_cc = pytest.mark.skipif(cpu_ops._ops() is None, reason="no C compiler to build the kernels")
+
+
+def _rows(m, n, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, n, generator=g) * scale
+
+
+def _rms_reference(x, w, eps):
+    x64 = x.double()
+    return (w.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).float()
+
+
+@needs_cc
+@pytest.mark.parametrize("m,n,scale", [(1, 576, 1.0), (3, 7, 1e-3), (200, 576, 30.0), (5, 1, 1.0)])
+def test_add_rms_norm_in_c_equals_the_reference_and_torch(m, n, scale):
+    x, delta, w = _rows(m, n, 1, scale), _rows(m, n, 2, scale), _rows(1, n, 3)[0]
+    x0, d0 = x.clone(), delta.clone()
+    assert cpu_ops._in_c(x, delta, w) is not None
+    h, s = cpu_ops.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(s, x + delta)  # the residual sum has torch's bits
+    assert torch.equal(x, x0) and torch.equal(delta, d0)  # inputs left alone
+    torch.testing.assert_close(h, _rms_reference(x + delta, w, 1e-5), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(h, cpu_ops._torch_rms_norm(x + delta, w, 1e-5), rtol=2e-6, atol=1e-6)
+    plain = cpu_ops.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(plain, _rms_reference(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+
+
+@needs_cc
+def test_rms_norm_of_strided_rows_and_of_heads():
+    wide = _rows(9, 80)
+    x = wide[:, 8:72]  # rows 80 apart
+    w = _rows(1, 64, 4)[0]
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-6), _rms_reference(x, w, 1e-6), rtol=2e-6, atol=1e-6)
+    q = _rows(5, 3 * 16, 5).view(5, 3, 16)  # Qwen3's q_norm: one norm per head
+    wq = _rows(1, 16, 6)[0]
+    out = cpu_ops.rms_norm(q, wq, 1e-6)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _rms_reference(q, wq, 1e-6), rtol=2e-6, atol=1e-6)
+
+
+@needs_cc
+@pytest.mark.parametrize("op", ["norm", "rope", "silu"])
+def test_a_rows_result_does_not_depend_on_the_batch(op):
+    """300 rows go through OpenMP's threads, one row through one: each row must come out the same bits."""
+    m, n = 300, 576
+    x, y = _rows(m, n, 7), _rows(m, n, 8)
+    if op == "norm":
+        full, one = cpu_ops.add_rms_norm(x, y, y[0], 1e-5)[0], cpu_ops.add_rms_norm(x[4:5], y[4:5], y[0], 1e-5)[0]
+    elif op == "rope":
+        cos, sin = _rows(m, 64, 9).view(m, 1, 64), _rows(m, 64, 10).view(m, 1, 64)
+        q = x.view(m, 9, 64)
+        full = cpu_ops.rope(q.clone(), q[:, :3].clone(), cos, sin)[0]
+        one = cpu_ops.rope(q[4:5].clone(), q[4:5, :3].clone(), cos[4:5], sin[4:5])[0]
+    else:
+        full, one = cpu_ops.silu_and_mul(x.clone(), y), cpu_ops.silu_and_mul(x[4:5].clone(), y[4:5])
+    assert torch.equal(full[4:5], one)
+
+
+def _torch_rope(x, cos, sin):
+    return x * cos + torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1) * sin
+
+
+@needs_cc
+def test_rope_in_c_has_torchs_bits_in_place_on_strided_rows():
+    t, hq, hk, d = 6, 9, 3, 64
+    qkv = _rows(t, (hq + 2 * hk) * d, 11)  # q, k, v side by side in one row, as a merged projection gives them
+    q = qkv[:, :hq * d].view(t, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    cos, sin = _rows(t, d, 12).view(t, 1, d), _rows(t, d, 13).view(t, 1, d)
+    want_q, want_k, v0 = _torch_rope(q, cos, sin), _torch_rope(k, cos, sin), qkv[:, (hq + hk) * d:].clone()
+    got_q, got_k = cpu_ops.rope(q, k, cos, sin)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(qkv[:, (hq + hk) * d:], v0)  # v untouched
+
+
+@needs_cc
+def test_silu_and_mul_in_c_equals_torch():
+    gate, up = _rows(4, 1536, 14, 4.0), _rows(4, 1536, 15)
+    want = F.silu(gate) * up
+    got = cpu_ops.silu_and_mul(gate, up)
+    assert got.data_ptr() == gate.data_ptr()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    big = torch.tensor([[-100.0, -20.0, 0.0, 20.0, 100.0]])
+    torch.testing.assert_close(cpu_ops.silu_and_mul(big.clone(), torch.ones_like(big)), F.silu(big))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_take_torchs_ops(dtype):
+    x, w = _rows(3, 32, 16).to(dtype), _rows(1, 32, 17)[0].to(dtype)
+    assert cpu_ops._in_c(x, w) is None
+    assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6), cpu_ops._torch_rms_norm(x, w, 1e-6))
+    q, k = x.view(3, 2, 16), x[:, :16].reshape(3, 1, 16)
+    cos, sin = _rows(3, 16, 18).to(dtype).view(3, 1, 16), _rows(3, 16, 19).to(dtype).view(3, 1, 16)
+    got_q, got_k = cpu_ops.rope(q, k, cos, sin)
+    assert torch.equal(got_q, _torch_rope(q, cos, sin)) and torch.equal(got_k, _torch_rope(k, cos, sin))
+
+
+def test_switched_off_the_ops_are_torchs(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "_ops", lambda: None)
+    x, d, w = _rows(2, 16, 20), _rows(2, 16, 21), _rows(1, 16, 22)[0]
+    h, s = cpu_ops.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(s, x + d) and torch.equal(h, cpu_ops._torch_rms_norm(x + d, w, 1e-6))
+    gate = _rows(2, 16, 23)
+    assert torch.equal(cpu_ops.silu_and_mul(gate.clone(), d), F.silu(gate) * d)
