@@ -175,17 +175,19 @@ def _load_error_message(origin: str, path: Path, e: Exception) -> str:
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", *, revision: str | None = None, source: str = "hf",
-               trust_remote_code: bool = False, quantization: str | None = None, quantize_lm_head: bool = False):
+               trust_remote_code: bool = False, quantization: str | None = None,
+               quantize_lm_head: bool | str = False):
     """Load (model, tokenizer) in eval mode on the chosen device; ``model.load_report`` says how.
 
     quantization: "w8a16" or "w8a8" quantises the decoder's linear layers after loading (npukit.quant;
     ``model.quant_report`` says which kernels were picked and what it saved); ``quantize_lm_head=True`` makes
-    lm_head int8 too (see npukit.quant.linear)."""
+    lm_head int8 too, ``"bf16"`` stores it in bfloat16 (see npukit.quant.linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if quantize_lm_head and quantization is None:
-        raise ValueError("quantize_lm_head=True needs a quantization method: pass quantization='w8a16' or 'w8a8'")
+        raise ValueError(f"quantize_lm_head={quantize_lm_head!r} needs a quantization method: pass "
+                         "quantization='w8a16' or 'w8a8'")
 
     dev = _device.resolve(device)
     reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []

@@ -10,6 +10,7 @@ import npukit
 from npukit.engine import LLM, SamplingParams, cpu_gemm
 from npukit.engine.config import EngineConfig, add_engine_args, engine_args
 from npukit.quant import (
+    Bf16Linear,
     QuantizationError,
     QuantLinear,
     apply_quant_recipe,
@@ -266,17 +267,21 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
     assert together == ref
 
 
+@pytest.mark.parametrize("head_format", [True, "bf16"])
 @pytest.mark.parametrize("method", ["w8a16", "w8a8"])
-def test_quantize_lm_head_keeps_a_tied_embedding_float_and_the_engine_equals_hf(method):
+def test_quantize_lm_head_keeps_a_tied_embedding_float_and_the_engine_equals_hf(method, head_format):
     model, tok = fresh_tiny()
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
     table = model.model.embed_tokens.weight.detach().clone()
     before = LLM(model, tok, num_kv_blocks=64, block_size=8).runner.weight_bytes
-    report = quantize_model(model, method, tokenizer=tok, quantize_lm_head=True)
+    report = quantize_model(model, method, tokenizer=tok, quantize_lm_head=head_format)
     head = model.get_output_embeddings()
-    assert isinstance(head, QuantLinear) and head.weight.dtype == torch.int8 and report.lm_head
+    dtype = torch.int8 if head_format is True else torch.bfloat16
+    assert isinstance(head, QuantLinear if head_format is True else Bf16Linear) and head.weight.dtype == dtype
     assert torch.equal(model.model.embed_tokens.weight, table)  # the lookups still read the float table
-    assert "lm_head" in str(report) and model.state_dict()["lm_head.weight"].dtype == torch.int8
+    assert report.lm_head and "lm_head" in str(report) and model.state_dict()["lm_head.weight"].dtype == dtype
+    if head_format == "bf16":
+        assert torch.equal(head.weight, table.to(torch.bfloat16))
     ids = [tok(p).input_ids for p in ["Hello there", "The cat sat on the", "1 2 3 4"]]
     with torch.inference_mode():
         ref = [model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
@@ -284,10 +289,36 @@ def test_quantize_lm_head_keeps_a_tied_embedding_float_and_the_engine_equals_hf(
     llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
     assert [o.outputs[0].token_ids for o in llm.generate(ids, SamplingParams(max_tokens=8, **GREEDY),
                                                          use_tqdm=False)] == ref
-    # the int8 rows are an extra copy beside the float table, but every linear shrank far more
+    # the int8 (bf16) rows are an extra copy beside the float table, but every linear shrank far more
     assert llm.runner.weight_bytes < before
     with pytest.raises(ValueError, match="needs a quantization method"):
-        npukit.load_model("tiny-llama", device="cpu", dtype="float32", quantize_lm_head=True)
+        npukit.load_model("tiny-llama", device="cpu", dtype="float32", quantize_lm_head=head_format)
+
+
+@pytest.mark.parametrize("bad", ["fp8", 8, ["bf16"]])
+def test_an_unknown_lm_head_format_is_refused_before_anything_changes(bad):
+    model, tok = fresh_tiny()
+    with pytest.raises(QuantizationError, match="quantize_lm_head must be"):
+        quantize_model(model, "w8a16", tokenizer=tok, quantize_lm_head=bad)
+    assert isinstance(model.lm_head, torch.nn.Linear) and getattr(model, "quantization", None) is None
+
+
+@pytest.mark.parametrize("compiler", [True, False])
+def test_a_bf16_linear_reads_its_weights_exactly_widened_and_shards_by_rows(compiler, monkeypatch):
+    if not compiler:
+        monkeypatch.setattr(cpu_gemm, "_panel_gemm", lambda: None)
+    elif cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(70, 40, generator=g), torch.randn(3, 40, generator=g)
+    lin = Bf16Linear(w)
+    assert lin.weight.dtype == torch.bfloat16 and bool(lin.copies) == compiler
+    y = lin(x)
+    torch.testing.assert_close(y.double(), x.double() @ w.bfloat16().double().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x[None]), y[None], rtol=0, atol=0)  # [..., in] as nn.Linear takes it
+    half = lin.shard(lambda t: t[35:], row_parallel=False)
+    torch.testing.assert_close(half.project(x), y[:, 35:], rtol=1e-6, atol=1e-6)
+    assert lin(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model's rows stay bf16
 
 
 def test_a_recipe_replayed_on_a_fresh_copy_gives_the_same_int8_weights_and_kernels():

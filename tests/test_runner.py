@@ -322,17 +322,17 @@ def test_cpu_linear_kernels_equal_f_linear(rows, bias, kernel):
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 1, 1), (13, 33, 7), (25, 64, 100), (12, 31, 576)])
-@pytest.mark.parametrize("int8", [False, True])
-def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, int8):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, dtype):
     """csrc/panel_gemm.c: blocks of 12 rows and a part block, a last panel with fewer than 32 columns, x rows
-    further apart than K (a view), with and without bias; fp32 weights, and int8 ones with a scale per output
-    (W8A16)."""
+    further apart than K (a view), with and without bias; fp32 weights, bfloat16 ones (a 16-bit lm_head), and
+    int8 ones with a scale per output (W8A16)."""
     if cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(rows, k + 5, generator=g)[:, 2:k + 2]
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    scale = None
+    w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g)
+    scale, int8 = None, dtype is torch.int8
     if int8:
         w, scale = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g)
     panels = cpu_gemm.pack_panels(w)

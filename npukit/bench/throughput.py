@@ -559,8 +559,9 @@ def add_bench_throughput_args(p: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="run the vLLM peer as it starts out of the box (default: with vLLM's CPU recommendations, "
                         "tcmalloc and Intel OpenMP preloaded where installed; the report says which)")
     p.add_argument("--output-json", default=None, metavar="PATH", help="write every number of the run to this file")
-    p.add_argument("--quantize-lm-head", action="store_true",
-                   help="with --quantization: lm_head int8 too (default: it stays float, as vLLM-Ascend keeps it)")
+    p.add_argument("--quantize-lm-head", nargs="?", const="int8", default=False, choices=["int8", "bf16"],
+                   help="with --quantization: lm_head int8 too, or stored in bf16 (default: it stays in the model's "
+                        "dtype, as vLLM-Ascend keeps it)")
     return add_engine_args(p, notes={"num_kv_blocks": "number of KV blocks (default: enough for the whole workload "
                                                       "at once, +10%%)"})
 

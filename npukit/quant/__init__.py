@@ -2,6 +2,7 @@
 from .kernels import METHODS, KernelPlan, QuantizationError, choose_kernels, quantize_per_channel, quantize_per_token
 from .layers import named_linears
 from .linear import (
+    Bf16Linear,
     QuantLinear,
     QuantRecipe,
     QuantReport,
@@ -11,6 +12,6 @@ from .linear import (
     state_dict_bytes,
 )
 
-__all__ = ["METHODS", "KernelPlan", "QuantLinear", "QuantRecipe", "QuantReport", "QuantizationError",
+__all__ = ["METHODS", "Bf16Linear", "KernelPlan", "QuantLinear", "QuantRecipe", "QuantReport", "QuantizationError",
            "apply_quant_recipe", "choose_kernels", "linear_weight_bytes", "named_linears", "quantize_model",
            "quantize_per_channel", "quantize_per_token", "state_dict_bytes"]

@@ -2,8 +2,9 @@
  *
  *   x       [M, K]          fp32, row-major, rows ldx apart
  *   panels  [N/32, K, 32]   W [N, K] packed by npukit.engine.cpu_gemm.pack_panels (last panel zero-padded):
- *                           fp32 (npukit_panel_gemm_f32), or int8 with one fp32 scale per output column
- *                           (npukit_panel_gemm_i8: W8A16, npukit.quant.kernels)
+ *                           fp32 (npukit_panel_gemm_f32), bfloat16 (npukit_panel_gemm_bf16: a 16-bit lm_head),
+ *                           or int8 with one fp32 scale per output column (npukit_panel_gemm_i8: W8A16,
+ *                           npukit.quant.kernels)
  *   bias    [N] or NULL
  *   y       [M, N]          fp32, row-major
  *
@@ -41,23 +42,35 @@
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef float vecu __attribute__((vector_size(VL * 4), aligned(4), may_alias));
 static inline vec load_f32(const float *p) { return *(const vecu *)p; }
-/* VL int8 weights widened to floats. gcc 12 widened __builtin_convertvector's int8 vectors one number at a time,
+/* VL int8 weights widened to floats, and VL bfloat16 weights (the top half of a float's bits: shifted into place,
+ * exact). gcc 12 widened __builtin_convertvector's int8 vectors one number at a time,
  * so x86 takes the sign-extending instructions (vpmovsxbd) by name. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline vec load_i8(const int8_t *p) {
     return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+static inline vec load_bf16(const uint16_t *p) {
+    return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+}
 #elif defined(__AVX2__)
 #include <immintrin.h>
 static inline vec load_i8(const int8_t *p) {
     return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vec load_bf16(const uint16_t *p) {
+    return (vec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
 }
 #else
 typedef int32_t ivec __attribute__((vector_size(VL * 4)));
 typedef int8_t i8vecu __attribute__((vector_size(VL), aligned(1), may_alias));
 static inline vec load_i8(const int8_t *p) {
     return __builtin_convertvector(__builtin_convertvector(*(const i8vecu *)p, ivec), vec);
+}
+typedef uint32_t uvec __attribute__((vector_size(VL * 4)));
+typedef uint16_t u16vecu __attribute__((vector_size(VL * 2), aligned(2), may_alias));
+static inline vec load_bf16(const uint16_t *p) {
+    return (vec)(__builtin_convertvector(*(const u16vecu *)p, uvec) << 16);
 }
 #endif
 
@@ -90,6 +103,7 @@ static inline vec load_i8(const int8_t *p) {
 
 DEFINE_TILES(float, load_f32)
 DEFINE_TILES(int8_t, load_i8)
+DEFINE_TILES(uint16_t, load_bf16)
 
 /* y[m, n] = acc * scale[n] (if scale) + bias[n] (if bias), over panels in parallel */
 #define PANEL_GEMM(T)                                                                                        \
@@ -119,4 +133,11 @@ void npukit_panel_gemm_f32(const float *x, int64_t ldx, const float *panels, con
 void npukit_panel_gemm_i8(const float *x, int64_t ldx, const int8_t *panels, const float *scale,
                           const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
     PANEL_GEMM(int8_t)
+}
+
+/* bfloat16 weights, fp32 sums: half the bytes of fp32 read, each weight exactly the float it stands for */
+void npukit_panel_gemm_bf16(const float *x, int64_t ldx, const uint16_t *panels, const float *bias, float *y,
+                            int64_t M, int64_t N, int64_t K, int num_threads) {
+    const float *scale = 0;
+    PANEL_GEMM(uint16_t)
 }
