@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import cpu_attention
 from .cpu_gemm import CpuLinear
-from .cpu_ops import add_rms_norm, rms_norm, rope, silu_and_mul
+from .cpu_ops import add_rms_norm, rms_norm, rope
 from .kv_cache import KVCache, kv_shape
 
 _log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     gate = _linear(h, lw.gate_w, lw.gate_b)
     up = _linear(h, lw.up_w, lw.up_b)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
-        gate = silu_and_mul(gate, up)
+        gate = F.silu(gate, inplace=True).mul_(up)
     else:
         gate = lw.act(gate) * up
     return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce)

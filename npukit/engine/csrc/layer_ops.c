@@ -1,12 +1,12 @@
 /* The element-wise work of a decoder layer, fp32 rows, one pass each (npukit.engine.cpu_ops):
  *
- *   npukit_add_rms_norm: x [M, N] (+ delta [M, N] when given, written to sum) -> out = w * (x * rsqrt(mean(x^2) + eps))
+ *   npukit_add_rms_norm: x [M, N] (+ delta [M, N] when given, the sum written to sum)
+ *                        -> out = w * (x * rsqrt(mean(x^2) + eps))
  *   npukit_rope:         q [M, Hq, D] and k [M, Hk, D] in place: x * cos + rotate_half(x) * sin
- *   npukit_silu_mul:     gate [M, N] in place: silu(gate) * up
  *
- * In torch these are eight, twelve and two ops per layer, each a dispatch and a temporary tensor: at one decode
- * row their overhead, not their arithmetic, was about a tenth of SmolLM2's step. Rows are independent (a row's
- * result never depends on the others in the batch) and parallel with OpenMP only where there are enough of them.
+ * In torch these are eight and twelve ops, each a dispatch and a temporary tensor: at one decode row their
+ * overhead is all their cost. Rows are independent (a row's result never depends on the others in the batch)
+ * and parallel with OpenMP only where there are enough of them.
  * Built by npukit.engine.native (-O3 -ffast-math -march=native).
  */
 #include <math.h>
@@ -58,15 +58,5 @@ void npukit_rope(float *q, int64_t ldq, int64_t Hq, float *k, int64_t ldk, int64
     for (int64_t m = 0; m < M; m++) {
         rope_heads(q + m * ldq, Hq, D, cos + m * D, sin + m * D);
         rope_heads(k + m * ldk, Hk, D, cos + m * D, sin + m * D);
-    }
-}
-
-void npukit_silu_mul(float *gate, int64_t ldg, const float *up, int64_t ldu, int64_t M, int64_t N,
-                     int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
-    for (int64_t m = 0; m < M; m++) {
-        float *g = gate + m * ldg;
-        const float *u = up + m * ldu;
-        for (int64_t n = 0; n < N; n++) g[n] = g[n] / (1.f + expf(-g[n])) * u[n];
     }
 }
