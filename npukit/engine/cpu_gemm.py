@@ -115,19 +115,20 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias:
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    kernel = _panel_gemm()[panels.dtype]
-    extra = [t if t is None or (t.dtype is torch.float32 and t.is_contiguous()) else t.contiguous().float()
-             for t in (scale, bias)]  # kept alive until the call returns
+    if scale is not None and (scale.dtype is not torch.float32 or not scale.is_contiguous()):
+        scale = scale.contiguous().float()
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.contiguous().float()
     if (panels.shape[1] != k or x.dtype is not torch.float32 or (panels.dtype is torch.int8) != (scale is not None)
-            or any(t is not None and t.numel() != out_features for t in extra)
-            or panels.shape[0] * PANEL < out_features):
+            or (scale is not None and scale.numel() != out_features)
+            or (bias is not None and bias.numel() != out_features) or panels.shape[0] * PANEL < out_features):
         raise ValueError(f"panel_linear: x {tuple(x.shape)} {x.dtype}, scale "
                          f"{None if scale is None else (tuple(scale.shape), scale.dtype)} do not fit "
                          f"{panels.dtype} panels {tuple(panels.shape)} of {out_features} outputs")
     y = torch.empty(m, out_features)
-    pointers = [None if t is None else t.data_ptr() for t in extra]
-    kernel(x.data_ptr(), x.stride(0), panels.data_ptr(), *(pointers if scale is not None else pointers[1:]),
-           y.data_ptr(), m, out_features, k, torch.get_num_threads())
+    w = (panels.data_ptr(),) if scale is None else (panels.data_ptr(), scale.data_ptr())
+    _panel_gemm()[panels.dtype](x.data_ptr(), x.stride(0), *w, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                m, out_features, k, torch.get_num_threads())
     return y
 
 
