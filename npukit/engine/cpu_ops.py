@@ -49,8 +49,6 @@ def _cpu_f32(t: torch.Tensor) -> bool:
     return t.dtype is torch.float32 and t.is_cpu
 
 
-# NOTE: the checks below are attribute reads on purpose: at one decode row these functions run 90 times a step,
-# and a reshape or a Size comparison costs as much as the C pass itself.
 def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # NOTE: the same op order as HF's LlamaRMSNorm (float32 math, cast back, then scale) so fp32 logits match HF
     # bit for bit in the norm and bf16 rounds the same way.
@@ -67,6 +65,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return add_rms_norm(x, None, weight, eps)[0]
 
 
+# NOTE: the checks below are attribute reads on purpose: at one decode row these functions run 90 times a step,
+# and a reshape or a Size comparison costs as much as the C pass itself.
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the norm after it: ``(rms_norm(x + delta), x + delta)`` (``delta=None``: no add, and

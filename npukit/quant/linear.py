@@ -94,8 +94,8 @@ class QuantLinear(nn.Module):
 
 
 class Bf16Linear(nn.Module):
-    """An nn.Linear whose ``weight`` is stored in bfloat16 (half of fp32's bytes; each weight rounded to 8 bits of
-    mantissa), computed with the activations' dtype: ``quantize_lm_head="bf16"``. On the CPU, fp32 rows run the
+    """An nn.Linear whose ``weight`` is stored in bfloat16 (half of fp32's bytes; each weight rounded to 8
+    significant bits), computed with the activations' dtype: ``quantize_lm_head="bf16"``. On the CPU, fp32 rows run the
     panel kernel on a copy of the bf16 weight (``copies``), widening each weight exactly to fp32 as it is read;
     elsewhere the weight is cast to the activations' dtype (a no-op in a bf16 model)."""
 
@@ -105,7 +105,7 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", weight.detach().to(torch.bfloat16))
         self.register_buffer("bias", bias)
         panel = weight.device.type == "cpu" and cpu_gemm._panel_gemm() is not None
-        self.copies = {"panel": make_copy("panel", self.weight)} if panel else {}
+        self.copies = {"panel": cpu_gemm.pack_panels(self.weight)} if panel else {}
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T, without the bias (the engine's runner adds the bias itself)."""
@@ -217,7 +217,8 @@ def _quantizable(model, method: str, with_head: bool) -> list[tuple[str, nn.Modu
 
 @torch.no_grad()
 def apply_quant_recipe(model, recipe: QuantRecipe) -> None:
-    """Smooth with the recipe's factors, then swap the projections (and lm_head) for QuantLinears, in place."""
+    """Smooth with the recipe's factors, then swap the projections for QuantLinears (and lm_head for a QuantLinear
+    or a Bf16Linear), in place."""
     linears = _quantizable(model, recipe.method, recipe.lm_head is not None)
     if recipe.smoothing:
         apply_smoothing(model, recipe.smoothing)
