@@ -15,30 +15,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 
 import torch
 
 from . import native
 
-_log = logging.getLogger(__name__)
-
 
 @functools.cache
 def load():
     """The kernel as a ctypes function, or None when it cannot be built or is switched off."""
-    if os.environ.get("NPUKIT_CPU_ATTENTION", "1") == "0":
-        _log.info("NPUKIT_CPU_ATTENTION=0: CPU decode attention gathers the blocks and runs SDPA")
-        return None
-    lib = native.load_library("paged_attention")
-    if lib is None:
-        return None
-    fn = lib.npukit_paged_decode_f32
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    args = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, ctypes.c_int]
+    lib = native.load_functions("paged_attention", {"npukit_paged_decode_f32": (args, ctypes.c_int)},
+                                switch="NPUKIT_CPU_ATTENTION")
+    return None if lib is None else lib.npukit_paged_decode_f32
 
 
 def paged_decode_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

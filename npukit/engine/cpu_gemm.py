@@ -94,15 +94,15 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _panel_gemm():
     """The C kernels as ctypes functions by weight dtype, or None (logged) where they cannot be built."""
-    lib = native.load_library("panel_gemm")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    float_weights = ([p, i64, p, p, p, i64, i64, i64, ctypes.c_int], None)  # x, ldx, panels, bias, y, M, N, K, threads
+    lib = native.load_functions("panel_gemm", {
+        "npukit_panel_gemm_f32": float_weights, "npukit_panel_gemm_bf16": float_weights,
+        "npukit_panel_gemm_i8": ([p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int], None)})  # + scale after panels
     if lib is None:
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f32, bf16, i8 = lib.npukit_panel_gemm_f32, lib.npukit_panel_gemm_bf16, lib.npukit_panel_gemm_i8
-    f32.argtypes = bf16.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int]
-    i8.argtypes = [p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int]
-    f32.restype = bf16.restype = i8.restype = None
-    return {torch.float32: f32, torch.bfloat16: bf16, torch.int8: i8}  # NOTE: another dtype raises KeyError
+    return {torch.float32: lib.npukit_panel_gemm_f32, torch.bfloat16: lib.npukit_panel_gemm_bf16,
+            torch.int8: lib.npukit_panel_gemm_i8}  # NOTE: another dtype raises KeyError
 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,

@@ -14,29 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 
 import torch
 
 from . import native
 
-_log = logging.getLogger(__name__)
-
 
 @functools.cache
 def _ops():
     """csrc/layer_ops.c through ctypes, or None where it cannot be built or is switched off."""
-    if os.environ.get("NPUKIT_CPU_OPS", "1") == "0":
-        _log.info("NPUKIT_CPU_OPS=0: norms and RoPE run as torch ops")
-        return None
-    lib = native.load_library("layer_ops")
-    if lib is not None:
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.npukit_add_rms_norm.argtypes = [p, i64, p, i64, p, p, ctypes.c_float, p, i64, i64, i32]
-        lib.npukit_rope.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i32]
-        lib.npukit_add_rms_norm.restype = lib.npukit_rope.restype = None
-    return lib
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    return native.load_functions("layer_ops", {
+        "npukit_add_rms_norm": ([p, i64, p, i64, p, p, ctypes.c_float, p, i64, i64, i32], None),
+        "npukit_rope": ([p, i64, i64, p, i64, i64, p, p, i64, i64, i32], None)}, switch="NPUKIT_CPU_OPS")
 
 
 def _lib():

@@ -71,6 +71,22 @@ def _build(compiler: str, source: Path, out: Path) -> list[str]:
     raise RuntimeError("; ".join(errors))
 
 
+def load_functions(name: str, signatures: dict[str, tuple[list, object]],
+                   switch: str | None = None) -> ctypes.CDLL | None:
+    """``load_library(name)`` with the argument and result types of its C functions set (``{function: (argtypes,
+    restype)}``), or None where it cannot be built, or when the environment variable ``switch`` is "0" (logged:
+    the caller's torch path runs instead, to compare)."""
+    if switch is not None and os.environ.get(switch, "1") == "0":
+        _log.info("%s=0: npukit's C kernel %r is switched off, the torch path runs instead", switch, name)
+        return None
+    lib = load_library(name)
+    if lib is not None:
+        for function, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, function)
+            fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
 @functools.cache
 def load_library(name: str) -> ctypes.CDLL | None:
     """``csrc/<name>.c`` built (once per CPU and source) and loaded, or None (logged) when it cannot be."""

@@ -99,13 +99,10 @@ def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor)
 @functools.cache
 def _quant_rows():
     """csrc/quant_rows.c through ctypes, or None (logged once) where it cannot be built."""
-    lib = native.load_library("quant_rows")
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.npukit_quantize_rows.argtypes = [p, i64, p, p, i64, i64, ctypes.c_int]
-        lib.npukit_scale_rows.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
-        lib.npukit_quantize_rows.restype = lib.npukit_scale_rows.restype = None
-    return lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return native.load_functions("quant_rows", {
+        "npukit_quantize_rows": ([p, i64, p, p, i64, i64, ctypes.c_int], None),
+        "npukit_scale_rows": ([p, p, p, p, i64, i64, ctypes.c_int], None)})
 
 
 # ---------------------------------------------------------------- W8A16: int8 weights, float activations
