@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 
-from npukit.engine import cpu_attention, native
+from npukit.engine import cpu_attention, cpu_gemm, cpu_ops, native
 from npukit.engine.runner import ModelRunner
 from npukit.engine.sequence import Sequence
+from npukit.quant import kernels as quant_kernels
 
 needs_cc = pytest.mark.skipif(cpu_attention.load() is None, reason="no C compiler to build the kernel")
 
@@ -75,15 +76,20 @@ def test_bad_tensors_are_refused_before_the_kernel_reads_them():
         cpu_attention.paged_decode_attention(kernel, q, kc, kc, tables.int(), lens, None, 1.0, out)
 
 
+LOADERS = (native.load_library, cpu_attention.load, cpu_gemm._panel_gemm, cpu_ops._ops, quant_kernels._quant_rows)
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """load() with an empty kernel cache in tmp_path, its memo cleared before and after."""
+    """load() with an empty kernel cache in tmp_path, every C loader's memo cleared before and after (a kernel
+    found missing here must not stay missing for the tests after), and the matmul probe's timings kept apart."""
     monkeypatch.setenv("NPUKIT_KERNEL_CACHE", str(tmp_path))
-    cpu_attention.load.cache_clear()
-    native.load_library.cache_clear()
+    monkeypatch.setattr(cpu_gemm, "_cache", {})
+    for loader in LOADERS:
+        loader.cache_clear()
     yield tmp_path
-    cpu_attention.load.cache_clear()
-    native.load_library.cache_clear()
+    for loader in LOADERS:
+        loader.cache_clear()
 
 
 @needs_cc
