@@ -5,6 +5,9 @@
 shared by different machines never loads a library built for another CPU (``-march=native``). The compiler
 is ``$CC``, else ``cc`` / ``gcc``: the one torch.compile's inductor needs on CPU too. The kernels are plain
 C loops that the compiler vectorises, parallel with OpenMP (torch's own libgomp once torch is loaded).
+``$NPUKIT_CFLAGS`` adds compiler flags after npukit's own, so they win: ``-march=haswell`` builds the AVX2
+code paths on an AVX512 machine, ``-march=x86-64`` the 4-wide one that targets without AVX take (ARM hosts'
+NEON builds run that C too); the test suite checks the kernels built both ways (tests/test_native.py).
 Returns None, with one logged warning saying why, when there is no compiler or the build fails: every
 caller keeps a portable torch path for that case.
 """
@@ -45,6 +48,10 @@ def _cpu_id() -> str:
     return "\n".join(dict.fromkeys(keep)) or f"{platform.machine()} {platform.processor()}"
 
 
+def _extra_flags() -> list[str]:
+    return os.environ.get("NPUKIT_CFLAGS", "").split()
+
+
 def cache_dir() -> Path:
     env = os.environ.get("NPUKIT_KERNEL_CACHE")
     if env:
@@ -59,7 +66,7 @@ def _build(compiler: str, source: Path, out: Path) -> list[str]:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             obj, tmp_so = Path(tmp, "kernel.o"), Path(tmp, out.name)
             omp = [f for f in flags if f == "-fopenmp"]
-            for cmd in ([compiler, *COMPILE_FLAGS, *flags, str(source), "-o", str(obj)],
+            for cmd in ([compiler, *COMPILE_FLAGS, *flags, *_extra_flags(), str(source), "-o", str(obj)],
                         [compiler, str(obj), *LINK_FLAGS, *omp, "-o", str(tmp_so)]):
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                 if proc.returncode != 0:
@@ -95,7 +102,8 @@ def load_library(name: str) -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (apt-get install gcc, or set CC)")
-        recipe = [source.read_text(), compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS), _cpu_id()]
+        recipe = [source.read_text(), compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS), _cpu_id(),
+                  repr(_extra_flags())]
         key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
         so = cache_dir() / f"{name}-{key}.so"
         if not so.exists():
