@@ -76,7 +76,8 @@ def test_bad_tensors_are_refused_before_the_kernel_reads_them():
         cpu_attention.paged_decode_attention(kernel, q, kc, kc, tables.int(), lens, None, 1.0, out)
 
 
-LOADERS = (native.load_library, cpu_attention.load, cpu_gemm._panel_gemm, cpu_ops._ops, quant_kernels._quant_rows)
+LOADERS = (native.load_library, cpu_attention.load, cpu_gemm._panel_gemm, cpu_gemm._panel_gemm_parts, cpu_ops._ops,
+           quant_kernels._quant_rows)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The paged runner against Hugging Face: same logits (fp32, 2.5e-4), same greedy tokens."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 
@@ -20,10 +21,12 @@ from transformers import (
 )
 
 from npukit.engine import cpu_gemm
-from npukit.engine.cpu_gemm import CpuLinear
+from npukit.engine.cpu_gemm import CpuLinear, FusedLinear
 from npukit.engine.kv_cache import kv_bytes_per_block
 from npukit.engine.runner import ModelRunner, UnsupportedModelError, _linear
 from npukit.engine.sequence import Sequence
+from npukit.quant import QuantLinear, quantize_model
+from npukit.quant.kernels import KernelPlan
 
 BLOCK = 4  # small blocks so every prompt spans several, non-contiguous ones
 # NOTE: both sides are fp32 and each is ~1e-4 off float64 on SmolLM2's logits (HF 1.1e-4, the runner with oneDNN's
@@ -346,6 +349,74 @@ def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, dtype):
         cpu_gemm.panel_linear(torch.randn(2, k + 1), panels, n, scale=scale)
     with pytest.raises(ValueError, match="do not fit"):  # int8 panels without their scales, or fp32 with
         cpu_gemm.panel_linear(x, panels, n, scale=None if int8 else torch.ones(n))
+
+
+def _panel_members(dtype, sizes, k, g):
+    """Linears with panel copies, as the runner holds them: CpuLinears (fp32) or W8A16 QuantLinears (int8)."""
+    if dtype is torch.float32:
+        return [CpuLinear(torch.randn(n, k, generator=g), dict.fromkeys(range(1, 17), "panel")) for n in sizes]
+    plan = KernelPlan("w8a16", "panel", "dequant")  # the panel kernel up to 16 rows, as the CpuLinears
+    return [QuantLinear(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g),
+                        None, plan) for n in sizes]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_fused_linears_give_each_part_the_bits_of_its_own_call(rows, dtype):
+    """cpu_gemm.FusedLinear (q/k/v or gate/up in one panel-kernel call): widths that are not multiples of 32, a
+    bias on some parts, x rows further apart than K. Each part equals its own panel_linear call bit for bit."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(rows)
+    k, sizes = 48, (40, 8, 72)
+    members = _panel_members(dtype, sizes, k, g)
+    biases = [torch.randn(40, generator=g), None, torch.randn(72, generator=g)]
+    x = torch.randn(rows, k + 3, generator=g)[:, 1:k + 1]
+    fused = FusedLinear.of(members, biases)
+    assert fused is not None and fused.takes(x)
+    parts = fused(x)
+    assert [tuple(t.shape) for t in parts] == [(rows, n) for n in sizes]
+    for member, bias, part in zip(members, biases, parts):
+        own = cpu_gemm.panel_linear(x, member.copies["panel"], member.weight.shape[0], bias,
+                                    scale=getattr(member, "weight_scale", None))
+        assert torch.equal(part, own)
+    assert not fused.takes(torch.randn(17, k))  # a row count where the members run another kernel
+    for bad in (torch.randn(2, k + 1), torch.randn(2, k, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="does not fit"):
+            fused(bad)
+
+
+def test_only_linears_with_panel_copies_of_one_kind_and_width_are_fused():
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    fp32, int8 = _panel_members(torch.float32, (32, 32), 16, g), _panel_members(torch.int8, (32,), 16, g)
+    assert FusedLinear.of(fp32, [None, None]) is not None
+    assert FusedLinear.of([torch.randn(32, 16), torch.randn(32, 16)], [None, None]) is None  # plain weights
+    assert FusedLinear.of([fp32[0], int8[0]], [None, None]) is None  # fp32 and int8 panels
+    assert FusedLinear.of([fp32[0], *_panel_members(torch.float32, (32,), 8, g)], [None, None]) is None  # widths
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_runner_fuses_qkv_and_gate_up_without_changing_a_bit(arch_models, tiny, arch):
+    """W8A16 on the panel kernel (Qwen2: q/k/v biases): the same decode logits, bit for bit, with the fused calls
+    and with every linear called alone."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    model = copy.deepcopy(arch_models["qwen2"] if arch == "qwen2" else tiny[0])
+    quantize_model(model, "w8a16", smooth=False, kernel="panel")
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
+    fused = [(lw.qkv, lw.gate_up) for lw in runner.layers]
+    assert all(q is not None and gu is not None for q, gu in fused)
+    seqs = [_Blocks(64).seq(p, len(p) + 2) for p in _prompts(model.config.vocab_size, [6, 3, 9])]
+    _greedy(runner, seqs, 1)  # prefill, one decode: the next step reads a KV cache that both runs share
+    for s in seqs:
+        s.num_computed_tokens = len(s.token_ids)
+        s.token_ids.append(7)
+    with_fused = runner.execute_model([(s, 1) for s in seqs])
+    for lw in runner.layers:
+        lw.qkv = lw.gate_up = None
+    assert torch.equal(runner.execute_model([(s, 1) for s in seqs]), with_fused)
 
 
 def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch):

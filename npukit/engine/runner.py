@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_attention
-from .cpu_gemm import CpuLinear
+from .cpu_gemm import CpuLinear, FusedLinear
 from .cpu_ops import add_rms_norm, rms_norm, rope
 from .kv_cache import KVCache, kv_shape
 
@@ -83,6 +83,8 @@ class _LayerWeights:
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over head_dim before RoPE
     k_norm: torch.Tensor | None = None
     sliding_window: int | None = None
+    qkv: FusedLinear | None = None      # q/k/v in one kernel call where all three run the panel kernel
+    gate_up: FusedLinear | None = None  # gate/up the same (see cpu_gemm.FusedLinear)
 
 
 @dataclass
@@ -159,9 +161,14 @@ def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv
     """input norm -> q, k, v projections (-> Qwen3's q/k norms) -> RoPE: ``[T, heads, head_dim]`` each."""
     num_tokens = x.shape[0]
     h = rms_norm(x, lw.input_norm, eps)
-    q = _linear(h, lw.q_w, lw.q_b).view(num_tokens, num_heads, head_dim)
-    k = _linear(h, lw.k_w, lw.k_b).view(num_tokens, num_kv_heads, head_dim)
-    v = _linear(h, lw.v_w, lw.v_b).view(num_tokens, num_kv_heads, head_dim)
+    # NOTE: is_compiling first: a compiled piece never reads lw.qkv (no guard on which layer's object it is)
+    if not torch.compiler.is_compiling() and lw.qkv is not None and lw.qkv.takes(h):
+        q, k, v = lw.qkv(h)
+    else:
+        q, k, v = _linear(h, lw.q_w, lw.q_b), _linear(h, lw.k_w, lw.k_b), _linear(h, lw.v_w, lw.v_b)
+    q = q.view(num_tokens, num_heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
     if lw.q_norm is not None:
         q = rms_norm(q, lw.q_norm, eps)
         k = rms_norm(k, lw.k_norm, eps)
@@ -172,8 +179,10 @@ def qkv_piece(lw: _LayerWeights, x, cos, sin, eps: float, num_heads: int, num_kv
 def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
     """x + o_proj(attn), then + MLP(post norm): the layer's output ``[T, hidden]``."""
     h, x = add_rms_norm(x, _row_parallel(attn, lw.o_w, lw.o_b, all_reduce), lw.post_norm, eps)
-    gate = _linear(h, lw.gate_w, lw.gate_b)
-    up = _linear(h, lw.up_w, lw.up_b)
+    if not torch.compiler.is_compiling() and lw.gate_up is not None and lw.gate_up.takes(h):
+        gate, up = lw.gate_up(h)
+    else:
+        gate, up = _linear(h, lw.gate_w, lw.gate_b), _linear(h, lw.up_w, lw.up_b)
     if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
         gate = F.silu(gate, inplace=True).mul_(up)
     else:
@@ -238,6 +247,7 @@ class ModelRunner:
         self.packed_bytes = sum(c.nbytes for v in self._fields() for c in getattr(v, "copies", {}).values())
         if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
             self._choose_cpu_kernels()
+        self._fuse_projections()
         # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
         # None (no compiler, other dtypes and devices): gather the blocks and run SDPA.
         self.decode_kernel = (cpu_attention.load() if self.device.type == "cpu" and self.dtype == torch.float32
@@ -316,6 +326,13 @@ class ModelRunner:
                 linear = CpuLinear(getattr(owner, f), table)
                 setattr(owner, f, linear)
                 self.packed_bytes += linear.copy_bytes
+
+    def _fuse_projections(self) -> None:
+        """q/k/v and gate/up of each layer in one C call each where they run the panel kernel (fp32 CpuLinears,
+        W8A16 QuantLinears: cpu_gemm.FusedLinear); None elsewhere, and they run one by one."""
+        for lw in self.layers:
+            lw.qkv = FusedLinear.of([lw.q_w, lw.k_w, lw.v_w], [lw.q_b, lw.k_b, lw.v_b])
+            lw.gate_up = FusedLinear.of([lw.gate_w, lw.up_w], [lw.gate_b, lw.up_b])
 
     def _fields(self) -> list:
         """lm_head's and every layer's weights (tensors, CpuLinears, QuantLinears) and other fields."""

@@ -64,6 +64,9 @@ class QuantLinear(nn.Module):
         """The float weight this layer stands for (int8 × scale), for error plots and tests."""
         return self.weight.float() * self.weight_scale[:, None]
 
+    def kernel_for(self, rows: int) -> str:
+        return self.plan.pick(rows)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T × weight_scale, without the bias (the engine's runner adds the bias itself)."""
         if x.dim() == 2:  # the engine's rows (the reshapes below cost microseconds, 210 times a step)

@@ -105,39 +105,63 @@ DEFINE_TILES(float, load_f32)
 DEFINE_TILES(int8_t, load_i8)
 DEFINE_TILES(uint16_t, load_bf16)
 
-/* y[m, n] = acc * scale[n] (if scale) + bias[n] (if bias), over panels in parallel */
-#define PANEL_GEMM(T)                                                                                        \
-    const int64_t num_panels = (N + PW - 1) / PW;                                                            \
-    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                    \
-    for (int64_t p = 0; p < num_panels; p++) {                                                               \
-        const int64_t n0 = p * PW, cols = N - n0 < PW ? N - n0 : PW;                                         \
-        float acc[MB * PW];                                                                                  \
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                             \
-            const int64_t mt = M - m0 < MB ? M - m0 : MB;                                                    \
-            TILES_##T[mt](x + m0 * ldx, ldx, panels + p * K * PW, K, acc);                                   \
-            for (int64_t m = 0; m < mt; m++)                                                                 \
-                for (int64_t c = 0; c < cols; c++)                                                           \
-                    y[(m0 + m) * N + n0 + c] = acc[m * PW + c] * (scale ? scale[n0 + c] : 1.f) +              \
-                                               (bias ? bias[n0 + c] : 0.f);                                  \
-        }                                                                                                    \
+/* y = [x @ W_0^T * scale_0 + bias_0 | x @ W_1^T ... ], the parts' columns side by side in y [M, N_0 + N_1 ..]:
+ * q, k and v (or gate and up) read the same x, so one call, one parallel region over all their panels,
+ * computes them (vLLM's QKVParallelLinear / MergedColumnParallelLinear, without concatenating the weights).
+ * A column's sum is the same as in a call of its part alone. scales / biases: NULL, or a pointer per part (each
+ * may be NULL). SmolLM2, W8A16, one row, 2 threads: a decode step 0.89x as long with q/k/v and gate/up fused. */
+#define MAX_PARTS 8 /* npukit.engine.cpu_gemm.MAX_PARTS */
+#define PANEL_GEMM(T, NAME)                                                                                     \
+    static void panel_gemm_##T(const float *x, int64_t ldx, int64_t parts, const T *const *panels,              \
+                               const float *const *scales, const float *const *biases, const int64_t *N,        \
+                               float *y, int64_t M, int64_t K, int num_threads) {                               \
+        int64_t first[MAX_PARTS + 1] = {0}, col0[MAX_PARTS], ldy = 0; /* a part's first panel and column */     \
+        for (int64_t j = 0; j < parts; j++) {                                                                   \
+            first[j + 1] = first[j] + (N[j] + PW - 1) / PW;                                                     \
+            col0[j] = ldy;                                                                                      \
+            ldy += N[j];                                                                                        \
+        }                                                                                                       \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                   \
+        for (int64_t p = 0; p < first[parts]; p++) {                                                            \
+            int64_t j = 0;                                                                                      \
+            while (p >= first[j + 1]) j++;                                                                      \
+            const int64_t n0 = (p - first[j]) * PW, cols = N[j] - n0 < PW ? N[j] - n0 : PW;                     \
+            const float *scale = scales ? scales[j] : 0, *bias = biases ? biases[j] : 0;                        \
+            float *yp = y + col0[j] + n0, acc[MB * PW];                                                         \
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                            \
+                const int64_t mt = M - m0 < MB ? M - m0 : MB;                                                   \
+                TILES_##T[mt](x + m0 * ldx, ldx, panels[j] + (p - first[j]) * K * PW, K, acc);                  \
+                for (int64_t m = 0; m < mt; m++)                                                                \
+                    for (int64_t c = 0; c < cols; c++)                                                          \
+                        yp[(m0 + m) * ldy + c] = acc[m * PW + c] * (scale ? scale[n0 + c] : 1.f) +              \
+                                                 (bias ? bias[n0 + c] : 0.f);                                   \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    void npukit_panel_gemm_parts_##NAME(const float *x, int64_t ldx, int64_t parts, const T *const *panels,     \
+                                        const float *const *scales, const float *const *biases,                 \
+                                        const int64_t *N, float *y, int64_t M, int64_t K, int num_threads) {    \
+        if (parts >= 1 && parts <= MAX_PARTS)                                                                   \
+            panel_gemm_##T(x, ldx, parts, panels, scales, biases, N, y, M, K, num_threads);                     \
     }
+PANEL_GEMM(float, f32)
+PANEL_GEMM(int8_t, i8)
+PANEL_GEMM(uint16_t, bf16)
 
 /* fp32 weights */
 void npukit_panel_gemm_f32(const float *x, int64_t ldx, const float *panels, const float *bias, float *y,
                            int64_t M, int64_t N, int64_t K, int num_threads) {
-    const float *scale = 0;
-    PANEL_GEMM(float)
+    panel_gemm_float(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, num_threads);
 }
 
 /* int8 weights with one scale per output column (W8A16): the sums of x times the integers, then scaled */
 void npukit_panel_gemm_i8(const float *x, int64_t ldx, const int8_t *panels, const float *scale,
                           const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
-    PANEL_GEMM(int8_t)
+    panel_gemm_int8_t(x, ldx, 1, &panels, &scale, &bias, &N, y, M, K, num_threads);
 }
 
 /* bfloat16 weights, fp32 sums: half the bytes of fp32 read, each weight exactly the float it stands for */
 void npukit_panel_gemm_bf16(const float *x, int64_t ldx, const uint16_t *panels, const float *bias, float *y,
                             int64_t M, int64_t N, int64_t K, int num_threads) {
-    const float *scale = 0;
-    PANEL_GEMM(uint16_t)
+    panel_gemm_uint16_t(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, num_threads);
 }
