@@ -274,7 +274,7 @@ class FusedLinear:
         y = torch.empty(x.shape[0], self.out_features)
         self._fn(x.data_ptr(), x.stride(0), len(self.sizes), *self._args, y.data_ptr(), x.shape[0],
                  self.in_features, torch.get_num_threads())
-        return y.split(self.sizes, dim=1)
+        return y.split_with_sizes(self.sizes, 1)  # NOTE: half the time of Tensor.split (3 vs 6 us for three)
 
 
 MAX_PARTS = 8  # csrc/panel_gemm.c's MAX_PARTS
