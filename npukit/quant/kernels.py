@@ -194,8 +194,7 @@ KERNELS = {
 }
 
 
-@torch.library.custom_op("npukit::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, method: str, kernel: str) -> torch.Tensor:
+def _int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, method: str, kernel: str) -> torch.Tensor:
     """``KERNELS[method][kernel](x, w, w_scale)``, an op that torch.compile calls without tracing into it.
 
     NOTE: traced, inductor got these kernels wrong (torch 2.13, CPU): ``_int_mm(w, qx.t())`` with ``qx``
@@ -205,9 +204,9 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, method:
     return KERNELS[method][kernel](x, w, w_scale).contiguous()
 
 
-@int8_linear.register_fake
-def _(x, w, w_scale, method, kernel):
-    return x.new_empty(x.shape[0], w.shape[0])
+int8_linear = cpu_gemm.opaque_op(
+    "int8_linear(Tensor x, Tensor w, Tensor w_scale, str method, str kernel) -> Tensor", _int8_linear,
+    lambda x, w, w_scale, method, kernel: x.new_empty(x.shape[0], w.shape[0]))
 
 
 def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
