@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ SELECT = ("cpu_ops or cpu_attention or kernel or panel or greedy_decode_matches_
 TARGETS = {"avx2": (["-march=haswell"], "__AVX2__", "__AVX512F__", "avx2"),
            "no-avx": (["-march=x86-64"], "__SSE2__", "__AVX__", "default")}
 
-compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+compiler = native.c_compiler()
 x86_with_cc = pytest.mark.skipif(compiler is None or platform.machine() not in ("x86_64", "AMD64"),
                                  reason="needs an x86-64 host with a C compiler")
 

@@ -52,6 +52,11 @@ def _extra_flags() -> list[str]:
     return os.environ.get("NPUKIT_CFLAGS", "").split()
 
 
+def c_compiler() -> str | None:
+    """The C compiler the kernels are built with: ``$CC``, else ``cc`` or ``gcc`` on the PATH, or None."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def cache_dir() -> Path:
     env = os.environ.get("NPUKIT_KERNEL_CACHE")
     if env:
@@ -98,7 +103,7 @@ def load_functions(name: str, signatures: dict[str, tuple[list, object]],
 def load_library(name: str) -> ctypes.CDLL | None:
     """``csrc/<name>.c`` built (once per CPU and source) and loaded, or None (logged) when it cannot be."""
     source = CSRC / f"{name}.c"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (apt-get install gcc, or set CC)")
