@@ -337,16 +337,20 @@ def test_a_recipe_replayed_on_a_fresh_copy_gives_the_same_int8_weights_and_kerne
         apply_quant_recipe(copy, recipe)
 
 
-def test_tensor_parallel_w8a16_greedy_equals_tp1_and_the_int8_shards_are_counted():
+@pytest.mark.parametrize("kernel", ["int8pack", "panel"])
+def test_tensor_parallel_w8a16_greedy_equals_tp1_and_the_int8_shards_are_counted(kernel):
     # Column-parallel ranks keep int8 rows + their scales, row-parallel ones int8 columns + every scale:
     # the all-reduced partial sums equal the unsharded product, so greedy tokens match. The workers replay
     # rank 0's model.quant_recipe (smoothing factors, kernels, lm_head), so they hold the same int8 weights
     # and run the same kernels. The kernel is forced to an fp32 one: the probe may pick int8pack_bf16, whose
-    # bf16 partial sums round differently from the unsharded sum (true of any bf16 tensor-parallel run).
+    # bf16 partial sums round differently from the unsharded sum (true of any bf16 tensor-parallel run). With the
+    # panel kernel the ranks run q/k/v, gate/up fused and o_proj / down_proj as bound calls (runner: lw.o, lw.down).
+    if kernel == "panel" and cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
     prompts = ["Hello there", "The cat sat on the", "1 2 3 4", "Once upon a time"]
     params = SamplingParams(max_tokens=8, **GREEDY)
     model, tok = fresh_tiny()
-    quantize_model(model, "w8a16", tokenizer=tok, kernel="int8pack", quantize_lm_head=True)
+    quantize_model(model, "w8a16", tokenizer=tok, kernel=kernel, quantize_lm_head=True)
     tp1 = LLM(model, tok, num_kv_blocks=64)
     ref = [o.outputs[0].token_ids for o in tp1.generate(prompts, params, use_tqdm=False)]
     tp2 = LLM(model, tok, num_kv_blocks=64, tensor_parallel_size=2)

@@ -397,17 +397,23 @@ def test_only_linears_with_panel_copies_of_one_kind_and_width_are_fused():
     assert FusedLinear.of([fp32[0], *_panel_members(torch.float32, (32,), 8, g)], [None, None]) is None  # widths
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama-biases"])
 def test_the_runner_fuses_qkv_and_gate_up_without_changing_a_bit(arch_models, tiny, arch):
-    """W8A16 on the panel kernel (Qwen2: q/k/v biases): the same decode logits, bit for bit, with the fused calls
-    and with every linear called alone."""
+    """W8A16 on the panel kernel (Qwen2: q/k/v biases; llama-biases: o_proj and down_proj biases too): the same
+    decode logits, bit for bit, with the fused and bound calls (q/k/v, gate/up; o, down alone) and with every
+    linear called through _linear."""
     if cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     model = copy.deepcopy(arch_models["qwen2"] if arch == "qwen2" else tiny[0])
+    if arch == "llama-biases":
+        g = torch.Generator().manual_seed(5)
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.bias = torch.nn.Parameter(torch.randn(lin.out_features, generator=g) * 0.1)
     quantize_model(model, "w8a16", smooth=False, kernel="panel")
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=64)
-    fused = [(lw.qkv, lw.gate_up) for lw in runner.layers]
-    assert all(q is not None and gu is not None for q, gu in fused)
+    fused = [(lw.qkv, lw.gate_up, lw.o, lw.down) for lw in runner.layers]
+    assert all(f is not None for four in fused for f in four)
     seqs = [_Blocks(64).seq(p, len(p) + 2) for p in _prompts(model.config.vocab_size, [6, 3, 9])]
     _greedy(runner, seqs, 1)  # prefill, one decode: the next step reads a KV cache that both runs share
     for s in seqs:
@@ -415,8 +421,12 @@ def test_the_runner_fuses_qkv_and_gate_up_without_changing_a_bit(arch_models, ti
         s.token_ids.append(7)
     with_fused = runner.execute_model([(s, 1) for s in seqs])
     for lw in runner.layers:
-        lw.qkv = lw.gate_up = None
+        lw.qkv = lw.gate_up = lw.o = lw.down = None
     assert torch.equal(runner.execute_model([(s, 1) for s in seqs]), with_fused)
+    if arch == "llama-biases":  # and the biases count: without them the logits change
+        for layer in runner.layers:
+            layer.o_b = layer.down_b = None
+        assert not torch.equal(runner.execute_model([(s, 1) for s in seqs]), with_fused)
 
 
 def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch):

@@ -44,7 +44,7 @@ def paged_decode_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     b, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     for t in (q, k_cache, v_cache, block_tables, ctx_lens, out):
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if not t.is_contiguous() or not t.is_cpu:
             raise ValueError("paged_decode_attention takes contiguous CPU tensors")
     if q.dtype != torch.float32 or out.dtype != torch.float32 or k_cache.dtype != torch.float32:
         raise ValueError(f"the CPU paged-attention kernel is float32 only, got {q.dtype} / {k_cache.dtype}")

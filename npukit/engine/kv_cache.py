@@ -51,6 +51,12 @@ class KVCache:
     k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, num_kv_heads, head_dim]
     v_caches: list[torch.Tensor]
 
+    def __post_init__(self):
+        # NOTE: the caches viewed by slot [num_blocks * block_size, num_kv_heads, head_dim], made once: at one
+        # decode row the two views cost as much as the write (a C write was no faster than index_copy_)
+        self.slots = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]))
+                      for k, v in zip(self.k_caches, self.v_caches)]
+
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> "KVCache":
@@ -78,9 +84,9 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store k, v ``[num_tokens, num_kv_heads, head_dim]`` at their slots (int64 ``[num_tokens]``)."""
-        kc, vc = self.k_caches[layer], self.v_caches[layer]
-        kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k)
-        vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v)
+        ks, vs = self.slots[layer]
+        ks.index_copy_(0, slot_mapping, k)
+        vs.index_copy_(0, slot_mapping, v)
 
     def gather_blocks(self, layer: int, block_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of whole blocks: ``num_seqs`` block tables of equal length ``n``, flattened into ``block_ids``

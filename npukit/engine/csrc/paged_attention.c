@@ -36,16 +36,23 @@ static inline float dot(const float *x, const float *y, int64_t n) {
     return acc;
 }
 
-/* The cache row (all KV heads) of the same offset one block ahead: blocks lie anywhere in memory, so the
- * hardware prefetcher, which follows addresses within a page, stalls at every block boundary. */
-static inline void prefetch_next_block(const float *cache, const int64_t *table, int64_t pos, int64_t end,
-                                       int64_t block_size, int64_t row) {
+/* The run of positions from pos on (at most left of them) that lies in one block of this block table: its
+ * length; *at is the cache row of pos, *next that of the same offset in the next block (-1: no next block).
+ * Walking block by block costs one division per block, not per position. */
+static inline int64_t block_run(const int64_t *table, int64_t pos, int64_t left, int64_t block_size, int64_t *at,
+                                int64_t *next) {
+    const int64_t blk = pos / block_size, off = pos % block_size;
+    const int64_t run = block_size - off < left ? block_size - off : left;
+    *at = table[blk] * block_size + off;
+    *next = run < left ? table[blk + 1] * block_size + off : -1;
+    return run;
+}
+
+/* Blocks lie anywhere in memory, so the hardware prefetcher, which follows addresses within a page, stalls at
+ * every block boundary: each row read asks for the row of the same offset one block ahead. */
+static inline void prefetch_row(const float *p, int64_t row) {
 #if defined(__GNUC__)
-    const int64_t ahead = pos + block_size;
-    if (ahead < end) {
-        const float *p = cache + (table[ahead / block_size] * block_size + ahead % block_size) * row;
-        for (int64_t c = 0; c < row; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + c);
-    }
+    for (int64_t c = 0; c < row; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + c);
 #endif
 }
 
@@ -70,14 +77,14 @@ int npukit_paged_decode_f32(const float *q, const float *k_cache, const float *v
             continue;
         }
         memset(oi, 0, sizeof(float) * (size_t)(m * D));
-        /* 1. scores q_j . k_t * scale; query head j reads KV head h0 + j / g */
-        for (int64_t t = 0; t < n; t++) {
-            const int64_t pos = start + t;
-            const float *k = k_cache + (tables[i * max_blocks + pos / block_size] * block_size + pos % block_size)
-                                       * row + h0 * D;
-            prefetch_next_block(k_cache, tables + i * max_blocks, pos, L, block_size, row);
-            for (int64_t j = 0; j < m; j++) {
-                s[j * n + t] = dot(qi + j * D, k + (j / g) * D, D) * scale;
+        /* 1. scores q_j . k_t * scale; query head j = h * g + r reads KV head h0 + h */
+        for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
+            run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
+            for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
+                const float *k = k_cache + at * row + h0 * D;
+                if (next >= 0) prefetch_row(k_cache + next * row, row);
+                for (int64_t h = 0, j = 0; h < heads; h++)
+                    for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
             }
         }
         /* 2. softmax over the positions */
@@ -93,15 +100,17 @@ int npukit_paged_decode_f32(const float *q, const float *k_cache, const float *v
             for (int64_t t = 0; t < n; t++) sj[t] *= inv;
         }
         /* 3. out_j = sum_t p_jt v_t */
-        for (int64_t t = 0; t < n; t++) {
-            const int64_t pos = start + t;
-            const float *v = v_cache + (tables[i * max_blocks + pos / block_size] * block_size + pos % block_size)
-                                       * row + h0 * D;
-            prefetch_next_block(v_cache, tables + i * max_blocks, pos, L, block_size, row);
-            for (int64_t j = 0; j < m; j++) {
-                const float p = s[j * n + t], *vj = v + (j / g) * D;
-                #pragma omp simd
-                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
+        for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
+            run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
+            for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
+                const float *v = v_cache + at * row + h0 * D;
+                if (next >= 0) prefetch_row(v_cache + next * row, row);
+                for (int64_t h = 0, j = 0; h < heads; h++)
+                    for (int64_t r = 0; r < g; r++, j++) {
+                        const float p = s[j * n + t], *vj = v + h * D;
+                        #pragma omp simd
+                        for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
+                    }
             }
         }
         free(s);
