@@ -56,6 +56,58 @@ static inline void prefetch_row(const float *p, int64_t row) {
 #endif
 }
 
+/* One work item: the query heads of KV heads h0 .. h0 + heads - 1 of sequence i, attending over positions start ..
+ * start + n - 1. Always inlined, so that a constant head_dim D (64, 128: see the caller) unrolls its loops. */
+static inline __attribute__((always_inline)) int attend(
+        const float *q, const float *k_cache, const float *v_cache, const int64_t *tables, int64_t i, int64_t h0,
+        int64_t heads, int64_t start, int64_t n, int64_t g, int64_t num_heads, const int64_t D, int64_t row,
+        int64_t block_size, int64_t max_blocks, float scale, float *out) {
+    const int64_t m = heads * g;
+    const float *qi = q + (i * num_heads + h0 * g) * D;  /* the m query heads of KV heads h0 .. h0 + heads */
+    float *oi = out + (i * num_heads + h0 * g) * D;
+    float *s = malloc(sizeof(float) * (size_t)(m * (n > 0 ? n : 1)));  /* s[j][t]: scores, then weights */
+    if (s == NULL) return -1;
+    memset(oi, 0, sizeof(float) * (size_t)(m * D));
+    /* 1. scores q_j . k_t * scale; query head j = h * g + r reads KV head h0 + h */
+    for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
+        run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
+        for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
+            const float *k = k_cache + at * row + h0 * D;
+            if (next >= 0) prefetch_row(k_cache + next * row, row);
+            for (int64_t h = 0, j = 0; h < heads; h++)
+                for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
+        }
+    }
+    /* 2. softmax over the positions */
+    for (int64_t j = 0; j < m && n > 0; j++) {
+        float *sj = s + j * n, mx = -FLT_MAX, total = 0.f;
+        for (int64_t t = 0; t < n; t++) mx = sj[t] > mx ? sj[t] : mx;
+        #pragma omp simd reduction(+:total)
+        for (int64_t t = 0; t < n; t++) {
+            sj[t] = expf(sj[t] - mx);
+            total += sj[t];
+        }
+        const float inv = 1.f / total;
+        for (int64_t t = 0; t < n; t++) sj[t] *= inv;
+    }
+    /* 3. out_j = sum_t p_jt v_t */
+    for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
+        run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
+        for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
+            const float *v = v_cache + at * row + h0 * D;
+            if (next >= 0) prefetch_row(v_cache + next * row, row);
+            for (int64_t h = 0, j = 0; h < heads; h++)
+                for (int64_t r = 0; r < g; r++, j++) {
+                    const float p = s[j * n + t], *vj = v + h * D;
+                    #pragma omp simd
+                    for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
+                }
+        }
+    }
+    free(s);
+    return 0;
+}
+
 int npukit_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                             const int64_t *ctx_lens, int64_t b, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t window, float scale,
@@ -68,52 +120,18 @@ int npukit_paged_decode_f32(const float *q, const float *k_cache, const float *v
     #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t item = 0; item < b * split; item++) {
         const int64_t i = item / split, h0 = (item % split) * heads, L = ctx_lens[i];
-        const int64_t start = (window > 0 && L > window) ? L - window : 0, n = L - start, m = heads * g;
-        const float *qi = q + (i * num_heads + h0 * g) * D;  /* the m query heads of KV heads h0 .. h0 + heads */
-        float *oi = out + (i * num_heads + h0 * g) * D;
-        float *s = malloc(sizeof(float) * (size_t)(m * (n > 0 ? n : 1)));  /* s[j][t]: scores, then weights */
-        if (s == NULL) {
-            failed = 1;
-            continue;
-        }
-        memset(oi, 0, sizeof(float) * (size_t)(m * D));
-        /* 1. scores q_j . k_t * scale; query head j = h * g + r reads KV head h0 + h */
-        for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
-            run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
-            for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
-                const float *k = k_cache + at * row + h0 * D;
-                if (next >= 0) prefetch_row(k_cache + next * row, row);
-                for (int64_t h = 0, j = 0; h < heads; h++)
-                    for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
-            }
-        }
-        /* 2. softmax over the positions */
-        for (int64_t j = 0; j < m && n > 0; j++) {
-            float *sj = s + j * n, mx = -FLT_MAX, total = 0.f;
-            for (int64_t t = 0; t < n; t++) mx = sj[t] > mx ? sj[t] : mx;
-            #pragma omp simd reduction(+:total)
-            for (int64_t t = 0; t < n; t++) {
-                sj[t] = expf(sj[t] - mx);
-                total += sj[t];
-            }
-            const float inv = 1.f / total;
-            for (int64_t t = 0; t < n; t++) sj[t] *= inv;
-        }
-        /* 3. out_j = sum_t p_jt v_t */
-        for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
-            run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
-            for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
-                const float *v = v_cache + at * row + h0 * D;
-                if (next >= 0) prefetch_row(v_cache + next * row, row);
-                for (int64_t h = 0, j = 0; h < heads; h++)
-                    for (int64_t r = 0; r < g; r++, j++) {
-                        const float p = s[j * n + t], *vj = v + h * D;
-                        #pragma omp simd
-                        for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
-                    }
-            }
-        }
-        free(s);
+        const int64_t start = (window > 0 && L > window) ? L - window : 0, n = L - start;
+        int rc;
+        if (D == 64)
+            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, 64, row, block_size,
+                        max_blocks, scale, out);
+        else if (D == 128)
+            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, 128, row, block_size,
+                        max_blocks, scale, out);
+        else
+            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, D, row, block_size,
+                        max_blocks, scale, out);
+        if (rc) failed = 1;
     }
     return failed ? -1 : 0;
 }
