@@ -110,6 +110,7 @@ class _DecodeBucket:
     max_blocks: int
     masks: dict[int | None, torch.Tensor]  # window -> additive [end - start, 1, 1, max_blocks * block_size]
     ctx_lens: torch.Tensor  # [end - start]: the tokens each row attends to (its context and itself)
+    block_tables: torch.Tensor | None = None  # block_ids as [end - start, max_blocks] (the C kernel's input)
 
 
 @dataclass
@@ -466,7 +467,8 @@ class ModelRunner:
             if self.decode_kernel is not None:  # it reads K/V at these ids unchecked
                 if ids and not 0 <= min(ids) <= max(ids) < self.num_kv_blocks:
                     raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {min(ids)}..{max(ids)}")
-                buckets.append(_DecodeBucket(start, end, self._as_long(ids), max_blocks, {}, ctx[:, 0]))
+                ids = self._as_long(ids)  # NOTE: the kernel's [b, max_blocks] view made here, not in every layer
+                buckets.append(_DecodeBucket(start, end, ids, max_blocks, {}, ctx[:, 0], ids.view(-1, max_blocks)))
                 continue
             key_pos = torch.arange(max_blocks * bs, device=self.device)[None, :]        # [1, L]
             masks = {}
@@ -633,10 +635,11 @@ class ModelRunner:
         for d in inp.decode_buckets:
             nd = d.end - d.start
             if self.decode_kernel is not None:
+                whole = nd == num_tokens  # NOTE: a pure decode step (one bucket here): no slices to make
                 cpu_attention.paged_decode_attention(
-                    self.decode_kernel, q[d.start:d.end].contiguous(), self.kv_cache.k_caches[layer_idx],
-                    self.kv_cache.v_caches[layer_idx], d.block_ids.view(nd, d.max_blocks), d.ctx_lens, window,
-                    self.scaling, out[d.start:d.end])
+                    self.decode_kernel, (q if whole else q[d.start:d.end]).contiguous(),
+                    self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx], d.block_tables, d.ctx_lens,
+                    window, self.scaling, out if whole else out[d.start:d.end])
                 continue
             # One query per sequence: fold the query heads of a KV group into SDPA's "query length" so
             # K/V are never repeated: q [b, kv_heads, group, D] against K/V [b, kv_heads, L, D].
