@@ -62,34 +62,34 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     """The residual add and the norm after it: ``(rms_norm(x + delta), x + delta)`` (``delta=None``: no add, and
     the second tensor is ``x``). ``x`` and ``delta`` are left alone."""
     lib = _lib()
-    if (lib is None or x.dim() != 2 or not _cpu_f32(x) or x.stride(1) != 1 or not _cpu_f32(weight)
-            or weight.dim() != 1 or not weight.is_contiguous() or weight.shape[0] != x.shape[1]
-            or (delta is not None and (not _cpu_f32(delta) or delta.shape != x.shape or delta.stride(1) != 1))):
-        s = x if delta is None else x + delta
-        return _torch_rms_norm(s, weight, eps), s
-    m, n = x.shape
-    out = torch.empty(m, n)
-    s = None if delta is None else torch.empty(m, n)
-    lib.npukit_add_rms_norm(x.data_ptr(), x.stride(0), None if s is None else delta.data_ptr(),
-                            0 if s is None else delta.stride(0), None if s is None else s.data_ptr(),
-                            weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads())
-    return out, (x if s is None else s)
+    if (lib is not None and x.dim() == 2 and _cpu_f32(x) and _cpu_f32(weight) and weight.dim() == 1
+            and weight.is_contiguous()):
+        (m, n), xs = x.shape, x.stride()
+        if xs[1] == 1 and weight.shape[0] == n and (delta is None or (_cpu_f32(delta) and delta.shape == x.shape
+                                                                     and delta.stride(1) == 1)):
+            out = torch.empty(m, n)
+            s = None if delta is None else torch.empty(m, n)
+            lib.npukit_add_rms_norm(x.data_ptr(), xs[0], None if s is None else delta.data_ptr(),
+                                    0 if s is None else delta.stride(0), None if s is None else s.data_ptr(),
+                                    weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads())
+            return out, (x if s is None else s)
+    s = x if delta is None else x + delta
+    return _torch_rms_norm(s, weight, eps), s
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q ``[T, Hq, D]`` and k ``[T, Hk, D]`` by cos, sin ``[T, 1, D]`` (HF's
     ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin``). In C, q and k are rotated in place."""
     lib = _lib()
-    if (lib is None or q.dim() != 3 or k.dim() != 3 or not (_cpu_f32(q) and _cpu_f32(k) and _cpu_f32(cos)
-                                                             and _cpu_f32(sin))
-            or q.shape[2] % 2 or q.stride(2) != 1 or q.stride(1) != q.shape[2] or k.stride(2) != 1
-            or k.stride(1) != k.shape[2] or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]
-            or not (cos.is_contiguous() and sin.is_contiguous()) or cos.numel() != q.shape[0] * q.shape[2]
-            or sin.numel() != cos.numel()):
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    lib.npukit_rope(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], cos.data_ptr(),
-                    sin.data_ptr(), q.shape[0], q.shape[2], torch.get_num_threads())
-    return q, k
+    if (lib is not None and q.dim() == 3 and k.dim() == 3 and _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(cos)
+            and _cpu_f32(sin) and cos.is_contiguous() and sin.is_contiguous()):
+        (m, hq, d), (mk, hk, dk), qs, ks = q.shape, k.shape, q.stride(), k.stride()  # NOTE: each read once
+        if (d % 2 == 0 and qs[2] == 1 and qs[1] == d and ks[2] == 1 and ks[1] == d and mk == m and dk == d
+                and cos.numel() == m * d and sin.numel() == m * d):
+            lib.npukit_rope(q.data_ptr(), qs[0], hq, k.data_ptr(), ks[0], hk, cos.data_ptr(), sin.data_ptr(), m, d,
+                            torch.get_num_threads())
+            return q, k
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
