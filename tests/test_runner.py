@@ -23,7 +23,7 @@ from transformers import (
 from npukit.engine import cpu_gemm
 from npukit.engine.cpu_gemm import CpuLinear, FusedLinear
 from npukit.engine.kv_cache import kv_bytes_per_block
-from npukit.engine.runner import ModelRunner, UnsupportedModelError, _linear
+from npukit.engine.runner import ModelRunner, UnsupportedModelError, _linear, _row_parallel
 from npukit.engine.sequence import Sequence
 from npukit.quant import QuantLinear, quantize_model
 from npukit.quant.kernels import KernelPlan
@@ -427,6 +427,23 @@ def test_the_runner_fuses_qkv_and_gate_up_without_changing_a_bit(arch_models, ti
         for layer in runner.layers:
             layer.o_b = layer.down_b = None
         assert not torch.equal(runner.execute_model([(s, 1) for s in seqs]), with_fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_a_bound_row_parallel_projection_adds_its_bias_after_the_all_reduce(dtype):
+    """o_proj / down_proj as bound 1-part calls (runner: lw.o, lw.down): without tensor parallelism the bias is in
+    the call; with it the call has no bias, the partial sum is all-reduced, then the bias is added once. Both equal
+    the path through _linear."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(3)
+    (w,) = _panel_members(dtype, (40,), 24, g)
+    b, x = torch.randn(40, generator=g), torch.randn(3, 24, generator=g)
+    assert torch.equal(_row_parallel(x, w, b, None, FusedLinear.of([w], [b])), _row_parallel(x, w, b))
+    double = lambda y: y.mul_(2)  # noqa: E731 - an all-reduce over two ranks that hold the same partial sum
+    got = _row_parallel(x, w, b, double, FusedLinear.of([w], [None]))
+    assert torch.equal(got, _row_parallel(x, w, b, double))
+    assert torch.equal(got, _linear(x, w) * 2 + b)
 
 
 def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch):
