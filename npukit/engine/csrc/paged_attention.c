@@ -36,20 +36,9 @@ static inline float dot(const float *x, const float *y, int64_t n) {
     return acc;
 }
 
-/* The run of positions from pos on (at most left of them) that lies in one block of this block table: its
- * length; *at is the cache row of pos, *next that of the same offset in the next block (-1: no next block).
- * Walking block by block costs one division per block, not per position. */
-static inline int64_t block_run(const int64_t *table, int64_t pos, int64_t left, int64_t block_size, int64_t *at,
-                                int64_t *next) {
-    const int64_t blk = pos / block_size, off = pos % block_size;
-    const int64_t run = block_size - off < left ? block_size - off : left;
-    *at = table[blk] * block_size + off;
-    *next = run < left ? table[blk + 1] * block_size + off : -1;
-    return run;
-}
-
 /* Blocks lie anywhere in memory, so the hardware prefetcher, which follows addresses within a page, stalls at
- * every block boundary: each row read asks for the row of the same offset one block ahead. */
+ * every block boundary: each row read asks for the row of the same offset one block ahead (block_size
+ * positions later). */
 static inline void prefetch_row(const float *p, int64_t row) {
 #if defined(__GNUC__)
     for (int64_t c = 0; c < row; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + c);
@@ -66,17 +55,24 @@ static inline __attribute__((always_inline)) int attend(
     const float *qi = q + (i * num_heads + h0 * g) * D;  /* the m query heads of KV heads h0 .. h0 + heads */
     float *oi = out + (i * num_heads + h0 * g) * D;
     float *s = malloc(sizeof(float) * (size_t)(m * (n > 0 ? n : 1)));  /* s[j][t]: scores, then weights */
-    if (s == NULL) return -1;
+    int64_t *at = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));    /* at[t]: position t's cache row */
+    if (s == NULL || at == NULL) {
+        free(s);
+        free(at);
+        return -1;
+    }
+    /* the blocks walked once for both passes: one division per block, not per position and pass */
+    for (int64_t t = 0; t < n;) {
+        const int64_t pos = start + t, first = tables[i * max_blocks + pos / block_size] * block_size;
+        for (int64_t off = pos % block_size; off < block_size && t < n; off++, t++) at[t] = first + off;
+    }
     memset(oi, 0, sizeof(float) * (size_t)(m * D));
     /* 1. scores q_j . k_t * scale; query head j = h * g + r reads KV head h0 + h */
-    for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
-        run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
-        for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
-            const float *k = k_cache + at * row + h0 * D;
-            if (next >= 0) prefetch_row(k_cache + next * row, row);
-            for (int64_t h = 0, j = 0; h < heads; h++)
-                for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
-        }
+    for (int64_t t = 0; t < n; t++) {
+        const float *k = k_cache + at[t] * row + h0 * D;
+        if (t + block_size < n) prefetch_row(k_cache + at[t + block_size] * row, row);
+        for (int64_t h = 0, j = 0; h < heads; h++)
+            for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
     }
     /* 2. softmax over the positions */
     for (int64_t j = 0; j < m && n > 0; j++) {
@@ -91,20 +87,18 @@ static inline __attribute__((always_inline)) int attend(
         for (int64_t t = 0; t < n; t++) sj[t] *= inv;
     }
     /* 3. out_j = sum_t p_jt v_t */
-    for (int64_t t0 = 0, run, at, next; t0 < n; t0 += run) {
-        run = block_run(tables + i * max_blocks, start + t0, n - t0, block_size, &at, &next);
-        for (int64_t t = t0; t < t0 + run; t++, at++, next += next >= 0) {
-            const float *v = v_cache + at * row + h0 * D;
-            if (next >= 0) prefetch_row(v_cache + next * row, row);
-            for (int64_t h = 0, j = 0; h < heads; h++)
-                for (int64_t r = 0; r < g; r++, j++) {
-                    const float p = s[j * n + t], *vj = v + h * D;
-                    #pragma omp simd
-                    for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
-                }
-        }
+    for (int64_t t = 0; t < n; t++) {
+        const float *v = v_cache + at[t] * row + h0 * D;
+        if (t + block_size < n) prefetch_row(v_cache + at[t + block_size] * row, row);
+        for (int64_t h = 0, j = 0; h < heads; h++)
+            for (int64_t r = 0; r < g; r++, j++) {
+                const float p = s[j * n + t], *vj = v + h * D;
+                #pragma omp simd
+                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
+            }
     }
     free(s);
+    free(at);
     return 0;
 }
 
