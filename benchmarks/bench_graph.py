@@ -2,6 +2,8 @@
 
     python benchmarks/bench_graph.py                                   # tiny-llama, CPU, fp32
     python benchmarks/bench_graph.py --model HuggingFaceTB/SmolLM2-135M-Instruct --threads 2
+    python benchmarks/bench_graph.py --model smollm2-135m-instruct --threads 2 --dtype float32 --quantization w8a16
+    NPUKIT_CPU_GRAPHS=inductor python benchmarks/bench_graph.py ...    # CPU: torch.compile instead of the replay
     python benchmarks/bench_graph.py --device cuda --dtype float16 --random-config 2048x16 --out graph.json
 
 One ModelRunner, one KV cache: every batch of B decode sequences (--context tokens each, non-contiguous
@@ -52,8 +54,8 @@ def load(args):
     if args.random_config:
         dtype = getattr(torch, "float32" if args.dtype == "auto" else args.dtype)
         return random_llama(args.random_config, device, dtype), f"random Llama {args.random_config}"
-    model, _ = npukit.load_model(args.model, device=device, dtype=args.dtype)
-    return model, args.model
+    model, _ = npukit.load_model(args.model, device=device, dtype=args.dtype, quantization=args.quantization)
+    return model, args.model + (f" {args.quantization}" if args.quantization else "")
 
 
 def step_times(runner, batch, repeat: int, graph) -> tuple[float, float]:
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
                     help="a random-weight Llama of this shape instead of --model (e.g. 2048x16)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | npu | auto")
     ap.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    ap.add_argument("--quantization", default=None, help="w8a16 | w8a8 (npukit.quant; not with --random-config)")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 3, 4, 8, 16, 32, 64])
     ap.add_argument("--compile-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--context", type=int, default=128, help="tokens already in the cache per sequence")

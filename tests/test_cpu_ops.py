@@ -106,3 +106,21 @@ def test_switched_off_the_ops_are_torchs(monkeypatch):
     x, d, w = _rows(2, 16, 20), _rows(2, 16, 21), _rows(1, 16, 22)[0]
     h, s = cpu_ops.add_rms_norm(x, d, w, 1e-6)
     assert torch.equal(s, x + d) and torch.equal(h, cpu_ops._torch_rms_norm(x + d, w, 1e-6))
+
+
+@needs_cc
+def test_bound_calls_write_what_the_ops_return():
+    """bind_add_rms_norm / bind_rope (graph mode's CPU replay): the C call with its arguments bound, into the given
+    buffers, the same bits as the op; None where the op would not take the C path."""
+    x, d, w = _rows(3, 40, 23), _rows(3, 40, 24), _rows(1, 40, 25)[0]
+    out, s = torch.empty(3, 40), torch.empty(3, 40)
+    cpu_ops.bind_add_rms_norm(x, d, w, 1e-6, out, s)()
+    h, want_s = cpu_ops.add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(out, h) and torch.equal(s, want_s)
+    assert cpu_ops.bind_add_rms_norm(x.t(), None, w[:3], 1e-6, out, None) is None  # strided columns: torch's path
+    q, k = _rows(3, 64, 26).view(3, 2, 32), _rows(3, 32, 27).view(3, 1, 32)
+    cos, sin = _rows(3, 32, 28).view(3, 1, 32), _rows(3, 32, 29).view(3, 1, 32)
+    want_q, want_k = _torch_rope(q, cos, sin), _torch_rope(k, cos, sin)
+    cpu_ops.bind_rope(q, k, cos, sin)()
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert cpu_ops.bind_rope(q.double(), k.double(), cos, sin) is None

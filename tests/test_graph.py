@@ -1,6 +1,8 @@
 """Graph mode (enforce_eager=False, npukit.engine.graph): greedy tokens equal eager (fp32) whatever the batch,
 padding to capture sizes is counted, larger batches and prefills run eager, no recompiles as contexts grow,
-and every failure falls back to eager with a warning. Device: $NPUKIT_TEST_DEVICE (default cpu, see conftest)."""
+and every failure falls back to eager with a warning. On CPU both backends: the replay of bound kernel calls
+(npukit.engine.cpu_graph, fp32: the eager step's bits) and torch.compile (inductor, NPUKIT_CPU_GRAPHS=inductor).
+Device: $NPUKIT_TEST_DEVICE (default cpu, see conftest)."""
 import logging
 import random
 
@@ -8,14 +10,17 @@ import pytest
 import torch
 
 from conftest import TEST_DEVICE
-from npukit.engine import LLM, SamplingParams
+from npukit.engine import LLM, SamplingParams, cpu_graph
 from npukit.engine import graph as graph_mod
 from npukit.engine.config import EngineConfig
-from npukit.engine.graph import GraphStats, padded_size
+from npukit.engine.graph import CPU_BACKEND_ENV, GraphRunner, GraphStats, padded_size
+from npukit.engine.runner import ModelRunner
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 SIZES = [1, 2, 4]  # few sizes: each costs a compilation on CPU (shared by every engine of the tiny model here)
-cpu_only = pytest.mark.skipif(TEST_DEVICE != "cpu", reason="torch.compile (inductor) is the CPU backend")
+cpu_only = pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the CPU backends (replay, inductor)")
+# the backend graph mode picks on the test device for the fp32 tiny model
+BACKEND = {"cpu": "cpu-replay", "cuda": "cuda-graph"}.get(TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +52,30 @@ def graphs(tiny):
     return engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=4)
 
 
+def graph_engine(tiny, backend: str | None, **kw):
+    """A graph-mode engine; backend "inductor": torch.compile on CPU even where the replay runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        if backend == "inductor":
+            mp.setenv(CPU_BACKEND_ENV, "inductor")
+        return engine(tiny, enforce_eager=False, **kw)
+
+
 def test_padded_size():
     assert [padded_size(n, SIZES) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, None]
 
 
+@pytest.mark.parametrize("backend", [None, pytest.param("inductor", marks=cpu_only)])
 @pytest.mark.parametrize("case, kw", [
     ("decode batches of 4, 3, 2, 1", {"max_num_seqs": 4}),
     ("prefix caching + chunked prefill", {"max_num_seqs": 4, "max_num_batched_tokens": 7}),
     ("more decodes than the largest size", {"max_num_seqs": 8}),
 ])
-def test_greedy_tokens_equal_eager(tiny, prompts, case, kw):
+def test_greedy_tokens_equal_eager(tiny, prompts, case, kw, backend):
     eager = generate(engine(tiny, **kw), prompts)
-    llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, **kw)
+    llm = graph_engine(tiny, backend, compile_sizes=SIZES, **kw)
     assert generate(llm, prompts) == eager
     s = llm.graph_stats
-    assert s.backend != "eager" and s.fallback_reason is None and s.num_graph_steps > 0
+    assert s.backend == (backend or BACKEND or s.backend) and s.fallback_reason is None and s.num_graph_steps > 0
     if kw["max_num_seqs"] == 8:  # 8 decodes > 4: eager until the batch shrinks to 4
         assert s.num_eager_steps > len(prompts) // 4
     if "max_num_batched_tokens" in kw:
@@ -100,23 +114,23 @@ def test_padding_is_counted_per_step(graphs, prompts):
     assert 0 < s.padding_waste < 0.5 and graphs.stats().graph is s
 
 
-def test_no_recompilation_as_contexts_grow(graphs, prompts):
-    if TEST_DEVICE != "cpu":
-        pytest.skip("counts torch.compile graphs")
+@cpu_only
+def test_no_recompilation_as_contexts_grow(tiny, prompts):
     from torch._dynamo.utils import counters
 
-    generate(graphs, prompts[:2])  # every size used once already (see the fixture's warm-up)
+    llm = graph_engine(tiny, "inductor", compile_sizes=SIZES, max_num_seqs=4)
+    generate(llm, prompts[:2])  # every size used once already (compiled at start-up)
     before = counters["stats"]["unique_graphs"]
     long = [p * 3 for p in prompts[4:8]]  # longer contexts, more blocks per sequence
-    generate(graphs, long)
+    generate(llm, long)
     assert counters["stats"]["unique_graphs"] == before
-    assert graphs.graph_stats.compile_seconds > 0
+    assert llm.graph_stats.compile_seconds > 0 and llm.graph_stats.backend == "inductor"
 
 
 def test_compile_seconds_and_backend(graphs):
     s = graphs.graph_stats
-    assert s.capture_sizes == SIZES
-    assert s.backend == {"cpu": "inductor", "cuda": "cuda-graph"}.get(TEST_DEVICE, s.backend)
+    assert s.capture_sizes == SIZES and s.compile_seconds > 0
+    assert s.backend == (BACKEND or s.backend)
 
 
 def test_sizes_above_max_num_seqs_are_skipped(tiny):
@@ -131,6 +145,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, prompts, monke
 
     monkeypatch.setattr(graph_mod, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv(CPU_BACKEND_ENV, "inductor")
     with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
         llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES, max_num_seqs=4)
     assert "inductor exploded" in caplog.text and "eager" in caplog.text
@@ -146,7 +161,7 @@ def test_a_failing_graph_step_reruns_eager_and_stays_eager(tiny, prompts, caplog
         calls.append(1)
         raise RuntimeError("graph replay failed")
 
-    llm.runner.graph.pieces = {size: (broken, broken) for size in SIZES}
+    llm.runner.graph.steps = {size: broken for size in SIZES}
     with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
         out = generate(llm, prompts[:4])
     assert out == generate(engine(tiny, max_num_seqs=4), prompts[:4])
@@ -157,6 +172,7 @@ def test_a_failing_graph_step_reruns_eager_and_stays_eager(tiny, prompts, caplog
 @cpu_only
 def test_no_cpp_compiler_says_how_to_get_one(tiny, monkeypatch, caplog):
     monkeypatch.setattr(graph_mod, "cpp_compiler", lambda: None)
+    monkeypatch.setenv(CPU_BACKEND_ENV, "inductor")  # NOTE: without a compiler the replay's C kernels fail too
     with caplog.at_level(logging.WARNING, logger="npukit.engine.graph"):
         llm = engine(tiny, enforce_eager=False, compile_sizes=SIZES)
     assert "apt-get install g++" in caplog.text and llm.graph_stats.backend == "eager"
@@ -210,12 +226,14 @@ def test_smollm2_graph_greedy_equals_eager(smol):
 
 
 @cpu_only
+@pytest.mark.parametrize("backend", ["cpu-replay", "inductor"])
 @pytest.mark.parametrize("method,kernel", [("w8a16", "int8pack"), ("w8a16", "int8pack_bf16"), ("w8a16", "dequant"),
                                            ("w8a16", "panel"), ("w8a8", "int_mm"), ("w8a8", "dequant")])
-def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method, kernel):
-    """The compiled pieces call the quantised linears (npukit.quant.QuantLinear) like the eager ones do, with
-    every CPU kernel (each one forced: the probe picks by timing). Traced by inductor, int_mm gave garbage at
-    batch 1 and int8pack_bf16 did not compile; they run as one opaque op (npukit.quant.kernels.int8_linear)."""
+def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method, kernel, backend):
+    """The graphs call the quantised linears (npukit.quant.QuantLinear) like the eager step does, with every CPU
+    kernel (each one forced: the probe picks by timing): the replay binds the panel kernel and calls the others
+    as eager does; inductor traced int_mm into garbage at batch 1 and did not compile int8pack_bf16, so under
+    it they run as one opaque op (npukit.quant.kernels.int8_linear)."""
     import npukit
     from npukit.engine import cpu_gemm
     from npukit.quant import quantize_model
@@ -225,18 +243,19 @@ def test_graph_mode_on_a_quantised_model_equals_eager(prompts, method, kernel):
     model, tok = npukit.load_model("tiny-llama", device="cpu", dtype="float32")  # its own copy: quantised in place
     quantize_model(model, method, tokenizer=tok, kernel=kernel)
     eager = generate(engine((model, tok), max_num_seqs=2), prompts[:4])
-    llm = engine((model, tok), enforce_eager=False, compile_sizes=[1, 2], max_num_seqs=2)
+    llm = graph_engine((model, tok), backend, compile_sizes=[1, 2], max_num_seqs=2)
     assert generate(llm, prompts[:4]) == eager
     s = llm.graph_stats
-    assert s.backend == "inductor" and s.fallback_reason is None and s.num_graph_steps > 0
+    assert s.backend == backend and s.fallback_reason is None and s.num_graph_steps > 0
 
 
 @cpu_only
+@pytest.mark.parametrize("backend", ["cpu-replay", "inductor"])
 @pytest.mark.parametrize("kernel", ["packed", "swapped", "panel"])
-def test_compiled_pieces_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monkeypatch, kernel):
-    """fp32 on CPU the runner's linears are CpuLinears (npukit.engine.cpu_gemm); inside the compiled pieces each
-    runs as the opaque op npukit::cpu_linear (dynamo cannot trace oneDNN's packed weight) with the same kernel
-    as eager: the same tokens."""
+def test_graphs_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monkeypatch, kernel, backend):
+    """fp32 on CPU the runner's linears are CpuLinears (npukit.engine.cpu_gemm); the replay calls each as eager
+    does (the panel kernel bound), inside the compiled pieces each runs as the opaque op npukit::cpu_linear (dynamo
+    cannot trace oneDNN's packed weight), with the same kernel as eager: the same tokens."""
     from npukit.engine import cpu_gemm
 
     if tiny[0].dtype != torch.float32:
@@ -250,10 +269,81 @@ def test_compiled_pieces_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monk
     del packed_calls[:]  # the probe's own
     eager = generate(first, prompts[:4])
     eager_calls = len(packed_calls)
-    llm = engine(tiny, enforce_eager=False, compile_sizes=[1, 2], max_num_seqs=2)
-    assert llm.runner.layers[0].o_w.kernels[1] == kernel
+    llm = graph_engine(tiny, backend, compile_sizes=[1, 2], max_num_seqs=2)
+    assert llm.runner.layers[0].o_w.kernels[1] == kernel and llm.graph_stats.backend == backend
     del packed_calls[:]
     assert generate(llm, prompts[:4]) == eager
     s = llm.graph_stats
     assert s.fallback_reason is None and s.num_graph_steps > 0
     assert len(packed_calls) == eager_calls and (eager_calls > 0) == (kernel == "packed")  # graph steps too
+
+
+def _decode_steps(model, runner_kw: dict, sizes, steps: int = 3, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Logits of `steps` decode steps of batches of each size, from an eager runner and one with graph mode over
+    `sizes` (each its own KV cache, the same sequences and block tables): [eager, graph] per step."""
+    from npukit.engine.sequence import Sequence
+
+    rng = random.Random(seed)
+    runners = [ModelRunner(model, block_size=4, num_kv_blocks=256, **runner_kw) for _ in range(2)]
+    runners[1].graph = GraphRunner(runners[1], list(sizes))
+    assert runners[1].graph.stats.backend == "cpu-replay", runners[1].graph.stats.fallback_reason
+    free = list(range(256))
+    rng.shuffle(free)
+    out = []
+    for b in sizes:
+        seqs = []
+        for i in range(b):
+            s = Sequence(request_id=f"{b}.{i}", token_ids=[rng.randrange(3, 300) for _ in range(3 + 5 * i)],
+                         sampling_params=None)
+            s.block_table = [free.pop() for _ in range(8)]
+            seqs.append(s)
+        for r in runners:
+            r.execute_model([(s, len(s.token_ids)) for s in seqs])
+        for _ in range(steps):
+            for s in seqs:
+                s.num_computed_tokens = len(s.token_ids)
+                s.token_ids.append(rng.randrange(3, 300))
+            out.append([r.execute_model([(s, 1) for s in seqs]) for r in runners])
+        assert runners[1].graph.stats.last_capture_size == b
+    return out
+
+
+@cpu_only
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "llama3-rope", "gelu"])
+@pytest.mark.parametrize("kernel", [None, "packed", "swapped", "linear"])
+def test_cpu_replay_gives_the_eager_steps_bits(arch, kernel, monkeypatch):
+    """The replay (npukit.engine.cpu_graph) makes the eager step's calls in the eager layout: logits equal bit for
+    bit at every capture size, for every supported family (q/k/v biases, Qwen3's q/k norms, sliding windows, a
+    non-SiLU MLP) and whichever kernel the probe picks (the panel kernel bound, the others called as eager does:
+    oneDNN packed, the transposed result of "swapped", F.linear)."""
+    from test_runner import _tiny_config_model, tiny_arch_models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from npukit.engine import cpu_gemm
+
+    if kernel is not None:  # every linear on one kernel (the probe picks by timing)
+        monkeypatch.setattr(cpu_gemm, "_timed", lambda k, run, xs: 0.5 if k == kernel else 1.0)
+        monkeypatch.setattr(cpu_gemm, "_cache", {})
+    if arch == "gelu":
+        model = _tiny_config_model(LlamaConfig, LlamaForCausalLM, hidden_act="gelu_pytorch_tanh")
+    else:
+        model = tiny_arch_models()[arch]
+    for eager, graph in _decode_steps(model, {}, SIZES):
+        assert torch.equal(eager, graph)
+
+
+@cpu_only
+def test_cpu_replay_only_where_its_kernels_run(tiny, monkeypatch):
+    """The replay needs fp32 and npukit's C kernels; elsewhere graph mode on CPU compiles with inductor."""
+    from npukit.engine import cpu_ops
+
+    model = tiny[0]
+    runner = ModelRunner(model, block_size=4, num_kv_blocks=16)
+    assert cpu_graph.supports(runner)
+    monkeypatch.setattr(cpu_ops, "_ops", lambda: None)  # NPUKIT_CPU_OPS=0 or no compiler
+    assert not cpu_graph.supports(runner)
+    with pytest.raises(ValueError, match="float32 CPU runner"):
+        cpu_graph.CpuGraph(runner, 1)
+    bf16 = ModelRunner(type(model)(model.config).to(torch.bfloat16).eval(), block_size=4, num_kv_blocks=16)
+    monkeypatch.undo()
+    assert not cpu_graph.supports(bf16)

@@ -43,6 +43,10 @@ def _tiny_config_model(cls_cfg, cls_model, **extra):
 
 @pytest.fixture(scope="module")
 def arch_models():
+    return tiny_arch_models()
+
+
+def tiny_arch_models() -> dict:
     """Random tiny models of each supported family, built from configs in well under a second."""
     return {
         "qwen2": _tiny_config_model(Qwen2Config, Qwen2ForCausalLM),  # q/k/v bias
@@ -384,6 +388,11 @@ def test_fused_linears_give_each_part_the_bits_of_its_own_call(rows, dtype):
     for bad in (torch.randn(2, k + 1), torch.randn(2, k, dtype=torch.float64)):
         with pytest.raises(ValueError, match="does not fit"):
             fused(bad)
+    y = torch.full((rows, sum(sizes)), float("nan"))
+    fused.bind(x, y)()  # graph mode's replay: the same call, its arguments bound once
+    assert torch.equal(y, torch.cat(parts, 1))
+    with pytest.raises(ValueError, match="float32 y"):
+        fused.bind(x, torch.empty(rows, sum(sizes) + 1))
 
 
 def test_only_linears_with_panel_copies_of_one_kind_and_width_are_fused():

@@ -41,17 +41,37 @@ def paged_decode_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     head_dim]``; ``block_tables`` int64 ``[b, max_blocks]``, ``ctx_lens`` int64 ``[b]``, all contiguous CPU
     tensors. The caller guarantees every block id the lengths reach is a valid block: the kernel does not check.
     """
-    b, num_heads, head_dim = q.shape
+    _check(q, k_cache, v_cache, out)
+    if block_tables.dtype != torch.int64 or ctx_lens.dtype != torch.int64 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError("block_tables [b, max_blocks] and ctx_lens [b] must be int64, one row per query")
+    for t in (block_tables, ctx_lens):
+        if not t.is_contiguous() or not t.is_cpu:
+            raise ValueError("paged_decode_attention takes contiguous CPU tensors")
+    bind(kernel, q, k_cache, v_cache, window, scale, out)(block_tables, ctx_lens, q.shape[0])
+
+
+def bind(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float,
+         out: torch.Tensor):
+    """paged_decode_attention with the tensors that stay the same from step to step bound (graph mode's CPU replay,
+    npukit.engine.cpu_graph): ``attend(block_tables, ctx_lens, b)`` computes the first ``b`` rows of ``q`` into
+    ``out``. The caller passes block tables and lengths as paged_decode_attention takes them (the runner builds
+    them so); they are not checked again."""
+    _check(q, k_cache, v_cache, out)
+    _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    for t in (q, k_cache, v_cache, block_tables, ctx_lens, out):
+    qp, kp, vp, op = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+    threads = torch.get_num_threads()
+
+    def attend(block_tables: torch.Tensor, ctx_lens: torch.Tensor, b: int) -> None:
+        if kernel(qp, kp, vp, block_tables.data_ptr(), ctx_lens.data_ptr(), b, num_heads, num_kv_heads, head_dim,
+                  block_size, block_tables.shape[1], window or 0, scale, op, threads):
+            raise MemoryError("the CPU paged-attention kernel could not allocate its score buffer")
+    return attend
+
+
+def _check(q, k_cache, v_cache, out) -> None:
+    for t in (q, k_cache, v_cache, out):
         if not t.is_contiguous() or not t.is_cpu:
             raise ValueError("paged_decode_attention takes contiguous CPU tensors")
     if q.dtype != torch.float32 or out.dtype != torch.float32 or k_cache.dtype != torch.float32:
         raise ValueError(f"the CPU paged-attention kernel is float32 only, got {q.dtype} / {k_cache.dtype}")
-    if block_tables.dtype != torch.int64 or ctx_lens.dtype != torch.int64 or block_tables.shape[0] != b:
-        raise ValueError("block_tables [b, max_blocks] and ctx_lens [b] must be int64, one row per query")
-    rc = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), ctx_lens.data_ptr(),
-                b, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], window or 0, scale,
-                out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("the CPU paged-attention kernel could not allocate its score buffer")

@@ -269,15 +269,27 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype is not torch.float32:
-            raise ValueError(f"FusedLinear: x {tuple(x.shape)} {x.dtype} does not fit float32 rows of "
-                             f"{self.in_features} inputs")
         y = torch.empty(x.shape[0], self.out_features)
-        self._fn(x.data_ptr(), x.stride(0), len(self.sizes), *self._args, y.data_ptr(), x.shape[0],
-                 self.in_features, torch.get_num_threads())
+        self._fn(*self._call_args(x, y))
         if len(self.sizes) == 1:
             return (y,)
         return y.split_with_sizes(self.sizes, 1)  # NOTE: half the time of Tensor.split (3 vs 6 us for three)
+
+    def bind(self, x: torch.Tensor, y: torch.Tensor):
+        """The call on rows ``x`` into ``y`` (``[rows, out_features]``, contiguous) with its arguments bound
+        (functools.partial): graph mode's CPU replay (npukit.engine.cpu_graph) makes it once per batch size."""
+        if x.stride(-1) != 1 or not y.is_contiguous() or y.dtype is not torch.float32 or y.shape != (
+                x.shape[0], self.out_features):
+            raise ValueError(f"FusedLinear.bind: x {tuple(x.shape)} (contiguous rows) into float32 y "
+                             f"[{x.shape[0]}, {self.out_features}], got y {tuple(y.shape)} {y.dtype}")
+        return functools.partial(self._fn, *self._call_args(x, y))
+
+    def _call_args(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype is not torch.float32:
+            raise ValueError(f"FusedLinear: x {tuple(x.shape)} {x.dtype} does not fit float32 rows of "
+                             f"{self.in_features} inputs")
+        return (x.data_ptr(), x.stride(0), len(self.sizes), *self._args, y.data_ptr(), x.shape[0], self.in_features,
+                torch.get_num_threads())
 
 
 MAX_PARTS = 8  # csrc/panel_gemm.c's MAX_PARTS

@@ -57,39 +57,75 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # NOTE: the checks below are attribute reads on purpose: at one decode row these functions run 90 times a step,
 # and a reshape or a Size comparison costs as much as the C pass itself.
+def _norm_fits(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the C norm takes these tensors (fp32 CPU rows, each row contiguous)."""
+    if not (x.dim() == 2 and _cpu_f32(x) and _cpu_f32(weight) and weight.dim() == 1 and weight.is_contiguous()):
+        return False
+    return x.stride(1) == 1 and weight.shape[0] == x.shape[1] and (
+        delta is None or (_cpu_f32(delta) and delta.shape == x.shape and delta.stride(1) == 1))
+
+
+def _norm_args(x, delta, weight, eps, out, s) -> tuple:
+    """The C norm's arguments: ``out = rms_norm(s)``, ``s = x + delta`` (``s=None``: no add, ``out = rms_norm(x)``)."""
+    m, n = x.shape
+    return (x.data_ptr(), x.stride(0), None if s is None else delta.data_ptr(), 0 if s is None else delta.stride(0),
+            None if s is None else s.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads())
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the norm after it: ``(rms_norm(x + delta), x + delta)`` (``delta=None``: no add, and
     the second tensor is ``x``). ``x`` and ``delta`` are left alone."""
     lib = _lib()
-    if (lib is not None and x.dim() == 2 and _cpu_f32(x) and _cpu_f32(weight) and weight.dim() == 1
-            and weight.is_contiguous()):
-        (m, n), xs = x.shape, x.stride()
-        if xs[1] == 1 and weight.shape[0] == n and (delta is None or (_cpu_f32(delta) and delta.shape == x.shape
-                                                                     and delta.stride(1) == 1)):
-            out = torch.empty(m, n)
-            s = None if delta is None else torch.empty(m, n)
-            lib.npukit_add_rms_norm(x.data_ptr(), xs[0], None if s is None else delta.data_ptr(),
-                                    0 if s is None else delta.stride(0), None if s is None else s.data_ptr(),
-                                    weight.data_ptr(), eps, out.data_ptr(), m, n, torch.get_num_threads())
-            return out, (x if s is None else s)
+    if lib is not None and _norm_fits(x, delta, weight):
+        out = torch.empty(x.shape)
+        s = None if delta is None else torch.empty(x.shape)
+        lib.npukit_add_rms_norm(*_norm_args(x, delta, weight, eps, out, s))
+        return out, (x if s is None else s)
     s = x if delta is None else x + delta
     return _torch_rms_norm(s, weight, eps), s
+
+
+def bind_add_rms_norm(x, delta, weight, eps, out, s):
+    """add_rms_norm's C call with its arguments bound, writing into ``out`` (and ``s``, the sum; None without
+    ``delta``), or None where add_rms_norm would not take the C path (graph mode on CPU: npukit.engine.cpu_graph)."""
+    lib = _ops()
+    if lib is None or not _norm_fits(x, delta, weight):
+        return None
+    return functools.partial(lib.npukit_add_rms_norm, *_norm_args(x, delta, weight, eps, out, s))
+
+
+def _rope_fits(q, k, cos, sin) -> bool:
+    """Whether the C RoPE takes these tensors (fp32 CPU, each head's row contiguous, one cos/sin row per token)."""
+    if not (q.dim() == 3 and k.dim() == 3 and _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(cos) and _cpu_f32(sin)
+            and cos.is_contiguous() and sin.is_contiguous()):
+        return False
+    (m, _, d), (mk, _, dk), qs, ks = q.shape, k.shape, q.stride(), k.stride()  # NOTE: each read once
+    return (d % 2 == 0 and qs[2] == 1 and qs[1] == d and ks[2] == 1 and ks[1] == d and mk == m and dk == d
+            and cos.numel() == m * d and sin.numel() == m * d)
+
+
+def _rope_args(q, k, cos, sin) -> tuple:
+    (m, hq, d), qs = q.shape, q.stride()
+    return (q.data_ptr(), qs[0], hq, k.data_ptr(), k.stride(0), k.shape[1], cos.data_ptr(), sin.data_ptr(), m, d,
+            torch.get_num_threads())
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q ``[T, Hq, D]`` and k ``[T, Hk, D]`` by cos, sin ``[T, 1, D]`` (HF's
     ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin``). In C, q and k are rotated in place."""
     lib = _lib()
-    if (lib is not None and q.dim() == 3 and k.dim() == 3 and _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(cos)
-            and _cpu_f32(sin) and cos.is_contiguous() and sin.is_contiguous()):
-        (m, hq, d), (mk, hk, dk), qs, ks = q.shape, k.shape, q.stride(), k.stride()  # NOTE: each read once
-        if (d % 2 == 0 and qs[2] == 1 and qs[1] == d and ks[2] == 1 and ks[1] == d and mk == m and dk == d
-                and cos.numel() == m * d and sin.numel() == m * d):
-            lib.npukit_rope(q.data_ptr(), qs[0], hq, k.data_ptr(), ks[0], hk, cos.data_ptr(), sin.data_ptr(), m, d,
-                            torch.get_num_threads())
-            return q, k
+    if lib is not None and _rope_fits(q, k, cos, sin):
+        lib.npukit_rope(*_rope_args(q, k, cos, sin))
+        return q, k
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def bind_rope(q, k, cos, sin):
+    """rope's C call (in place on q and k) with its arguments bound, or None where rope would not take it."""
+    lib = _ops()
+    return None if lib is None or not _rope_fits(q, k, cos, sin) else functools.partial(lib.npukit_rope,
+                                                                                        *_rope_args(q, k, cos, sin))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,26 +3,30 @@
 vLLM's idea (``--enforce-eager`` off, ``cudagraph_capture_sizes``), in its piecewise form: a decoder layer is
 cut at attention. The two dense pieces around it (``runner.qkv_piece``: norm, q/k/v, RoPE; and
 ``runner.out_mlp_piece``: o_proj, residual, norm, MLP) have the same shapes at every step of a given batch
-size, so they are compiled (CPU: ``torch.compile``, inductor) or captured (CUDA: ``torch.cuda.CUDAGraph``;
-Ascend: ``torch.npu.NPUGraph``, UNTESTED) once per capture size. Paged attention and the KV write, whose
-shapes change with the context length, stay eager in between, so a longer context never recompiles::
+size, so they are captured once per capture size (CUDA: ``torch.cuda.CUDAGraph``; Ascend:
+``torch.npu.NPUGraph``, UNTESTED; CPU: see below). Paged attention and the KV write, whose shapes change with
+the context length, run in between with the step's own block tables and lengths, so a longer context never
+recaptures::
 
     decode step, 3 sequences, capture sizes [1, 2, 4]  ->  padded to 4 rows
     rows  0 1 2 | 3            embed + RoPE (eager) -> zero-padded to 4 rows
           [ qkv graph, size 4 ]                      4 rows (row 3 computes zeros, nobody reads them)
-          [ KV write + paged attention, eager ]      rows 0..2 only: padding never touches the KV cache
+          [ KV write + paged attention ]             rows 0..2 only: padding never touches the KV cache
           [ out_mlp graph, size 4 ]                  4 rows
           ... every layer ...  -> hidden[:3] -> final norm, lm_head (eager)
 
-On CPU decode attention runs the runner's C paged-attention kernel between the pieces (it reads K/V in place,
-see npukit.engine.cpu_attention), as in eager steps. The matmuls inside the compiled pieces are opaque calls
-to the kernels the runner's probe chose (see cpu_gemm.CpuLinear), so on CPU a graph saves the elementwise
-work between them and the dispatch of ~20 small ops per layer, not the matmuls: measure it with
+On CPU there are no kernel launches to record, but the eager step's host work between its kernels (Python
+checks, views, allocations, argument conversions) is there, and at batch 1 it is a third of the layer loop. In
+fp32, where npukit's C kernels run, the CPU "graph" is npukit.engine.cpu_graph: every layer's kernel calls bound
+once per size to static buffers and replayed (backend "cpu-replay": the eager step's bits). Otherwise (other
+precisions; or ``NPUKIT_CPU_GRAPHS=inductor``, to compare) the two pieces are ``torch.compile``d (inductor),
+with the matmuls as opaque calls to the kernels the runner's probe chose (see cpu_gemm.CpuLinear): that saves
+the element-wise work between them, and costs call machinery around each. Measure both with
 ``python benchmarks/bench_graph.py --model smollm2-135m-instruct --threads 2 --dtype float32 --context 384``.
 
 A step with any prefill, or more decodes than the largest size, runs eager (as in vLLM). Regional
-compilation: one compiled function per piece and size serves every layer (its guards check shapes, not whose
-weights), so compiling costs 2 x len(sizes) compilations whatever the depth of the model.
+compilation (inductor): one compiled function per piece and size serves every layer (its guards check shapes,
+not whose weights), so compiling costs 2 x len(sizes) compilations whatever the depth of the model.
 
 Failures never stop the engine: a compile or capture error (e.g. no C++ compiler for inductor) or an error
 when a graph runs logs a warning and the runner stays eager for its lifetime.
@@ -30,6 +34,7 @@ when a graph runs logs a warning and the runner stays eager for its lifetime.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import os
 import shutil
@@ -40,16 +45,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_graph
 from .runner import out_mlp_piece, qkv_piece
 
 _log = logging.getLogger(__name__)
+# NPUKIT_CPU_GRAPHS=inductor: graph mode on CPU compiles the pieces with torch.compile even where npukit's
+# replay of bound kernel calls (npukit.engine.cpu_graph, fp32) can run: to compare the two.
+CPU_BACKEND_ENV = "NPUKIT_CPU_GRAPHS"
 
 
 @dataclass
 class GraphStats:
     """What graph mode did: the sizes it compiled, what that cost once, and how steps used the graphs."""
 
-    backend: str                    # "inductor" (CPU), "cuda-graph", "npu-graph" (UNTESTED), "eager" (fell back)
+    backend: str  # "cpu-replay" (CPU fp32), "inductor" (CPU), "cuda-graph", "npu-graph" (UNTESTED), "eager" (fell back)
     capture_sizes: list[int]
     compile_seconds: float = 0.0    # compiling / capturing every size, paid once at start-up
     num_graph_steps: int = 0        # steps that ran the graphs
@@ -136,9 +145,10 @@ class GraphRunner:
         self.sizes = sorted(compile_sizes)
         device = runner.device.type
         backend = {"cpu": "inductor", "cuda": "cuda-graph", "npu": "npu-graph"}.get(device, "eager")
+        if backend == "inductor" and cpu_graph.supports(runner) and os.environ.get(CPU_BACKEND_ENV) != "inductor":
+            backend = "cpu-replay"
         self.stats = GraphStats(backend=backend, capture_sizes=list(self.sizes))
-        self.pieces: dict[int, tuple] = {}  # size -> (qkv, out_mlp) callables taking (layer_idx, ...)
-        self.device_graphs: DeviceGraphs | None = None
+        self.steps: dict[int, object] = {}  # size -> step(x, cos, sin, inputs) -> hidden states [size, hidden]
         if runner.shard is not None:
             self._fall_back("graph mode runs at tensor_parallel_size 1 only")
         elif backend == "eager":
@@ -157,27 +167,29 @@ class GraphRunner:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.pieces)
+        return bool(self.steps)
 
     def _fall_back(self, reason: str) -> None:
         _log.warning("graph mode off, running eager: %s", reason)
-        self.pieces = {}
-        self.device_graphs = None
+        self.steps = {}
         self.stats.backend, self.stats.fallback_reason = "eager", reason
 
     # ------------------------------------------------------------------ compile / capture
     @torch.inference_mode()
     def _capture(self, backend: str) -> None:
         r = self.runner
-        if backend == "inductor":
+        if backend == "cpu-replay":
             for size in self.sizes:
-                self.pieces[size] = self._compiled_pieces(size)
-                self._warm_up(size)  # compiles now, at start-up, not in the first request's step
+                self.steps[size] = cpu_graph.CpuGraph(r, size)
+        elif backend == "inductor":
+            for size in self.sizes:
+                qkv, out_mlp = self._compiled_pieces(size)
+                self._warm_up(size, qkv, out_mlp)  # compiles now, at start-up, not in the first request's step
+                self.steps[size] = functools.partial(r.run_layers, qkv=qkv, out_mlp=out_mlp)
         else:  # UNTESTED on npu
-            api = torch.cuda if backend == "cuda-graph" else torch.npu
-            self.device_graphs = DeviceGraphs(r, api)
+            graphs = DeviceGraphs(r, torch.cuda if backend == "cuda-graph" else torch.npu)
             for size in self.sizes:
-                self.pieces[size] = self.device_graphs.capture(size)
+                self.steps[size] = graphs.capture(size)
 
     def _compiled_pieces(self, size: int) -> tuple:
         r = self.runner
@@ -185,10 +197,9 @@ class GraphRunner:
         return (lambda i, x, cos, sin: qkv(r.layers[i], x, cos, sin, r.eps, r.num_heads, r.num_kv_heads, r.head_dim),
                 lambda i, x, attn: out(r.layers[i], x, attn, r.eps))
 
-    def _warm_up(self, size: int) -> None:
+    def _warm_up(self, size: int, qkv, out_mlp) -> None:
         """Run every layer's pieces once at this size (dummy rows) so that torch.compile compiles now."""
         r = self.runner
-        qkv, out_mlp = self.pieces[size]
         x = torch.zeros(size, r.embed.shape[1], dtype=r.dtype, device=r.device)
         cos, sin = r.rotary(torch.zeros(size, dtype=torch.long, device=r.device))
         attn = torch.zeros(size, r.num_heads * r.head_dim, dtype=r.dtype, device=r.device)
@@ -200,7 +211,7 @@ class GraphRunner:
     def forward(self, inp) -> torch.Tensor | None:
         """Hidden states ``[num_decodes, hidden]`` of a pure decode step run on the graphs; None: run it eager."""
         n = inp.num_decodes
-        size = padded_size(n, self.sizes) if self.pieces and not inp.prefills and n == len(inp.rows) else None
+        size = padded_size(n, self.sizes) if self.steps and not inp.prefills and n == len(inp.rows) else None
         self.stats.last_capture_size, self.stats.last_padded_rows = size, 0
         if size is None:
             self.stats.num_eager_steps += 1
@@ -226,10 +237,7 @@ class GraphRunner:
         cos, sin = r.rotary(inp.positions)
         if size > n:  # padding rows: zeros (their q, k, v and outputs are computed, then dropped)
             x, cos, sin = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, size - n)) for t in (x, cos, sin))
-        if self.device_graphs is not None:
-            x, cos, sin = self.device_graphs.load_inputs(size, x, cos, sin)
-        qkv, out_mlp = self.pieces[size]
-        return r.run_layers(x, cos, sin, inp, qkv, out_mlp)[:n]
+        return self.steps[size](x, cos, sin, inp)[:n]
 
 
 class DeviceGraphs:
@@ -244,17 +252,15 @@ class DeviceGraphs:
     def __init__(self, runner, api):
         self.runner, self.api = runner, api
         self.pool = api.graph_pool_handle()
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
 
-    def capture(self, size: int) -> tuple:
-        """Capture both pieces of every layer at this size; (qkv, out_mlp) callables that replay them."""
+    def capture(self, size: int):
+        """Capture both pieces of every layer at this size; a step(x, cos, sin, inputs) that replays them."""
         r = self.runner
         new = lambda *shape: torch.zeros(*shape, dtype=r.dtype, device=r.device)  # noqa: E731
         heads, kv, dim = r.num_heads, r.num_kv_heads, r.head_dim
         b = {"x": new(size, r.embed.shape[1]), "cos": new(size, 1, dim), "sin": new(size, 1, dim),
              "attn": new(size, heads * dim), "q": new(size, heads, dim), "k": new(size, kv, dim),
              "v": new(size, kv, dim)}
-        self.buffers[size] = b
         graphs = {}
         for i, lw in enumerate(r.layers):
             def qkv_body(lw=lw):
@@ -274,7 +280,11 @@ class DeviceGraphs:
             b["attn"].copy_(attn)
             graphs[i, "out"].replay()
             return b["x"]
-        return qkv, out_mlp
+
+        def step(x, cos, sin, inp):
+            b["x"].copy_(x), b["cos"].copy_(cos), b["sin"].copy_(sin)  # the buffers stand in for the inputs
+            return r.run_layers(b["x"], b["cos"], b["sin"], inp, qkv, out_mlp)
+        return step
 
     def _graph(self, body):
         api = self.api
@@ -288,9 +298,3 @@ class DeviceGraphs:
         with api.graph(graph, pool=self.pool):
             body()
         return graph
-
-    def load_inputs(self, size: int, x, cos, sin):
-        """Copy a step's (padded) inputs into the static buffers of its size; the buffers stand in for them."""
-        b = self.buffers[size]
-        b["x"].copy_(x), b["cos"].copy_(cos), b["sin"].copy_(sin)
-        return b["x"], b["cos"], b["sin"]

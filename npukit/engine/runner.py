@@ -186,11 +186,13 @@ def out_mlp_piece(lw: _LayerWeights, x, attn, eps: float, all_reduce=None):
         gate, up = lw.gate_up(h)
     else:
         gate, up = _linear(h, lw.gate_w, lw.gate_b), _linear(h, lw.up_w, lw.up_b)
-    if lw.silu:  # in place: ~10 % of a CPU prefill step went to allocating / touching these temporaries
-        gate = F.silu(gate, inplace=True).mul_(up)
-    else:
-        gate = lw.act(gate) * up
-    return x + _row_parallel(gate, lw.down_w, lw.down_b, all_reduce, lw.down)
+    return x + _row_parallel(act_and_mul(lw, gate, up), lw.down_w, lw.down_b, all_reduce, lw.down)
+
+
+def act_and_mul(lw: _LayerWeights, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up``; SiLU in place, into ``gate`` (~10 % of a CPU prefill step went to allocating and
+    touching these temporaries)."""
+    return F.silu(gate, inplace=True).mul_(up) if lw.silu else lw.act(gate) * up
 
 
 def _row_parallel(x: torch.Tensor, w, b: torch.Tensor | None, all_reduce=None,
