@@ -1,6 +1,7 @@
-"""The tuning levers side by side in one run: quantization (W8A16 / W8A8) and, later, graph mode.
+"""The tuning levers side by side in one run: quantization (W8A16 / W8A8) and graph mode.
 
     python benchmarks/bench_levers.py                                   # SmolLM2
+    python benchmarks/bench_levers.py --variants auto+graph w8a16+graph --threads 2   # both levers, graph mode on
     python benchmarks/bench_levers.py --model qwen2-1024x8 --threads 1
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_levers.py   # an AVX2-only CPU
 
@@ -39,6 +40,11 @@ VARIANTS = {  # name -> (dtype, quantization, extra engine args; quantize_lm_hea
     "w8a16+lm_head": ("auto", "w8a16", {"quantize_lm_head": True}),  # lm_head int8 too (opt-in, costs top-1)
     "w8a16+bf16_head": ("auto", "w8a16", {"quantize_lm_head": "bf16"}),  # lm_head stored in bf16
     "w8a8+lm_head": ("auto", "w8a8", {"quantize_lm_head": True}),
+    # graph mode (enforce_eager=False, LLM's default capture sizes up to max_num_seqs): on CPU in fp32 the replay
+    # of bound kernel calls (npukit.engine.cpu_graph)
+    "auto+graph": ("auto", None, {"enforce_eager": False}),
+    "w8a16+graph": ("auto", "w8a16", {"enforce_eager": False}),
+    "w8a16+bf16_head+graph": ("auto", "w8a16", {"quantize_lm_head": "bf16", "enforce_eager": False}),
 }
 
 

@@ -307,9 +307,9 @@ def _graph_flags(config, device: str, chip_eager: bool, notes: list[str], table:
         notes.append("enforce_eager=False, but this chip has no graph mode in vLLM-Ascend: --enforce-eager anyway.")
     elif config.enforce_eager and not chip_eager:
         why = "enforce_eager=True"
-        notes.append("--enforce-eager because this configuration runs eager (EngineConfig's default: compiling costs "
-                     "tens of seconds on a CPU). vLLM and vLLM-Ascend capture graphs by default, which speeds up "
-                     "small decode batches on GPU / NPU: drop the flag (`npukit graduate` leaves it out unless given "
+        notes.append("--enforce-eager because this configuration runs eager (EngineConfig's default). vLLM and "
+                     "vLLM-Ascend capture graphs by default, which speeds up small decode batches on GPU / NPU: drop "
+                     "the flag (`npukit graduate` leaves it out unless given "
                      "--enforce-eager; --no-enforce-eager here) unless graph capture fails there.")
     flag, note = ("--enforce-eager", why) if eager else ("--no-enforce-eager", "graphs: vLLM's default")
     table.append(FlagMapping("enforce_eager", config.enforce_eager, flag, None, note))
@@ -457,7 +457,7 @@ def add_graduate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    # NOTE: npukit runs eager by default (compiling costs tens of seconds on a CPU); the command you graduate to
+    # NOTE: npukit runs eager by default (see EngineConfig.enforce_eager); the command you graduate to
     # should not: graph mode is vLLM's default and a large win on NPUs and GPUs. --enforce-eager still maps.
     return add_engine_args(p, defaults={"enforce_eager": False},
                            notes={"enforce_eager": "run vLLM eager (default here: graph mode on, vLLM's default)"})

@@ -96,11 +96,13 @@ class EngineConfig:
         help="quantise the decoder's linear layers at load: w8a16 (int8 weights) or w8a8 (int8 weights and "
              "per-token int8 activations, smoothed); vLLM-Ascend's --quantization ascend instead loads an "
              "msModelSlim-quantised checkpoint")
-    # NOTE: True by default here (vLLM's default is False): compiling costs tens of seconds on CPU, per size.
+    # NOTE: True by default here (vLLM's default is False): the notebooks teach the eager step first, and where
+    # graph mode compiles (torch.compile: CPUs in bf16 / fp16) it costs seconds per size.
     enforce_eager: bool = setting(
         True, vllm="--enforce-eager",
         help="run every step eagerly; --no-enforce-eager runs pure decode steps as a compiled graph per capture "
-             "size (torch.compile on CPU, CUDA graphs on GPU; compiling costs tens of seconds on CPU)")
+             "size (CPU fp32: bound kernel calls replayed; other CPU precisions: torch.compile, seconds per size; "
+             "CUDA graphs on GPU)")
     compile_sizes: list[int] = setting(
         DEFAULT_COMPILE_SIZES, vllm="--compilation-config",
         help="decode batch sizes that get a graph, comma-separated (vLLM's cudagraph_capture_sizes); a batch pads "
