@@ -1,7 +1,7 @@
 """The tuning levers side by side in one run: quantization (W8A16 / W8A8) and graph mode.
 
     python benchmarks/bench_levers.py                                   # SmolLM2
-    python benchmarks/bench_levers.py --variants auto+graph w8a16+graph --threads 2   # both levers, graph mode on
+    python benchmarks/bench_levers.py --variants fp32 w8a16-fp32 --graph --threads 2   # each with graph mode too
     python benchmarks/bench_levers.py --model qwen2-1024x8 --threads 1
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_levers.py   # an AVX2-only CPU
 
@@ -12,6 +12,8 @@ greedy tokens after a --prompt-len prompt) and throughput with --batch sequences
 All variants are loaded first and their rounds interleaved, so a slow stretch of a shared machine falls on
 every variant. Ratios are against the first variant (the unquantised dtype="auto" path). --mixed also runs
 npukit's 64-request mixed workload (`npukit bench throughput`'s, seed 0) on the first and the listed variants.
+--graph adds each variant's twin "<variant>+graph" with graph mode on (enforce_eager=False, the default capture
+sizes up to --batch; on a CPU in fp32 the replay of bound kernel calls, npukit.engine.cpu_graph).
 """
 from __future__ import annotations
 
@@ -40,12 +42,8 @@ VARIANTS = {  # name -> (dtype, quantization, extra engine args; quantize_lm_hea
     "w8a16+lm_head": ("auto", "w8a16", {"quantize_lm_head": True}),  # lm_head int8 too (opt-in, costs top-1)
     "w8a16+bf16_head": ("auto", "w8a16", {"quantize_lm_head": "bf16"}),  # lm_head stored in bf16
     "w8a8+lm_head": ("auto", "w8a8", {"quantize_lm_head": True}),
-    # graph mode (enforce_eager=False, LLM's default capture sizes up to max_num_seqs): on CPU in fp32 the replay
-    # of bound kernel calls (npukit.engine.cpu_graph)
-    "auto+graph": ("auto", None, {"enforce_eager": False}),
-    "w8a16+graph": ("auto", "w8a16", {"enforce_eager": False}),
-    "w8a16+bf16_head+graph": ("auto", "w8a16", {"quantize_lm_head": "bf16", "enforce_eager": False}),
 }
+GRAPH = "+graph"  # a variant's twin with graph mode on (--graph)
 
 
 def timed(fn):
@@ -59,8 +57,8 @@ class Variant:
     a shared machine's speed falls on all of them alike instead of on whichever ran in a slow minute."""
 
     def __init__(self, name: str, model_name: str, args):
-        dtype, quant, extra = VARIANTS[name]
-        self.extra = dict(extra)
+        dtype, quant, extra = VARIANTS[name.removesuffix(GRAPH)]
+        self.extra = dict(extra, **({"enforce_eager": False} if name.endswith(GRAPH) else {}))
         head = self.extra.pop("quantize_lm_head", False)  # a load_model setting, not an engine one
         (self.model, self.tok), self.load_s, _ = timed(lambda: npukit.load_model(
             model_name, device=args.device, dtype=dtype, quantization=quant, quantize_lm_head=head))
@@ -121,7 +119,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--mixed", nargs="*", default=None, metavar="VARIANT",
                     help="also run the 64-request mixed workload on the first variant and these")
+    ap.add_argument("--graph", action="store_true", help="also run each variant with graph mode on (<variant>+graph)")
     args = ap.parse_args(argv)
+    if args.graph:
+        args.variants = [n for v in args.variants for n in (v, v + GRAPH)]
     torch.set_num_threads(args.threads)
     from npukit.device import cpu_has_fast_bf16
 
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     base = rows[0]
     key = f"tok_s_at_{args.batch}_cpu"
     for r in rows:
-        line = (f"{r['variant']:<11} {r['dtype']:<9} weights {r['weights_MiB']:7.1f} MiB  "
+        line = (f"{r['variant']:<17} {r['dtype']:<9} weights {r['weights_MiB']:7.1f} MiB  "
                 f"TPOT(b=1) {r['tpot_ms']:6.2f} ms [{r['tpot_range_ms'][0]:.2f}-{r['tpot_range_ms'][1]:.2f}] "
                 f"({r['tpot_ms'] / base['tpot_ms']:.2f}x)  {key} {r[key]:7.1f} ({r[key] / base[key]:.2f}x) "
                 f"wall {r[f'tok_s_at_{args.batch}_wall']:7.1f}")
