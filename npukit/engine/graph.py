@@ -16,7 +16,7 @@ recaptures::
           ... every layer ...  -> hidden[:3] -> final norm, lm_head (eager)
 
 On CPU there are no kernel launches to record, but the eager step's host work between its kernels (Python
-checks, views, allocations, argument conversions) is there, and at batch 1 it is a third of the layer loop. In
+checks, views, allocations, argument conversions) is there, and at batch 1 it is a quarter of the layer loop. In
 fp32, where npukit's C kernels run, the CPU "graph" is npukit.engine.cpu_graph: every layer's kernel calls bound
 once per size to static buffers and replayed (backend "cpu-replay": the eager step's bits). Otherwise (other
 precisions; or ``NPUKIT_CPU_GRAPHS=inductor``, to compare) the two pieces are ``torch.compile``d (inductor),
