@@ -94,6 +94,20 @@ def test_kernels_match_a_float64_reference(method, kernel, rows):
     assert ((y.double() - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_panel_kernel_takes_16_bit_rows(dtype):
+    """A bf16 / fp16 model's W8A16 rows go through the panel kernel widened to fp32 (a probe candidate there too):
+    the fp32 result of the widened rows, rounded once to the model's dtype."""
+    if cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(3)
+    w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
+    x = (torch.randn(3, 64, generator=g) * 3).to(dtype)
+    y = K.w8a16_panel(x, w, w_scale)
+    assert y.dtype == dtype and torch.equal(y, K.w8a16_panel(x.float(), w, w_scale).to(dtype))
+    assert "panel" in K.candidates("w8a16", "cpu", dtype)
+
+
 @pytest.mark.parametrize("rows", [1, K.CPU_SWAPPED_INT_MM_ROWS, K.CPU_SWAPPED_INT_MM_ROWS + 1])
 def test_int_mm_gives_the_same_bits_in_either_operand_order(monkeypatch, rows):
     """Decode-sized W8A8 rows run as W @ x.T on CPU (faster there): integer sums, so not one bit changes."""
