@@ -92,8 +92,10 @@ def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576, tokens: int = 32) -
     return 2 * tokens * hidden * 4 * hidden * 10 / best / 1e9
 
 
-def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tuple[torch.dtype, list[str]]:
-    """The dtype to load in, and the reasons. An explicit dtype the device lacks raises ValueError."""
+def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto",
+                 quantization: str | None = None) -> tuple[torch.dtype, list[str]]:
+    """The dtype to load in (for a model quantised with ``quantization`` after loading), and the reasons. An
+    explicit dtype the device lacks raises ValueError."""
     if requested != "auto":
         dtype = parse_dtype(requested)
         ok, why = _device.supports_dtype(dev, dtype)
@@ -102,6 +104,13 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tu
             raise ValueError(f"dtype {dtype} is not supported on {dev}: {why}. Use dtype='{alt}' or dtype='auto'.")
         return dtype, [f"{str(dtype).removeprefix('torch.')} requested"]
     reasons: list[str] = []
+    if dev.type == "cpu" and quantization == "w8a8":
+        # NOTE: W8A8 quantises each row to int8 for the matmul whatever the model's dtype, and the rest of the step
+        # (attention, norms, RoPE) runs npukit's C kernels in fp32 only. On a 2-core AVX512-BF16 CPU (AMD EPYC,
+        # SmolLM2, benchmarks/bench_levers.py --variants auto w8a8 w8a8-fp32 --batch 64 --threads 2): fp32 rows
+        # gave 1.35x the bf16 model's throughput at 64 sequences, bf16 rows 1.08x; batch-1 TPOT 0.58x vs 0.78x.
+        return torch.float32, ["w8a8 on CPU: float32 rows (each row is quantised to int8 for the matmul; npukit's "
+                               "C attention and norm kernels run in float32)"]
     if dev.type == "cpu":
         # NOTE: on CPU the fastest dtype depends on the chip (AVX512-BF16 / AMX make bf16 ~2x fp32;
         # without them bf16 is emulated and slower), so measure instead of guessing. fp16 matmul is slow
@@ -181,7 +190,8 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
 
     quantization: "w8a16" or "w8a8" quantises the decoder's linear layers after loading (npukit.quant;
     ``model.quant_report`` says which kernels were picked and what it saved); ``quantize_lm_head=True`` makes
-    lm_head int8 too, ``"bf16"`` stores it in bfloat16 (see npukit.quant.linear)."""
+    lm_head int8 too, ``"bf16"`` stores it in bfloat16 (see npukit.quant.linear). With ``dtype="auto"`` on a CPU,
+    W8A8 loads in float32 (see choose_dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -191,7 +201,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
 
     dev = _device.resolve(device)
     reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []
-    torch_dtype, why = choose_dtype(dev, dtype)
+    torch_dtype, why = choose_dtype(dev, dtype, quantization)
     reasons += why
     path, origin = resolve_model_path(name_or_path, revision=revision, source=source)
 
