@@ -21,7 +21,7 @@ on a 2-core Xeon: 5.7-7.4 ms, against 67-95 for int8pack and 18-21 for fp32 F.li
 of the weight (``COPIES``), made once by the layer that holds the weight (QuantLinear): the int8 weights are
 then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one. bf16 / fp16 rows are
 widened to fp32 for it and the result cast back (``panel_rows``): on an AVX512-BF16 CPU (2-core AMD EPYC) a
-bf16 model's one-row 1536x576 linear took 49 us on it against 117 for int8pack.
+bf16 model's one-row 1536x576 linear took 55 us on it against 115 for int8pack.
 
 W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32, run in
 npukit's C code on CPU (``csrc/quant_rows.c``, the same bits as the torch ops it replaces): as seven and three
