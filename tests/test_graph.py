@@ -278,25 +278,19 @@ def test_graphs_run_the_cpu_kernels_the_probe_chose(tiny, prompts, monkeypatch, 
     assert len(packed_calls) == eager_calls and (eager_calls > 0) == (kernel == "packed")  # graph steps too
 
 
-def _decode_steps(model, runner_kw: dict, sizes, steps: int = 3, seed: int = 0) -> list[list[torch.Tensor]]:
+def _decode_steps(model, sizes, steps: int = 3, seed: int = 0) -> list[list[torch.Tensor]]:
     """Logits of `steps` decode steps of batches of each size, from an eager runner and one with graph mode over
     `sizes` (each its own KV cache, the same sequences and block tables): [eager, graph] per step."""
-    from npukit.engine.sequence import Sequence
+    from test_runner import BLOCK, _Blocks
 
     rng = random.Random(seed)
-    runners = [ModelRunner(model, block_size=4, num_kv_blocks=256, **runner_kw) for _ in range(2)]
+    runners = [ModelRunner(model, block_size=BLOCK, num_kv_blocks=256) for _ in range(2)]
     runners[1].graph = GraphRunner(runners[1], list(sizes))
     assert runners[1].graph.stats.backend == "cpu-replay", runners[1].graph.stats.fallback_reason
-    free = list(range(256))
-    rng.shuffle(free)
-    out = []
+    blocks, out = _Blocks(256, seed), []
     for b in sizes:
-        seqs = []
-        for i in range(b):
-            s = Sequence(request_id=f"{b}.{i}", token_ids=[rng.randrange(3, 300) for _ in range(3 + 5 * i)],
-                         sampling_params=None)
-            s.block_table = [free.pop() for _ in range(8)]
-            seqs.append(s)
+        prompts = [[rng.randrange(3, 300) for _ in range(3 + 5 * i)] for i in range(b)]
+        seqs = [blocks.seq(p, len(p) + steps) for p in prompts]
         for r in runners:
             r.execute_model([(s, len(s.token_ids)) for s in seqs])
         for _ in range(steps):
@@ -328,7 +322,7 @@ def test_cpu_replay_gives_the_eager_steps_bits(arch, kernel, monkeypatch):
         model = _tiny_config_model(LlamaConfig, LlamaForCausalLM, hidden_act="gelu_pytorch_tanh")
     else:
         model = tiny_arch_models()[arch]
-    for eager, graph in _decode_steps(model, {}, SIZES):
+    for eager, graph in _decode_steps(model, SIZES):
         assert torch.equal(eager, graph)
 
 

@@ -41,13 +41,10 @@ def paged_decode_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     head_dim]``; ``block_tables`` int64 ``[b, max_blocks]``, ``ctx_lens`` int64 ``[b]``, all contiguous CPU
     tensors. The caller guarantees every block id the lengths reach is a valid block: the kernel does not check.
     """
-    _check(q, k_cache, v_cache, out)
+    _check(q, k_cache, v_cache, out, block_tables, ctx_lens)
     if block_tables.dtype != torch.int64 or ctx_lens.dtype != torch.int64 or block_tables.shape[0] != q.shape[0]:
         raise ValueError("block_tables [b, max_blocks] and ctx_lens [b] must be int64, one row per query")
-    for t in (block_tables, ctx_lens):
-        if not t.is_contiguous() or not t.is_cpu:
-            raise ValueError("paged_decode_attention takes contiguous CPU tensors")
-    bind(kernel, q, k_cache, v_cache, window, scale, out)(block_tables, ctx_lens, q.shape[0])
+    _bound(kernel, q, k_cache, v_cache, window, scale, out)(block_tables, ctx_lens, q.shape[0])
 
 
 def bind(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float,
@@ -57,6 +54,11 @@ def bind(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     ``out``. The caller passes block tables and lengths as paged_decode_attention takes them (the runner builds
     them so); they are not checked again."""
     _check(q, k_cache, v_cache, out)
+    return _bound(kernel, q, k_cache, v_cache, window, scale, out)
+
+
+def _bound(kernel, q, k_cache, v_cache, window, scale, out):
+    """bind's ``attend``, for tensors already checked."""
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     qp, kp, vp, op = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
@@ -69,8 +71,8 @@ def bind(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return attend
 
 
-def _check(q, k_cache, v_cache, out) -> None:
-    for t in (q, k_cache, v_cache, out):
+def _check(q, k_cache, v_cache, out, *index) -> None:
+    for t in (q, k_cache, v_cache, out, *index):
         if not t.is_contiguous() or not t.is_cpu:
             raise ValueError("paged_decode_attention takes contiguous CPU tensors")
     if q.dtype != torch.float32 or out.dtype != torch.float32 or k_cache.dtype != torch.float32:

@@ -124,8 +124,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 def bind_rope(q, k, cos, sin):
     """rope's C call (in place on q and k) with its arguments bound, or None where rope would not take it."""
     lib = _ops()
-    return None if lib is None or not _rope_fits(q, k, cos, sin) else functools.partial(lib.npukit_rope,
-                                                                                        *_rope_args(q, k, cos, sin))
+    if lib is None or not _rope_fits(q, k, cos, sin):
+        return None
+    return functools.partial(lib.npukit_rope, *_rope_args(q, k, cos, sin))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
