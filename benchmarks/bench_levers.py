@@ -35,8 +35,10 @@ from npukit.engine import LLM  # noqa: E402
 VARIANTS = {  # name -> (dtype, quantization, extra engine args; quantize_lm_head goes to load_model)
     "auto": ("auto", None, {}),
     "fp32": ("float32", None, {}),
+    "bf16": ("bfloat16", None, {}),
     "w8a16": ("auto", "w8a16", {}),
     "w8a16-fp32": ("float32", "w8a16", {}),
+    "w8a16-bf16": ("bfloat16", "w8a16", {}),
     "w8a8": ("auto", "w8a8", {}),
     "w8a8-fp32": ("float32", "w8a8", {}),
     "w8a16+lm_head": ("auto", "w8a16", {"quantize_lm_head": True}),  # lm_head int8 too (opt-in, costs top-1)

@@ -62,6 +62,36 @@ def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads)
 
 
 @needs_cc
+@pytest.mark.parametrize("heads,kv", [(9, 3), (8, 2), (4, 4)])
+def test_a_sequences_output_has_the_same_bits_however_the_work_is_split(heads, kv):
+    """Alone on several threads a sequence is split into one work item per KV head; in a batch on one thread it
+    is one work item: every query head's sums run in the same order either way."""
+    g = torch.Generator().manual_seed(heads)
+    b, d, bs, blocks = 4, 64, 16, 64
+    kc, vc = torch.randn(blocks, bs, kv, d, generator=g), torch.randn(blocks, bs, kv, d, generator=g)
+    lens = torch.tensor([1, 17, 40, 64])
+    tables = torch.randperm(blocks, generator=g)[:b * 4].view(b, 4)
+    q = torch.randn(b, heads, d, generator=g)
+    before = torch.get_num_threads()
+
+    def attend(i, threads):
+        rows = slice(0, b) if i is None else slice(i, i + 1)
+        out = torch.empty_like(q[rows])
+        torch.set_num_threads(threads)
+        cpu_attention.paged_decode_attention(cpu_attention.load(), q[rows].contiguous(), kc, vc,
+                                             tables[rows].contiguous(), lens[rows].contiguous(), None, 0.125, out)
+        return out
+
+    try:
+        whole = attend(None, 1)
+        for threads in (2, 3, 4, 16):
+            for i in range(b):
+                assert torch.equal(attend(i, threads)[0], whole[i]), (i, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cc
 def test_bad_tensors_are_refused_before_the_kernel_reads_them():
     kernel = cpu_attention.load()
     q, out = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)

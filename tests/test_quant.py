@@ -211,6 +211,29 @@ def test_w8a8_without_an_int8_kernel_falls_back_with_a_warning_or_fails_clearly(
         K._probe.cache_clear()
 
 
+def test_the_probe_times_decode_rows_on_one_thread_and_larger_ones_on_the_models_threads(monkeypatch):
+    """Kernels scale differently with threads (W8A16's "dequant" widening does not split): larger row counts are
+    ranked with the threads the model runs with, and the answer is remembered per thread count."""
+    seen = []
+
+    def spy(x, w, s):
+        seen.append((x.shape[0], torch.get_num_threads()))
+        return K.w8a16_dequant(x, w, s)
+
+    monkeypatch.setitem(K.KERNELS["w8a16"], "dequant", spy)
+    before = torch.get_num_threads()
+    K._probe.cache_clear()
+    try:
+        K._probe("w8a16", "cpu", torch.float32, 48, 32, (1, 64), 3)
+        assert {t for m, t in seen if m == 1} == {1} and {t for m, t in seen if m == 64} == {3}
+        assert torch.get_num_threads() == before
+        seen.clear()
+        K._probe("w8a16", "cpu", torch.float32, 48, 32, (1, 64), 2)  # another thread count: measured again
+        assert {t for m, t in seen if m == 64} == {2}
+    finally:
+        K._probe.cache_clear()
+
+
 def test_smoothing_leaves_the_float_model_unchanged_and_flattens_activation_outliers():
     model, tok = fresh_tiny()
     ids = tok(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :64]

@@ -250,6 +250,32 @@ def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes, kernel, sdpa
     torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["panel", "swapped", "packed"])
+def test_a_bf16_runner_runs_the_cpu_kernels_on_its_own_weights_and_matches_hf(tiny, kernel):
+    """bf16 on the CPU the runner's linears are CpuLinears too (the panel kernel reads bf16 panels, its rows widened
+    to fp32, one rounding per output as in F.linear): decode logits within two bf16 steps of HF's bf16 forward."""
+    if kernel == "panel" and cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=128)
+    try:
+        _force_kernel(runner, kernel)
+    except RuntimeError as e:  # oneDNN packs bf16 weights only on AVX512 CPUs
+        pytest.skip(str(e).splitlines()[0])
+    assert runner.layers[0].o_w.kernel_for(1) == kernel and runner.layers[0].o_w.weight.dtype == torch.bfloat16
+    blocks = _Blocks(128)
+    prompts = _prompts(model.config.vocab_size, [3, 60, 5, 33, 17, 40, 9, 25], seed=4)
+    seqs = [blocks.seq(p, len(p)) for p in prompts]
+    runner.execute_model([(s, len(s.token_ids) - 1) for s in seqs])
+    for s in seqs:
+        s.num_computed_tokens = len(s.token_ids) - 1
+    logits = runner.execute_model([(s, 1) for s in seqs]).float()
+    ref = torch.stack([_hf_logits(model, p)[-1] for p in prompts]).float()
+    step = 2.0 ** (torch.log2(ref.abs().max()).floor() - 7)  # a bf16 step at the largest logit
+    torch.testing.assert_close(logits, ref, atol=2 * step.item(), rtol=0)
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+
+
 def test_bucket_spans_cover_in_order():
     counts = [32, 31, 30, 29, 20, 19, 18, 17, 16, 3, 2, 1]
     spans = ModelRunner._bucket(counts)
@@ -356,26 +382,29 @@ def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, dtype):
 
 
 def _panel_members(dtype, sizes, k, g):
-    """Linears with panel copies, as the runner holds them: CpuLinears (fp32) or W8A16 QuantLinears (int8)."""
-    if dtype is torch.float32:
-        return [CpuLinear(torch.randn(n, k, generator=g), dict.fromkeys(range(1, 17), "panel")) for n in sizes]
+    """Linears with panel copies, as the runner holds them: CpuLinears (fp32, bf16) or W8A16 QuantLinears (int8)."""
+    if dtype is not torch.int8:
+        return [CpuLinear(torch.randn(n, k, generator=g).to(dtype), dict.fromkeys(range(1, 17), "panel"))
+                for n in sizes]
     plan = KernelPlan("w8a16", "panel", "dequant")  # the panel kernel up to 16 rows, as the CpuLinears
     return [QuantLinear(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g),
                         None, plan) for n in sizes]
 
 
 @pytest.mark.parametrize("rows", [1, 5, 13])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_fused_linears_give_each_part_the_bits_of_its_own_call(rows, dtype):
     """cpu_gemm.FusedLinear (q/k/v or gate/up in one panel-kernel call): widths that are not multiples of 32, a
-    bias on some parts, x rows further apart than K. Each part equals its own panel_linear call bit for bit."""
+    bias on some parts, x rows further apart than K (bf16 rows for bf16 weights: a bf16 model's). Each part equals
+    its own panel_linear call bit for bit."""
     if cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows)
     k, sizes = 48, (40, 8, 72)
     members = _panel_members(dtype, sizes, k, g)
     biases = [torch.randn(40, generator=g), None, torch.randn(72, generator=g)]
-    x = torch.randn(rows, k + 3, generator=g)[:, 1:k + 1]
+    x = torch.randn(rows, k + 3, generator=g).to(torch.bfloat16 if dtype is torch.bfloat16 else torch.float32)
+    x = x[:, 1:k + 1]
     fused = FusedLinear.of(members, biases)
     assert fused is not None and fused.takes(x)
     parts = fused(x)
@@ -383,11 +412,13 @@ def test_fused_linears_give_each_part_the_bits_of_its_own_call(rows, dtype):
     for member, bias, part in zip(members, biases, parts):
         own = cpu_gemm.panel_linear(x, member.copies["panel"], member.weight.shape[0], bias,
                                     scale=getattr(member, "weight_scale", None))
-        assert torch.equal(part, own)
+        assert part.dtype == x.dtype and torch.equal(part, own)
     assert not fused.takes(torch.randn(17, k))  # a row count where the members run another kernel
     for bad in (torch.randn(2, k + 1), torch.randn(2, k, dtype=torch.float64)):
         with pytest.raises(ValueError, match="does not fit"):
             fused(bad)
+    if x.dtype is not torch.float32:
+        return  # graph mode's replay (below) is fp32-only
     y = torch.full((rows, sum(sizes)), float("nan"))
     fused.bind(x, y)()  # graph mode's replay: the same call, its arguments bound once
     assert torch.equal(y, torch.cat(parts, 1))
@@ -512,6 +543,12 @@ def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(fake
     assert all(isinstance(w, CpuLinear) and list(w.copies) == ["packed"] for w in wrapped)
     assert runner.packed_bytes == sum(w.weight.nbytes for w in wrapped)
 
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # a bf16 model's weights: probed on bf16 rows, remembered apart
+    assert cpu_gemm.probe([w.bfloat16() for w in weights], 1) is not times
+    lw = ModelRunner(bf16, block_size=BLOCK, num_kv_blocks=8).layers[0]
+    assert isinstance(lw.o_w, CpuLinear) and lw.o_w.weight is bf16.model.layers[0].self_attn.o_proj.weight
+    assert all(c.dtype == torch.bfloat16 for c in lw.o_w.copies.values())  # (oneDNN packs bf16 on AVX512 only)
+
 
 def test_without_memory_for_packed_copies_the_runner_keeps_the_other_kernels(monkeypatch, fake_probe):
     from npukit import device as device_mod
@@ -531,7 +568,8 @@ def test_the_kernel_probe_times_a_bounded_slice_of_a_big_weight(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "PROBE_BYTES", 1 << 16)
     times = cpu_gemm.probe([torch.zeros(1000, 64), torch.zeros(8, 64)], 1)
     assert cpu_gemm.choose(times) == {}  # nothing beat F.linear
-    assert list(cpu_gemm._cache) == [(((256, 64),), 1)]  # 64 KiB of fp32 rows of 64: 256 rows, the second not timed
+    assert list(cpu_gemm._cache) == [(((256, 64),), torch.float32, 1)]  # 64 KiB of fp32 rows of 64: 256 rows,
+    # the second weight not timed
 
 
 def test_unsupported_architecture_points_to_hf_generate():

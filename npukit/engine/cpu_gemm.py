@@ -1,4 +1,4 @@
-"""fp32 linears on the CPU: four ways to compute ``x @ W.T``, and a probe that picks one per row count.
+"""fp32 and bf16 linears on the CPU: four ways to compute ``x @ W.T``, and a probe that picks one per row count.
 
 - ``linear``: ``F.linear(x, W)`` (torch's BLAS, MKL on x86).
 - ``swapped``: the same product in the other operand order, ``(W @ x.T).T``. The result is a transposed view,
@@ -30,6 +30,12 @@ SmolLM2 fp32, all 211 linears of a step streamed from memory:
   every layer linear at 4-48 rows (F.linear kept 1-3 and 64) and lm_head at 8-32 (packed at 4 and 64); decode
   steps against the table the probe makes without ``panel``, interleaved in one process: 4 sequences 0.79x,
   8 0.59x, 16 0.83x, 24 0.86x, 32 0.91x, 48 0.85x. Packed copies: 621 MiB for SmolLM2.
+
+bf16 weights (a bf16 model, e.g. ``dtype="auto"`` on an AVX512-BF16 CPU) take the same kernels on bf16 rows: the
+panel kernel reads bf16 panels and widens the rows to fp32 (one rounding per output, as a bf16 F.linear), oneDNN
+packs bf16 weights on AVX512 CPUs only. SmolLM2 bf16 on a 2-core AMD EPYC (AVX512-BF16), decode steps of 384
+tokens of context against F.linear's, interleaved in one process: 1 sequence 0.51x (the panel kernel and fused
+q/k/v, gate/up), 8 0.72x, 32 0.87x (oneDNN's packed bf16 weights from 8 rows on).
 
 A table from one CPU is wrong on the next (and nobody measured ARM hosts'), so the runner asks this module once
 per process, weight shapes and thread count: ``probe`` times each kernel on the model's own weights (a slice
@@ -81,10 +87,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 PANEL = 32  # output columns per panel (csrc/panel_gemm.c's PW)
+HALF_ROWS = (torch.bfloat16, torch.float16)  # rows the panel kernels take widened to fp32
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """An ``[N, K]`` weight (fp32, or int8 for W8A16) as ``[ceil(N / 32), K, 32]`` panels (a copy; the last panel
+    """An ``[N, K]`` weight (fp32, bf16, or int8 for W8A16) as ``[ceil(N / 32), K, 32]`` panels (a copy; the last panel
     zero-padded)."""
     n, k = weight.shape
     padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype)
@@ -121,11 +128,14 @@ def _panel_gemm_parts():
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` by the C kernel: x ``[M, K]`` fp32, ``panels = pack_panels(W)``, W ``[out_features,
-    K]``, bias ``[out_features]`` or None. An int8 W (W8A16) needs its fp32 ``scale`` per output (``[out_features]``):
-    then the result is ``x @ (W * scale[:, None]).T + bias``.
+    """``F.linear(x, W, bias)`` by the C kernel: x ``[M, K]``, ``panels = pack_panels(W)``, W ``[out_features, K]``,
+    bias ``[out_features]`` or None. An int8 W (W8A16) needs its fp32 ``scale`` per output (``[out_features]``):
+    then the result is ``x @ (W * scale[:, None]).T + bias``. bf16 / fp16 rows are widened to fp32 for the kernel
+    (its sums are fp32 anyway: like a 16-bit F.linear, one rounding per output) and the result cast back.
 
     NOTE: called ~200 times a decode step, so the checks are the few that keep the C code inside its tensors."""
+    if x.dtype in HALF_ROWS:
+        return panel_linear(x.float(), panels, out_features, bias, scale).to(x.dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -152,9 +162,9 @@ COPIES = {"packed": pack, "panel": pack_panels}
 
 def probe(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str, float]]:
     """Summed median seconds of each kernel per bucket (``BUCKETS``' first element -> kernel -> seconds) over
-    these fp32 CPU weights ([out, in] each; the first ones that make up PROBE_BYTES, a weight bigger than that
-    on its first rows), with ``threads`` torch threads. A kernel this torch build cannot run is left out.
-    Remembered per process, weight shapes and thread count."""
+    these CPU weights (fp32 or bf16, [out, in] each; the first ones that make up PROBE_BYTES, a weight bigger than
+    that on its first rows) on rows of their dtype, with ``threads`` torch threads. A kernel this torch build
+    cannot run is left out. Remembered per process, weight shapes, dtype and thread count."""
     timed, size = [], 0
     for w in weights:
         rows = max(1, min(w.shape[0], (PROBE_BYTES - size) // (w.shape[1] * w.element_size())))
@@ -162,7 +172,7 @@ def probe(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str, fl
         size += timed[-1].nbytes
         if size >= PROBE_BYTES:
             break
-    key = (tuple(tuple(w.shape) for w in timed), threads)
+    key = (tuple(tuple(w.shape) for w in timed), timed[0].dtype, threads)
     if key not in _cache:
         _cache[key] = _measure(timed, threads)
     return _cache[key]
@@ -180,7 +190,8 @@ def choose(times: dict[tuple, dict[str, float]], kernels=KERNELS) -> dict[int, s
 
 
 class CpuLinear:
-    """An fp32 weight on the CPU with the kernel ``choose`` picked for each row count (F.linear for the rest).
+    """An fp32 or bf16 weight on the CPU with the kernel ``choose`` picked for each row count (F.linear for the
+    rest).
 
     ``weight`` is the model's own tensor; ``copies`` holds the packed copies its kernels run on (``COPIES``),
     made here, once: change ``weight`` in place afterwards and they go stale.
@@ -257,8 +268,8 @@ class FusedLinear:
         return cls(members, biases)
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether ``x``'s rows go through the fused call (fp32 rows, every member on the panel kernel there)."""
-        if x.dim() != 2 or x.dtype is not torch.float32:
+        """Whether ``x``'s rows go through the fused call (float rows, every member on the panel kernel there)."""
+        if x.dim() != 2 or (x.dtype is not torch.float32 and x.dtype not in HALF_ROWS):
             return False
         rows = x.shape[0]
         at = self._panel_at.get(rows)
@@ -267,10 +278,14 @@ class FusedLinear:
         return at
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        """Each member's result; 16-bit rows widened to fp32 for the call and the results cast back, as in
+        panel_linear."""
+        rows = x.float() if x.dtype in HALF_ROWS else x
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        self._fn(*self._call_args(x, y))
+        self._fn(*self._call_args(rows, y))
+        y = y.to(x.dtype)
         if len(self.sizes) == 1:
             return (y,)
         return y.split_with_sizes(self.sizes, 1)  # NOTE: half the time of Tensor.split (3 vs 6 us for three)
@@ -332,7 +347,7 @@ cpu_linear = opaque_op("cpu_linear(Tensor x, Tensor weight, Tensor? bias) -> Ten
 def _measure(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str, float]]:
     g = torch.Generator().manual_seed(0)
     most = max(max(rows) for _, rows in BUCKETS)
-    inputs = {k: torch.randn(most, k, generator=g) for k in {w.shape[1] for w in weights}}
+    inputs = {k: torch.randn(most, k, generator=g).to(weights[0].dtype) for k in {w.shape[1] for w in weights}}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -140,8 +140,8 @@ class StepInputs:
 
 
 def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a float weight; a CpuLinear (fp32 on CPU: the kernel the runner's probe chose for this row
-    count, npukit.engine.cpu_gemm) computes with its bias; a quantised layer (npukit.quant.QuantLinear)
+    """F.linear for a float weight; a CpuLinear (fp32 or bf16 on CPU: the kernel the runner's probe chose for this
+    row count, npukit.engine.cpu_gemm) computes with its bias; a quantised layer (npukit.quant.QuantLinear)
     projects, then the bias."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
@@ -257,7 +257,7 @@ class ModelRunner:
             self.model = model  # NOTE: a sharded runner keeps no reference, so the full weights can be freed
         # the packed copies of weights that QuantLinears and CpuLinears (see _choose_cpu_kernels) keep
         self.packed_bytes = sum(c.nbytes for v in self._fields() for c in getattr(v, "copies", {}).values())
-        if self.device.type == "cpu" and self.dtype == torch.float32 and shard is None:
+        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and shard is None:
             self._choose_cpu_kernels()
         self._fuse_projections()
         # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
@@ -309,8 +309,8 @@ class ModelRunner:
         self.num_kv_heads = sh.kv_heads_per_rank(kv, tp)
 
     def _choose_cpu_kernels(self) -> None:
-        """fp32 on CPU: wrap the float weights in CpuLinears that run, per row count, the kernel measured fastest
-        here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T, oneDNN on a packed copy or npukit's C kernel on a
+        """fp32 or bf16 on CPU: wrap the float weights in CpuLinears that run, per row count, the kernel measured
+        fastest here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T, oneDNN on a packed copy or npukit's C kernel on a
         copy packed in panels; ~4 s for SmolLM2, once per process, shapes and thread count). q/k/v need rows,
         so never take the transposed one. Packed copies (oneDNN's, panels) are taken only while they fit in a
         quarter of the available memory."""
@@ -340,7 +340,7 @@ class ModelRunner:
                 self.packed_bytes += linear.copy_bytes
 
     def _fuse_projections(self) -> None:
-        """q/k/v and gate/up of each layer in one C call each where they run the panel kernel (fp32 CpuLinears,
+        """q/k/v and gate/up of each layer in one C call each where they run the panel kernel (CpuLinears,
         W8A16 QuantLinears: cpu_gemm.FusedLinear), o_proj and down_proj as 1-part calls; None elsewhere, and they
         run one by one through _linear."""
         tp = self.shard is not None  # NOTE: then o/down's bias is added after the all-reduce, not in the call

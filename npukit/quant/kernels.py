@@ -20,7 +20,7 @@ registers, so batch-1 decode reads a quarter of fp32's bytes (SmolLM2's 210 laye
 on a 2-core Xeon: 5.7-7.4 ms, against 67-95 for int8pack and 18-21 for fp32 F.linear). It runs on a copy
 of the weight (``COPIES``), made once by the layer that holds the weight (QuantLinear): the int8 weights are
 then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one. bf16 / fp16 rows are
-widened to fp32 for it and the result cast back (``panel_rows``): on an AVX512-BF16 CPU (2-core AMD EPYC) a
+widened to fp32 for it and the result cast back (``cpu_gemm.panel_linear``): on an AVX512-BF16 CPU (2-core AMD EPYC) a
 bf16 model's one-row 1536x576 linear took 55 us on it against 115 for int8pack.
 
 W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32, run in
@@ -126,15 +126,7 @@ def w8a16_panel(x, w, w_scale):
     panels = _COPIES.get(_key(w))
     if panels is None:  # NOTE: a weight nobody packed (the probe's checks): pack it now
         panels = cpu_gemm.pack_panels(w)
-    return panel_rows(x, panels, w.shape[0], w_scale)
-
-
-def panel_rows(x: torch.Tensor, panels: torch.Tensor, out_features: int, w_scale: torch.Tensor) -> torch.Tensor:
-    """The panel kernel on rows of any float dtype: bf16 / fp16 rows are widened to fp32 (the kernel's sums are
-    fp32 anyway; at one decode row that is a few hundred numbers) and the result cast back."""
-    if x.dtype is torch.float32:
-        return cpu_gemm.panel_linear(x, panels, out_features, scale=w_scale)
-    return cpu_gemm.panel_linear(x.float(), panels, out_features, scale=w_scale).to(x.dtype)
+    return cpu_gemm.panel_linear(x, panels, w.shape[0], scale=w_scale)
 
 
 # the kernels that run on a copy of the int8 weight in their own layout, and how to make it
@@ -292,19 +284,28 @@ def _time_us(fn, device: torch.device, budget_s: float = 0.25) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...]) -> tuple:
-    """{rows: (best kernel, {kernel: µs or error})} for random int8 weights of shape [n, k]."""
+def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: tuple[int, ...],
+           threads: int) -> tuple:
+    """{rows: (best kernel, {kernel: µs or error})} for random int8 weights of shape [n, k]; on CPU, rows above
+    STREAM_ROWS with ``threads`` threads (the model's)."""
     dev = torch.device(device)
-    if dev.type == "cpu":
-        # NOTE: timed on one thread: on a busy machine a multi-threaded kernel waits for a descheduled
-        # sibling thread (we saw 100x swings), while one thread ranks the kernels by the work they do.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _probe_rows(method, dev, dtype, n, k, rows)
-        finally:
-            torch.set_num_threads(threads)
-    return _probe_rows(method, dev, dtype, n, k, rows)
+    if dev.type != "cpu":
+        return _probe_rows(method, dev, dtype, n, k, rows)
+    # NOTE: decode rows are timed on one thread: on a busy machine a multi-threaded kernel waits for a descheduled
+    # sibling thread (we saw 100x swings at these microsecond calls), while one thread ranks the kernels by the
+    # work they do. Larger row counts are timed with the model's threads: the kernels scale differently. At 64
+    # rows of SmolLM2's fp32 W8A16 linears on a 2-core AMD EPYC, "dequant" won on one thread by 10 % and lost by
+    # 20-60 % on two (its int8 -> fp32 widening of the weight does not split), so the one-thread probe gave it
+    # every batch above 16 rows and W8A16 ran 0.53x the bf16 model's 32-sequence throughput.
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for m in rows:
+            torch.set_num_threads(1 if m <= STREAM_ROWS else threads)
+            out += _probe_rows(method, dev, dtype, n, k, (m,))
+        return tuple(out)
+    finally:
+        torch.set_num_threads(before)
 
 
 # Decode-sized rows are timed on copies of the weight that add up to this many bytes (at most STREAM_COPIES of
@@ -360,7 +361,7 @@ def _check(method: str, kernel: str, x, w, w_scale) -> None:
 
 def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, int], *,
                    kernel: str | None = None, small_rows: int = 1, large_rows: int = 64) -> KernelPlan:
-    """Measure the candidate kernels once (per process, device, dtype and shape) and pick per batch size.
+    """Measure the candidate kernels once (per process, device, dtype, shape and thread count) and pick per batch size.
 
     ``kernel`` forces one kernel for every batch size (e.g. ``"dequant"`` for numbers that are the same
     on every CPU). Raises QuantizationError when no kernel runs here at all.
@@ -380,7 +381,7 @@ def choose_kernels(method: str, device: torch.device | str, dtype: torch.dtype, 
                                     "and the probe picks one that does") from e
         return plan
     n, k = shape
-    probe = _probe(method, str(dev), dtype, n, k, (small_rows, large_rows))
+    probe = _probe(method, str(dev), dtype, n, k, (small_rows, large_rows), torch.get_num_threads())
     reasons, picks = [], []
     for m, best, results in probe:
         shown = ", ".join(f"{name} {v:.0f} µs" if isinstance(v, float) else f"{name} {v}" for name, v in results)

@@ -34,7 +34,6 @@ from .kernels import (
     QuantizationError,
     choose_kernels,
     make_copy,
-    panel_rows,
     quantize_per_channel,
 )
 from .layers import named_linears
@@ -81,7 +80,7 @@ class QuantLinear(nn.Module):
         if x.dim() == 2:  # the engine's rows (the reshapes below cost microseconds, 210 times a step)
             panels = self.copies.get("panel")
             if panels is not None and self.plan.pick(x.shape[0]) == "panel" and not torch.compiler.is_compiling():
-                return panel_rows(x, panels, self.out_features, self.weight_scale)  # its own copy
+                return cpu_gemm.panel_linear(x, panels, self.out_features, scale=self.weight_scale)  # its own copy
             return self.plan.run(x.contiguous(), self.weight, self.weight_scale)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
