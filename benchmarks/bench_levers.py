@@ -41,6 +41,7 @@ VARIANTS = {  # name -> (dtype, quantization, extra engine args; quantize_lm_hea
     "w8a16-bf16": ("bfloat16", "w8a16", {}),
     "w8a8": ("auto", "w8a8", {}),
     "w8a8-fp32": ("float32", "w8a8", {}),
+    "w8a8-bf16": ("bfloat16", "w8a8", {}),
     "w8a16+lm_head": ("auto", "w8a16", {"quantize_lm_head": True}),  # lm_head int8 too (opt-in, costs top-1)
     "w8a16+bf16_head": ("auto", "w8a16", {"quantize_lm_head": "bf16"}),  # lm_head stored in bf16
     "w8a8+lm_head": ("auto", "w8a8", {"quantize_lm_head": True}),

@@ -41,24 +41,29 @@ def _reference(q, kc, vc, tables, lens, window, scale):
     (6, 4, 4, 20, 8, 6, 2),        # no GQA, a head_dim with a tail after the 16-wide sums, sliding window
     (3, 8, 1, 128, 16, 37, 3),     # one KV head (MQA), a window that starts inside a block
 ])
-def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads, dtype):
+    """fp32, and bf16 (a bf16 model's q and cache: the same fp32 arithmetic, each output rounded once to bf16)."""
     g = torch.Generator().manual_seed(b * 100 + d)
     blocks = 64
-    kc, vc = torch.randn(blocks, bs, kv, d, generator=g), torch.randn(blocks, bs, kv, d, generator=g)
+    kc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
+    vc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
     lens = torch.randint(1, 6 * bs + 1, (b,), generator=g)
     lens[0] = 1  # a sequence whose only key is its own new token
     width = int((lens.max() + bs - 1) // bs)
     tables = torch.randperm(blocks, generator=g)[:b * width].view(b, width)  # padding entries never read
-    q = torch.randn(b, heads, d, generator=g) * 3  # peaked softmaxes too
+    q = (torch.randn(b, heads, d, generator=g) * 3).to(dtype)  # peaked softmaxes too
     out = torch.full_like(q, float("nan"))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpu_attention.paged_decode_attention(cpu_attention.load(), q, kc, vc, tables, lens, window, d ** -0.5, out)
+        cpu_attention.paged_decode_attention(cpu_attention.load(dtype), q, kc, vc, tables, lens, window, d ** -0.5,
+                                             out)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(out.double(), _reference(q, kc, vc, tables, lens, window, d ** -0.5),
-                               atol=2e-6, rtol=2e-6)
+    tol = 2e-6 if dtype is torch.float32 else 2 ** -8  # bf16: the output's one rounding
+    torch.testing.assert_close(out.double(), _reference(q, kc, vc, tables, lens, window, d ** -0.5), atol=tol,
+                               rtol=tol)
 
 
 @needs_cc
@@ -97,8 +102,14 @@ def test_bad_tensors_are_refused_before_the_kernel_reads_them():
     q, out = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
     kc = torch.zeros(4, 4, 2, 8)
     tables, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="of one dtype"):
         cpu_attention.paged_decode_attention(kernel, q.bfloat16(), kc, kc, tables, lens, None, 1.0, out)
+    with pytest.raises(ValueError, match="of one dtype"):
+        cpu_attention.paged_decode_attention(kernel, q.double(), kc.double(), kc.double(), tables, lens, None, 1.0,
+                                             out.double())
+    with pytest.raises(ValueError, match=r"pass the kernel for torch.bfloat16 tensors"):  # it would read 2x the bytes
+        cpu_attention.paged_decode_attention(kernel, q.bfloat16(), kc.bfloat16(), kc.bfloat16(), tables, lens, None,
+                                             1.0, out.bfloat16())
     with pytest.raises(ValueError, match="contiguous CPU tensors"):
         cpu_attention.paged_decode_attention(kernel, q.transpose(0, 1), kc, kc, tables, lens, None, 1.0, out)
     with pytest.raises(ValueError, match="int64"):

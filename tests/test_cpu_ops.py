@@ -1,6 +1,6 @@
 """The fused element-wise ops of a decoder layer (npukit.engine.cpu_ops): RMSNorm with its residual add and RoPE
-in C against torch's ops and a float64 reference, row by row the same whatever the batch, strided inputs, the
-inputs left alone, and the torch path where C does not apply."""
+in C (fp32, bf16) against torch's ops and a float64 reference, row by row the same whatever the batch, strided
+inputs, the inputs left alone, and the torch path where C does not apply."""
 from __future__ import annotations
 
 import pytest
@@ -91,7 +91,32 @@ def test_rope_in_c_has_torchs_bits_in_place_on_strided_rows():
     assert torch.equal(qkv[:, (hq + hk) * d:], v0)  # v untouched
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@needs_cc
+@pytest.mark.parametrize("m", [1, 300])
+def test_bf16_in_c_rounds_where_torchs_bf16_ops_round(m, c_only):
+    """A bf16 model's norms and RoPE: the residual sum and RoPE have torch's bits (each product exact in fp32, then
+    rounded as torch rounds it); the norm's x * rsqrt(mean(x^2)), rounded to bf16, is within one bf16 step of
+    torch's (its sum of squares runs in another order), and so within two after the weight's product."""
+    n = 576
+    x, delta, w = (_rows(m, n, 30, 4).bfloat16(), _rows(m, n, 31, 4).bfloat16(), _rows(1, n, 32)[0].bfloat16())
+    h, s = cpu_ops.add_rms_norm(x, delta, w, 1e-5)
+    assert h.dtype == s.dtype == torch.bfloat16 and torch.equal(s, x + delta)
+    torch.testing.assert_close(h.float(), TORCH_RMS_NORM(x + delta, w, 1e-5).float(), rtol=2 ** -6, atol=0)
+    ones = torch.ones(n, dtype=torch.bfloat16)  # the normalised rows themselves
+    want = TORCH_RMS_NORM(x + delta, ones, 1e-5).float()
+    step = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)  # a bf16 step at each value
+    normed = cpu_ops.add_rms_norm(x, delta, ones, 1e-5)[0].float()
+    assert ((normed - want).abs() <= step).all()
+    assert ((normed - _rms_reference((x + delta).float(), ones.float(), 1e-5)).abs() <= step).all()
+    t, hq, hk, d = m, 9, 3, 64
+    q, k = _rows(t, hq * d, 33).bfloat16().view(t, hq, d), _rows(t, hk * d, 34).bfloat16().view(t, hk, d)
+    cos, sin = _rows(t, d, 35).bfloat16().view(t, 1, d), _rows(t, d, 36).bfloat16().view(t, 1, d)
+    want_q, want_k = _torch_rope(q, cos, sin), _torch_rope(k, cos, sin)
+    got_q, got_k = cpu_ops.rope(q, k, cos, sin)
+    assert got_q.data_ptr() == q.data_ptr() and torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes_take_torchs_ops(dtype):
     x, w = _rows(3, 32, 16).to(dtype), _rows(1, 32, 17)[0].to(dtype)
     assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6), cpu_ops._torch_rms_norm(x, w, 1e-6))

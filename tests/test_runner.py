@@ -253,7 +253,8 @@ def test_many_decodes_in_length_buckets_match_hf(tiny, chunk_bytes, kernel, sdpa
 @pytest.mark.parametrize("kernel", ["panel", "swapped", "packed"])
 def test_a_bf16_runner_runs_the_cpu_kernels_on_its_own_weights_and_matches_hf(tiny, kernel):
     """bf16 on the CPU the runner's linears are CpuLinears too (the panel kernel reads bf16 panels, its rows widened
-    to fp32, one rounding per output as in F.linear): decode logits within two bf16 steps of HF's bf16 forward."""
+    to fp32, one rounding per output as in F.linear), and attention, norms and RoPE npukit's bf16 C kernels: decode
+    logits about as close to the fp32 model's as HF's own bf16 forward's, top-1 as often the fp32 model's."""
     if kernel == "panel" and cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
@@ -270,10 +271,12 @@ def test_a_bf16_runner_runs_the_cpu_kernels_on_its_own_weights_and_matches_hf(ti
     for s in seqs:
         s.num_computed_tokens = len(s.token_ids) - 1
     logits = runner.execute_model([(s, 1) for s in seqs]).float()
-    ref = torch.stack([_hf_logits(model, p)[-1] for p in prompts]).float()
-    step = 2.0 ** (torch.log2(ref.abs().max()).floor() - 7)  # a bf16 step at the largest logit
-    torch.testing.assert_close(logits, ref, atol=2 * step.item(), rtol=0)
-    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+    hf = torch.stack([_hf_logits(model, p)[-1] for p in prompts]).float()
+    fp32 = torch.stack([_hf_logits(tiny[0], p)[-1] for p in prompts])
+    ours, hfs = (logits - fp32).abs(), (hf - fp32).abs()
+    assert ours.mean() <= 1.5 * hfs.mean() and ours.max() <= 2 * hfs.max()
+    top1 = fp32.argmax(-1)
+    assert (logits.argmax(-1) == top1).sum() >= (hf.argmax(-1) == top1).sum() - 1  # a near tie may flip either way
 
 
 def test_bucket_spans_cover_in_order():

@@ -34,8 +34,8 @@ SmolLM2 fp32, all 211 linears of a step streamed from memory:
 bf16 weights (a bf16 model, e.g. ``dtype="auto"`` on an AVX512-BF16 CPU) take the same kernels on bf16 rows: the
 panel kernel reads bf16 panels and widens the rows to fp32 (one rounding per output, as a bf16 F.linear), oneDNN
 packs bf16 weights on AVX512 CPUs only. SmolLM2 bf16 on a 2-core AMD EPYC (AVX512-BF16), decode steps of 384
-tokens of context against F.linear's, interleaved in one process: 1 sequence 0.51x (the panel kernel and fused
-q/k/v, gate/up), 8 0.72x, 32 0.87x (oneDNN's packed bf16 weights from 8 rows on).
+tokens of context against F.linear's, interleaved in one process: 1 sequence 0.48-0.55x (the panel kernel and
+fused q/k/v, gate/up), 8 0.72-0.82x, 32 0.87-0.90x, 64 0.91-0.92x (oneDNN's packed bf16 weights from 8 rows on).
 
 A table from one CPU is wrong on the next (and nobody measured ARM hosts'), so the runner asks this module once
 per process, weight shapes and thread count: ``probe`` times each kernel on the model's own weights (a slice

@@ -1,14 +1,16 @@
 """The element-wise work of a decoder layer: RMSNorm (with the residual add before it) and RoPE.
 
-Each function computes what HF's Llama modules compute, in torch, on any device and dtype. On the CPU in fp32
-(eager, not inside ``torch.compile``) it runs one C pass instead (``csrc/layer_ops.c``, built at first use by
+Each function computes what HF's Llama modules compute, in torch, on any device and dtype. On the CPU in fp32 or
+bf16 (eager, not inside ``torch.compile``) it runs one C pass instead (``csrc/layer_ops.c``, built at first use by
 ``npukit.engine.native``): torch spends 8 ops on an RMSNorm and 12 on RoPE for q and k, each a dispatch and a
 temporary tensor, and at one decode row that overhead is all the cost. Measured at one row, one thread (SmolLM2
 shapes): residual add + norm 12 us against torch's 30, norm 7 against 25, RoPE 12 against 32; about 1.7 ms of a
 batch-1 step. (SiLU-and-mul stays two in-place torch ops: a C pass behind ctypes took longer at one row.) vLLM
 has the same fused ops (``fused_add_rms_norm``, ``rotary_embedding``) in its CPU and GPU kernels. Results: RoPE
 has torch's bits; the norm differs from torch's in the last bit now and then (its sum is computed in another
-order), as torch's own AVX2 and AVX512 builds differ. ``NPUKIT_CPU_OPS=0`` keeps torch's ops, to compare.
+order), as torch's own AVX2 and AVX512 builds differ. In bf16 the C passes round each result to bf16 where torch's
+bf16 ops round theirs: RoPE and the residual add have torch's bits, the norm the same last-bit caveat.
+``NPUKIT_CPU_OPS=0`` keeps torch's ops, to compare.
 """
 from __future__ import annotations
 
@@ -24,9 +26,15 @@ from . import native
 def _ops():
     """csrc/layer_ops.c through ctypes, or None where it cannot be built or is switched off."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    return native.load_functions("layer_ops", {
-        "npukit_add_rms_norm": ([p, i64, p, i64, p, p, ctypes.c_float, p, i64, i64, i32], None),
-        "npukit_rope": ([p, i64, i64, p, i64, i64, p, p, i64, i64, i32], None)}, switch="NPUKIT_CPU_OPS")
+    norm = [p, i64, p, i64, p, p, ctypes.c_float, p, i64, i64, i32]
+    rope_ = [p, i64, i64, p, i64, i64, p, p, i64, i64, i32]
+    lib = native.load_functions("layer_ops", {
+        "npukit_add_rms_norm": (norm, None), "npukit_rope": (rope_, None),
+        "npukit_add_rms_norm_bf16": (norm, None), "npukit_rope_bf16": (rope_, None)}, switch="NPUKIT_CPU_OPS")
+    if lib is None:
+        return None
+    return {torch.float32: (lib.npukit_add_rms_norm, lib.npukit_rope),
+            torch.bfloat16: (lib.npukit_add_rms_norm_bf16, lib.npukit_rope_bf16)}  # dtype -> (norm, rope)
 
 
 def _lib():
@@ -35,8 +43,11 @@ def _lib():
     return None if torch.compiler.is_compiling() else _ops()
 
 
-def _cpu_f32(t: torch.Tensor) -> bool:
-    return t.dtype is torch.float32 and t.is_cpu
+DTYPES = (torch.float32, torch.bfloat16)  # what the C passes take
+
+
+def _on_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype is dtype and t.is_cpu
 
 
 def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,11 +69,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # NOTE: the checks below are attribute reads on purpose: at one decode row these functions run 90 times a step,
 # and a reshape or a Size comparison costs as much as the C pass itself.
 def _norm_fits(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> bool:
-    """Whether the C norm takes these tensors (fp32 CPU rows, each row contiguous)."""
-    if not (x.dim() == 2 and _cpu_f32(x) and _cpu_f32(weight) and weight.dim() == 1 and weight.is_contiguous()):
+    """Whether the C norm takes these tensors (fp32 or bf16 CPU rows, all of one dtype, each row contiguous)."""
+    dtype = x.dtype
+    if not (x.dim() == 2 and dtype in DTYPES and _on_cpu(x, dtype) and _on_cpu(weight, dtype) and weight.dim() == 1
+            and weight.is_contiguous()):
         return False
     return x.stride(1) == 1 and weight.shape[0] == x.shape[1] and (
-        delta is None or (_cpu_f32(delta) and delta.shape == x.shape and delta.stride(1) == 1))
+        delta is None or (_on_cpu(delta, dtype) and delta.shape == x.shape and delta.stride(1) == 1))
 
 
 def _norm_args(x, delta, weight, eps, out, s) -> tuple:
@@ -78,9 +91,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     the second tensor is ``x``). ``x`` and ``delta`` are left alone."""
     lib = _lib()
     if lib is not None and _norm_fits(x, delta, weight):
-        out = torch.empty(x.shape)
-        s = None if delta is None else torch.empty(x.shape)
-        lib.npukit_add_rms_norm(*_norm_args(x, delta, weight, eps, out, s))
+        out = torch.empty(x.shape, dtype=x.dtype)
+        s = None if delta is None else torch.empty(x.shape, dtype=x.dtype)
+        lib[x.dtype][0](*_norm_args(x, delta, weight, eps, out, s))
         return out, (x if s is None else s)
     s = x if delta is None else x + delta
     return _torch_rms_norm(s, weight, eps), s
@@ -92,13 +105,15 @@ def bind_add_rms_norm(x, delta, weight, eps, out, s):
     lib = _ops()
     if lib is None or not _norm_fits(x, delta, weight):
         return None
-    return functools.partial(lib.npukit_add_rms_norm, *_norm_args(x, delta, weight, eps, out, s))
+    return functools.partial(lib[x.dtype][0], *_norm_args(x, delta, weight, eps, out, s))
 
 
 def _rope_fits(q, k, cos, sin) -> bool:
-    """Whether the C RoPE takes these tensors (fp32 CPU, each head's row contiguous, one cos/sin row per token)."""
-    if not (q.dim() == 3 and k.dim() == 3 and _cpu_f32(q) and _cpu_f32(k) and _cpu_f32(cos) and _cpu_f32(sin)
-            and cos.is_contiguous() and sin.is_contiguous()):
+    """Whether the C RoPE takes these tensors (fp32 or bf16 CPU, all of one dtype, each head's row contiguous, one
+    cos/sin row per token)."""
+    dtype = q.dtype
+    if not (q.dim() == 3 and k.dim() == 3 and dtype in DTYPES and _on_cpu(q, dtype) and _on_cpu(k, dtype)
+            and _on_cpu(cos, dtype) and _on_cpu(sin, dtype) and cos.is_contiguous() and sin.is_contiguous()):
         return False
     (m, _, d), (mk, _, dk), qs, ks = q.shape, k.shape, q.stride(), k.stride()  # NOTE: each read once
     return (d % 2 == 0 and qs[2] == 1 and qs[1] == d and ks[2] == 1 and ks[1] == d and mk == m and dk == d
@@ -116,7 +131,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     ``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin``). In C, q and k are rotated in place."""
     lib = _lib()
     if lib is not None and _rope_fits(q, k, cos, sin):
-        lib.npukit_rope(*_rope_args(q, k, cos, sin))
+        lib[q.dtype][1](*_rope_args(q, k, cos, sin))
         return q, k
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -126,7 +141,7 @@ def bind_rope(q, k, cos, sin):
     lib = _ops()
     if lib is None or not _rope_fits(q, k, cos, sin):
         return None
-    return functools.partial(lib.npukit_rope, *_rope_args(q, k, cos, sin))
+    return functools.partial(lib[q.dtype][1], *_rope_args(q, k, cos, sin))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,9 @@ def load_library(name: str) -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (apt-get install gcc, or set CC)")
-        recipe = [source.read_text(), compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS), _cpu_id(),
-                  repr(_extra_flags())]
+        headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]  # what the sources #include
+        recipe = [source.read_text(), *headers, compiler, repr(FLAG_SETS), repr(COMPILE_FLAGS), repr(LINK_FLAGS),
+                  _cpu_id(), repr(_extra_flags())]
         key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
         so = cache_dir() / f"{name}-{key}.so"
         if not so.exists():

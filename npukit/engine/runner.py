@@ -4,7 +4,7 @@ One step computes a batch of ``(seq, num_new_tokens)`` entries. Their tokens are
 ``[num_tokens, hidden]`` tensor (no padding to the longest): embeddings, norms, q/k/v/o projections and
 the MLP run once over all of them. Only attention is per sequence:
 
-- decode entries (1 new token): fp32 on CPU, one call per layer of a C paged-attention kernel that walks
+- decode entries (1 new token): fp32 or bf16 on CPU, one call per layer of a C paged-attention kernel that walks
   each sequence's block table and reads K/V in place (``npukit.engine.cpu_attention``); otherwise batched
   SDPA calls over their gathered blocks: sorted by context length, grouped so padding to a group's longest
   context stays small (and, on CPU, so one call gathers ~1 MiB of K: cache-sized gathers were 2x faster
@@ -260,10 +260,9 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and shard is None:
             self._choose_cpu_kernels()
         self._fuse_projections()
-        # fp32 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
+        # fp32 or bf16 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
         # None (no compiler, other dtypes and devices): gather the blocks and run SDPA.
-        self.decode_kernel = (cpu_attention.load() if self.device.type == "cpu" and self.dtype == torch.float32
-                              else None)
+        self.decode_kernel = cpu_attention.load(self.dtype) if self.device.type == "cpu" else None
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:

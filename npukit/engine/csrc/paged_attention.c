@@ -10,6 +10,9 @@
  *   window     keys at positions >= ctx_len - window only (0: no sliding window)
  *   out        [b, num_heads, head_dim]
  *
+ * npukit_paged_decode_f32 takes fp32 tensors, npukit_paged_decode_bf16 bf16 ones (a bf16 model's q and KV cache):
+ * the same fp32 arithmetic on the widened numbers, each output rounded once to bf16.
+ *
  * Work items are sequences (or (sequence, KV head) pairs when there are fewer sequences than threads), shared
  * out over the OpenMP threads. Each item makes three passes over its positions: scores (one dot product per
  * query head, K read where it lies), a softmax, then the probability-weighted sum of V. K and V are each read
@@ -23,15 +26,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* x . y with 16 independent partial sums (one 16-wide FMA chain per 16 elements, not one long chain),
+#include "bf16.h"
+
+/* Element i of a K/V cache: fp32, or bf16 widened (bf16 is a constant where this is inlined: no branch left) */
+static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* x . y[y0 ..] with 16 independent partial sums (one 16-wide FMA chain per 16 elements, not one long chain),
  * added up once at the end */
-static inline float dot(const float *x, const float *y, int64_t n) {
+static inline __attribute__((always_inline)) float dot(const float *x, const void *y, int64_t y0, int64_t n,
+                                                       const int bf16) {
     float part[16] = {0.f};
     int64_t d = 0;
     for (; d + 16 <= n; d += 16)
-        for (int e = 0; e < 16; e++) part[e] += x[d + e] * y[d + e];
+        for (int e = 0; e < 16; e++) part[e] += x[d + e] * kv_at(y, y0 + d + e, bf16);
     float acc = 0.f;
-    for (; d < n; d++) acc += x[d] * y[d];
+    for (; d < n; d++) acc += x[d] * kv_at(y, y0 + d, bf16);
     for (int e = 0; e < 16; e++) acc += part[e];
     return acc;
 }
@@ -39,21 +50,20 @@ static inline float dot(const float *x, const float *y, int64_t n) {
 /* Blocks lie anywhere in memory, so the hardware prefetcher, which follows addresses within a page, stalls at
  * every block boundary: each row read asks for the row of the same offset one block ahead (block_size
  * positions later). */
-static inline void prefetch_row(const float *p, int64_t row) {
+static inline void prefetch_row(const char *p, int64_t bytes) {
 #if defined(__GNUC__)
-    for (int64_t c = 0; c < row; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + c);
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(p + c);
 #endif
 }
 
-/* One work item: the query heads of KV heads h0 .. h0 + heads - 1 of sequence i, attending over positions start ..
- * start + n - 1. Always inlined, so that a constant head_dim D (64, 128: see the caller) unrolls its loops. */
+/* One work item: the m = heads * g query heads qi of KV heads h0 .. h0 + heads - 1 of sequence i, attending over
+ * positions start .. start + n - 1, into oi (fp32 both). Always inlined, so that a constant head_dim D (64, 128: see
+ * the caller) unrolls its loops and a constant bf16 picks the cache's element type. */
 static inline __attribute__((always_inline)) int attend(
-        const float *q, const float *k_cache, const float *v_cache, const int64_t *tables, int64_t i, int64_t h0,
-        int64_t heads, int64_t start, int64_t n, int64_t g, int64_t num_heads, const int64_t D, int64_t row,
-        int64_t block_size, int64_t max_blocks, float scale, float *out) {
-    const int64_t m = heads * g;
-    const float *qi = q + (i * num_heads + h0 * g) * D;  /* the m query heads of KV heads h0 .. h0 + heads */
-    float *oi = out + (i * num_heads + h0 * g) * D;
+        const float *qi, const void *k_cache, const void *v_cache, const int64_t *tables, int64_t i, int64_t h0,
+        int64_t heads, int64_t start, int64_t n, int64_t g, const int64_t D, int64_t row, int64_t block_size,
+        int64_t max_blocks, float scale, float *oi, const int bf16) {
+    const int64_t m = heads * g, esize = bf16 ? 2 : 4;
     float *s = malloc(sizeof(float) * (size_t)(m * (n > 0 ? n : 1)));  /* s[j][t]: scores, then weights */
     int64_t *at = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));    /* at[t]: position t's cache row */
     if (s == NULL || at == NULL) {
@@ -69,10 +79,10 @@ static inline __attribute__((always_inline)) int attend(
     memset(oi, 0, sizeof(float) * (size_t)(m * D));
     /* 1. scores q_j . k_t * scale; query head j = h * g + r reads KV head h0 + h */
     for (int64_t t = 0; t < n; t++) {
-        const float *k = k_cache + at[t] * row + h0 * D;
-        if (t + block_size < n) prefetch_row(k_cache + at[t + block_size] * row, row);
+        const int64_t k0 = at[t] * row + h0 * D;
+        if (t + block_size < n) prefetch_row((const char *)k_cache + at[t + block_size] * row * esize, row * esize);
         for (int64_t h = 0, j = 0; h < heads; h++)
-            for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k + h * D, D) * scale;
+            for (int64_t r = 0; r < g; r++, j++) s[j * n + t] = dot(qi + j * D, k_cache, k0 + h * D, D, bf16) * scale;
     }
     /* 2. softmax over the positions */
     for (int64_t j = 0; j < m && n > 0; j++) {
@@ -88,13 +98,13 @@ static inline __attribute__((always_inline)) int attend(
     }
     /* 3. out_j = sum_t p_jt v_t */
     for (int64_t t = 0; t < n; t++) {
-        const float *v = v_cache + at[t] * row + h0 * D;
-        if (t + block_size < n) prefetch_row(v_cache + at[t + block_size] * row, row);
+        const int64_t v0 = at[t] * row + h0 * D;
+        if (t + block_size < n) prefetch_row((const char *)v_cache + at[t + block_size] * row * esize, row * esize);
         for (int64_t h = 0, j = 0; h < heads; h++)
             for (int64_t r = 0; r < g; r++, j++) {
-                const float p = s[j * n + t], *vj = v + h * D;
+                const float p = s[j * n + t];
                 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * vj[d];
+                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * kv_at(v_cache, v0 + h * D + d, bf16);
             }
     }
     free(s);
@@ -102,30 +112,57 @@ static inline __attribute__((always_inline)) int attend(
     return 0;
 }
 
+/* The work items of a step (below), each through attend with a constant head_dim where it is a common one; bf16:
+ * q and out in bf16 (each item's q widened into a buffer, its output rounded from one) */
+static inline __attribute__((always_inline)) int paged_decode(
+        const void *q, const void *k_cache, const void *v_cache, const int64_t *tables, const int64_t *ctx_lens,
+        int64_t b, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+        int64_t window, float scale, void *out, int num_threads, const int bf16) {
+    const int64_t g = num_heads / num_kv_heads, D = head_dim, row = num_kv_heads * head_dim;
+    /* whole K/V rows per item (all KV heads: contiguous reads, ~1.8x faster than one head per item), unless
+     * there are fewer sequences than threads: then one KV head per item, so that every thread has work */
+    const int64_t split = b < num_threads ? num_kv_heads : 1, heads = num_kv_heads / split, m = heads * g;
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t item = 0; item < b * split; item++) {
+        const int64_t i = item / split, h0 = (item % split) * heads, L = ctx_lens[i], q0 = (i * num_heads + h0 * g) * D;
+        const int64_t start = (window > 0 && L > window) ? L - window : 0, n = L - start;
+        float *buf = bf16 ? malloc(sizeof(float) * (size_t)(2 * m * D)) : NULL;
+        if (bf16 && buf == NULL) {
+            failed = 1;
+            continue;
+        }
+        float *qi = bf16 ? buf : (float *)q + q0, *oi = bf16 ? buf + m * D : (float *)out + q0;
+        for (int64_t e = 0; bf16 && e < m * D; e++) qi[e] = bf16_to_f32(((const uint16_t *)q)[q0 + e]);
+        int rc;
+        if (D == 64)
+            rc = attend(qi, k_cache, v_cache, tables, i, h0, heads, start, n, g, 64, row, block_size, max_blocks,
+                        scale, oi, bf16);
+        else if (D == 128)
+            rc = attend(qi, k_cache, v_cache, tables, i, h0, heads, start, n, g, 128, row, block_size, max_blocks,
+                        scale, oi, bf16);
+        else
+            rc = attend(qi, k_cache, v_cache, tables, i, h0, heads, start, n, g, D, row, block_size, max_blocks,
+                        scale, oi, bf16);
+        for (int64_t e = 0; bf16 && e < m * D; e++) ((uint16_t *)out)[q0 + e] = f32_to_bf16(oi[e]);
+        free(buf);
+        if (rc) failed = 1;
+    }
+    return failed ? -1 : 0;
+}
+
 int npukit_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                             const int64_t *ctx_lens, int64_t b, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t window, float scale,
                             float *out, int num_threads) {
-    const int64_t g = num_heads / num_kv_heads, D = head_dim, row = num_kv_heads * head_dim;
-    /* whole K/V rows per item (all KV heads: contiguous reads, ~1.8x faster than one head per item), unless
-     * there are fewer sequences than threads: then one KV head per item, so that every thread has work */
-    const int64_t split = b < num_threads ? num_kv_heads : 1, heads = num_kv_heads / split;
-    int failed = 0;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t item = 0; item < b * split; item++) {
-        const int64_t i = item / split, h0 = (item % split) * heads, L = ctx_lens[i];
-        const int64_t start = (window > 0 && L > window) ? L - window : 0, n = L - start;
-        int rc;
-        if (D == 64)
-            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, 64, row, block_size,
-                        max_blocks, scale, out);
-        else if (D == 128)
-            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, 128, row, block_size,
-                        max_blocks, scale, out);
-        else
-            rc = attend(q, k_cache, v_cache, tables, i, h0, heads, start, n, g, num_heads, D, row, block_size,
-                        max_blocks, scale, out);
-        if (rc) failed = 1;
-    }
-    return failed ? -1 : 0;
+    return paged_decode(q, k_cache, v_cache, tables, ctx_lens, b, num_heads, num_kv_heads, head_dim, block_size,
+                        max_blocks, window, scale, out, num_threads, 0);
+}
+
+int npukit_paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                             const int64_t *tables, const int64_t *ctx_lens, int64_t b, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                             int64_t window, float scale, uint16_t *out, int num_threads) {
+    return paged_decode(q, k_cache, v_cache, tables, ctx_lens, b, num_heads, num_kv_heads, head_dim, block_size,
+                        max_blocks, window, scale, out, num_threads, 1);
 }
