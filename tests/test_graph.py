@@ -1,8 +1,9 @@
 """Graph mode (enforce_eager=False, npukit.engine.graph): greedy tokens equal eager (fp32) whatever the batch,
 padding to capture sizes is counted, larger batches and prefills run eager, no recompiles as contexts grow,
 and every failure falls back to eager with a warning. On CPU both backends: the replay of bound kernel calls
-(npukit.engine.cpu_graph, fp32: the eager step's bits) and torch.compile (inductor, NPUKIT_CPU_GRAPHS=inductor).
+(npukit.engine.cpu_graph, fp32 / bf16: the eager step's bits) and torch.compile (inductor, NPUKIT_CPU_GRAPHS=inductor).
 Device: $NPUKIT_TEST_DEVICE (default cpu, see conftest)."""
+import copy
 import logging
 import random
 
@@ -327,8 +328,20 @@ def test_cpu_replay_gives_the_eager_steps_bits(arch, kernel, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_cpu_replay_in_bf16_gives_the_eager_steps_bits(arch):
+    """bf16: the replay binds the bf16 C kernels (norms, RoPE, attention) and makes the fused panel calls, which
+    widen their rows, as eager makes them: the same bits."""
+    from test_runner import tiny_arch_models
+
+    model = copy.deepcopy(tiny_arch_models()[arch]).to(torch.bfloat16)
+    for eager, graph in _decode_steps(model, SIZES):
+        assert torch.equal(eager, graph)
+
+
+@cpu_only
 def test_cpu_replay_only_where_its_kernels_run(tiny, monkeypatch):
-    """The replay needs fp32 and npukit's C kernels; elsewhere graph mode on CPU compiles with inductor."""
+    """The replay needs fp32 or bf16 and npukit's C kernels; elsewhere graph mode on CPU compiles with inductor."""
     from npukit.engine import cpu_ops
 
     model = tiny[0]
@@ -336,8 +349,9 @@ def test_cpu_replay_only_where_its_kernels_run(tiny, monkeypatch):
     assert cpu_graph.supports(runner)
     monkeypatch.setattr(cpu_ops, "_ops", lambda: None)  # NPUKIT_CPU_OPS=0 or no compiler
     assert not cpu_graph.supports(runner)
-    with pytest.raises(ValueError, match="float32 CPU runner"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU runner"):
         cpu_graph.CpuGraph(runner, 1)
-    bf16 = ModelRunner(type(model)(model.config).to(torch.bfloat16).eval(), block_size=4, num_kv_blocks=16)
     monkeypatch.undo()
-    assert not cpu_graph.supports(bf16)
+    for dtype, replays in ((torch.bfloat16, True), (torch.float16, False)):
+        other = ModelRunner(type(model)(model.config).to(dtype).eval(), block_size=4, num_kv_blocks=16)
+        assert cpu_graph.supports(other) == replays

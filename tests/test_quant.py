@@ -137,10 +137,11 @@ def test_the_panel_kernel_runs_on_the_copy_its_layer_made(monkeypatch):
     assert packs == []
 
 
-def test_without_a_c_compiler_the_panel_kernel_is_no_candidate(monkeypatch):
-    assert ("panel" in K.candidates("w8a16", "cpu", torch.float32)) == (cpu_gemm._panel_gemm() is not None)
+@pytest.mark.parametrize("method", K.METHODS)
+def test_without_a_c_compiler_the_panel_kernel_is_no_candidate(monkeypatch, method):
+    assert ("panel" in K.candidates(method, "cpu", torch.float32)) == (cpu_gemm._panel_gemm() is not None)
     monkeypatch.setattr(cpu_gemm, "_panel_gemm", lambda: None)
-    assert "panel" not in K.candidates("w8a16", "cpu", torch.float32)
+    assert "panel" not in K.candidates(method, "cpu", torch.float32)
 
 
 def test_quantize_model_puts_int8_weights_and_scales_in_the_state_dict(tiny):
@@ -198,6 +199,7 @@ def test_w8a8_without_an_int8_kernel_falls_back_with_a_warning_or_fails_clearly(
 
     K._probe.cache_clear()
     monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", broken)
+    monkeypatch.setitem(K.KERNELS["w8a8"], "panel", broken)
     try:
         with caplog.at_level(logging.WARNING, logger="npukit.quant"):
             plan = choose_kernels("w8a8", "cpu", torch.float32, (32, 16))
@@ -278,7 +280,7 @@ def test_the_searched_alpha_is_the_one_with_the_smallest_int8_error():
 
 
 @pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm"),
-                                           ("w8a16", "panel")])
+                                           ("w8a16", "panel"), ("w8a8", "panel")])
 def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_batch(method, kernel):
     if kernel == "panel" and cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
@@ -295,6 +297,7 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
             ref.append(y[0, x.shape[1]:].tolist())
     llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
     assert llm.config.quantization == method
+    assert (llm.runner.layers[0].qkv is not None) == ((method, kernel) == ("w8a16", "panel"))  # W8A8: x quantised first
     copies = sum(c.nbytes for m in model.modules() if isinstance(m, QuantLinear) for c in m.copies.values())
     assert (copies > 0) == (kernel == "panel") and llm.runner.packed_bytes >= copies  # the panels are counted
     params = SamplingParams(max_tokens=8, **GREEDY)

@@ -97,12 +97,12 @@ class EngineConfig:
              "per-token int8 activations, smoothed); vLLM-Ascend's --quantization ascend instead loads an "
              "msModelSlim-quantised checkpoint")
     # NOTE: True by default here (vLLM's default is False): the notebooks teach the eager step first, and where
-    # graph mode compiles (torch.compile: CPUs in bf16 / fp16) it costs seconds per size.
+    # graph mode compiles (torch.compile: CPUs in fp16) it costs seconds per size.
     enforce_eager: bool = setting(
         True, vllm="--enforce-eager",
         help="run every step eagerly; --no-enforce-eager runs pure decode steps as a compiled graph per capture "
-             "size (CPU fp32: bound kernel calls replayed; other CPU precisions: torch.compile, seconds per size; "
-             "CUDA graphs on GPU)")
+             "size (CPU fp32 / bf16: bound kernel calls replayed; other CPU precisions: torch.compile, seconds per "
+             "size; CUDA graphs on GPU)")
     compile_sizes: list[int] = setting(
         DEFAULT_COMPILE_SIZES, vllm="--compilation-config",
         help="decode batch sizes that get a graph, comma-separated (vLLM's cudagraph_capture_sizes); a batch pads "

@@ -237,9 +237,10 @@ class FusedLinear:
     calls. Saves a kernel call's fixed cost per member: SmolLM2's 30 layers, W8A16, one row, 2 threads: 120
     calls 7.8 ms where the 210 unfused ones took 8.7 (the calls alone), a whole decode step 0.85-0.89x as long.
 
-    Members: CpuLinears or QuantLinears (npukit.quant) with a ``panel`` copy, of one weight dtype and input
-    width; ``FusedLinear.of`` returns None for anything else (then the runner calls them one by one). One member
-    is fine too: the runner binds o_proj and down_proj so, its pointers and checks settled once.
+    Members: CpuLinears or W8A16 QuantLinears (npukit.quant) with a ``panel`` copy, of one weight dtype and input
+    width (W8A8's panel kernel quantises its rows first); ``FusedLinear.of`` returns None for anything else (then
+    the runner calls them one by one). One member is fine too: the runner binds o_proj and down_proj so, its
+    pointers and checks settled once.
     """
 
     def __init__(self, members: list, biases: list):
@@ -262,8 +263,9 @@ class FusedLinear:
     @classmethod
     def of(cls, members: list, biases: list) -> FusedLinear | None:
         panels = [getattr(m, "copies", {}).get("panel") for m in members]
-        if (any(p is None for p in panels) or len({p.dtype for p in panels}) > 1
-                or len({p.shape[1] for p in panels}) > 1 or len(members) > MAX_PARTS or _panel_gemm_parts() is None):
+        if (any(p is None for p in panels) or any(getattr(m, "method", None) == "w8a8" for m in members)
+                or len({p.dtype for p in panels}) > 1 or len({p.shape[1] for p in panels}) > 1
+                or len(members) > MAX_PARTS or _panel_gemm_parts() is None):
             return None
         return cls(members, biases)
 

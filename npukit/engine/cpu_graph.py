@@ -21,7 +21,8 @@ step: slots, block tables, context lengths), the rest of its calls. The same ker
 same layout as the eager step: the same bits, at a batch of a capture size's rows (tests/test_graph.py
 compares the logits with ``torch.equal``); a padded batch runs the kernels chosen for its padded size.
 
-fp32 with npukit's C kernels only (``supports``); other precisions use ``torch.compile`` (npukit.engine.graph).
+fp32 or bf16 with npukit's C kernels (``supports``; in bf16 the fused panel calls widen their rows, so they are
+recorded as eager calls); other precisions use ``torch.compile`` (npukit.engine.graph).
 NOTE: the thread count is bound at capture: ``torch.set_num_threads`` afterwards leaves the replays on the
 old count (npukit's C kernels give the same bits at any count; only the speed changes).
 """
@@ -37,8 +38,8 @@ from .runner import _linear, act_and_mul
 
 
 def supports(runner) -> bool:
-    """Whether this runner can replay on CPU: fp32 on the CPU, the C kernels built, no tensor parallelism."""
-    return (runner.device.type == "cpu" and runner.dtype == torch.float32 and runner.shard is None
+    """Whether this runner can replay on CPU: fp32 or bf16 on the CPU, the C kernels built, no tensor parallelism."""
+    return (runner.device.type == "cpu" and runner.dtype in cpu_ops.DTYPES and runner.shard is None
             and runner.decode_kernel is not None and cpu_ops._ops() is not None)
 
 
@@ -57,7 +58,7 @@ class CpuGraph:
 
     def __init__(self, runner, size: int):
         if not supports(runner):
-            raise ValueError("CpuGraph needs a float32 CPU runner with npukit's C kernels (see supports)")
+            raise ValueError("CpuGraph needs a float32 or bfloat16 CPU runner with npukit's C kernels (see supports)")
         self.runner, self.size = runner, size
         self._buffers: dict[tuple, torch.Tensor] = {}
         hidden, dim = runner.embed.shape[1], runner.head_dim
@@ -88,8 +89,9 @@ class CpuGraph:
         """A zeroed static buffer, the same one for every layer that asks for this name, shape and strides."""
         key = (name, tuple(shape), stride)
         if key not in self._buffers:
-            self._buffers[key] = (torch.zeros(shape) if stride is None else
-                                  torch.empty_strided(shape, stride).zero_())
+            dtype = self.runner.dtype
+            self._buffers[key] = (torch.zeros(shape, dtype=dtype) if stride is None else
+                                  torch.empty_strided(shape, stride, dtype=dtype).zero_())
         return self._buffers[key]
 
     def _call(self, calls: list, name: str, fn, *args) -> tuple:
@@ -104,8 +106,11 @@ class CpuGraph:
 
     def _linears(self, calls: list, name: str, fused: FusedLinear | None, x, members: list) -> tuple:
         """Linears reading rows ``x``, as the eager step computes them at this row count: one bound FusedLinear call
-        into a ``[rows, sum of outputs]`` buffer (views of it, as FusedLinear returns them), else each one's _linear."""
+        into a ``[rows, sum of outputs]`` buffer (views of it, as FusedLinear returns them; bf16 rows: the fused
+        call as it is), else each one's _linear."""
         if fused is not None and fused.takes(x):
+            if x.dtype is not torch.float32:
+                return self._call(calls, name, fused, x)
             y = self._buffer(name, (x.shape[0], fused.out_features))
             calls.append(fused.bind(x, y))
             return (y,) if len(fused.sizes) == 1 else y.split_with_sizes(fused.sizes, 1)

@@ -17,9 +17,9 @@ recaptures::
 
 On CPU there are no kernel launches to record, but the eager step's host work between its kernels (Python
 checks, views, allocations, argument conversions) is there, and at batch 1 it is a quarter of the layer loop. In
-fp32, where npukit's C kernels run, the CPU "graph" is npukit.engine.cpu_graph: every layer's kernel calls bound
-once per size to static buffers and replayed (backend "cpu-replay": the eager step's bits). Otherwise (other
-precisions; or ``NPUKIT_CPU_GRAPHS=inductor``, to compare) the two pieces are ``torch.compile``d (inductor),
+fp32 and bf16, where npukit's C kernels run, the CPU "graph" is npukit.engine.cpu_graph: every layer's kernel
+calls bound once per size to static buffers and replayed (backend "cpu-replay": the eager step's bits). Otherwise
+(other precisions; or ``NPUKIT_CPU_GRAPHS=inductor``, to compare) the two pieces are ``torch.compile``d (inductor),
 with the matmuls as opaque calls to the kernels the runner's probe chose (see cpu_gemm.CpuLinear): that saves
 the element-wise work between them, and costs call machinery around each. Measure both with
 ``python benchmarks/bench_graph.py --model smollm2-135m-instruct --threads 2 --dtype float32 --context 384``.
@@ -50,7 +50,7 @@ from .runner import out_mlp_piece, qkv_piece
 
 _log = logging.getLogger(__name__)
 # NPUKIT_CPU_GRAPHS=inductor: graph mode on CPU compiles the pieces with torch.compile even where npukit's
-# replay of bound kernel calls (npukit.engine.cpu_graph, fp32) can run: to compare the two.
+# replay of bound kernel calls (npukit.engine.cpu_graph, fp32 / bf16) can run: to compare the two.
 CPU_BACKEND_ENV = "NPUKIT_CPU_GRAPHS"
 
 
@@ -58,7 +58,8 @@ CPU_BACKEND_ENV = "NPUKIT_CPU_GRAPHS"
 class GraphStats:
     """What graph mode did: the sizes it compiled, what that cost once, and how steps used the graphs."""
 
-    backend: str  # "cpu-replay" (CPU fp32), "inductor" (CPU), "cuda-graph", "npu-graph" (UNTESTED), "eager" (fell back)
+    # "cpu-replay" (CPU fp32 / bf16), "inductor" (CPU), "cuda-graph", "npu-graph" (UNTESTED), "eager" (fell back)
+    backend: str
     capture_sizes: list[int]
     compile_seconds: float = 0.0    # compiling / capturing every size, paid once at start-up
     num_graph_steps: int = 0        # steps that ran the graphs

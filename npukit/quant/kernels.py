@@ -12,6 +12,7 @@ scale per output channel (``w_scale[N]``); they differ in what runs underneath:
 | w8a16  | `dequant`       | anywhere       | `F.linear(x, w.to(x.dtype)) * scale`: the plain fallback              |
 | w8a16  | `npu`           | Ascend         | `torch_npu.npu_weight_quant_batchmatmul` (vLLM-Ascend's W8A16; UNTESTED) |
 | w8a8   | `int_mm`        | CPU, CUDA      | x quantised per token, `torch._int_mm` int8×int8→int32 (fast with VNNI) |
+| w8a8   | `panel`         | CPU            | x quantised per token, its integers through W8A16's panel kernel      |
 | w8a8   | `dequant`       | anywhere       | x quantised per token, the same integers in fp32: no int8 speed  |
 | w8a8   | `npu`           | Ascend         | `npu_dynamic_quant` + `npu_quant_matmul` (W8A8_DYNAMIC; UNTESTED) |
 
@@ -22,6 +23,11 @@ of the weight (``COPIES``), made once by the layer that holds the weight (QuantL
 then in memory twice (still half of fp32), and the state_dict holds the ``[out, in]`` one. bf16 / fp16 rows are
 widened to fp32 for it and the result cast back (``cpu_gemm.panel_linear``): on an AVX512-BF16 CPU (2-core AMD EPYC) a
 bf16 model's one-row 1536x576 linear took 55 us on it against 115 for int8pack.
+
+W8A8's decode rows can take the panel kernel too (``w8a8_panel``): x quantised per token, its integers widened to
+fp32 and multiplied by the int8 panels (products and sums exact while |sum| < 2**24, as in ``dequant``). It saves
+weight bytes, not arithmetic: on a 2-core AMD EPYC (VNNI) SmolLM2's q/k/v-sized 1728x576 linear at one row took
+71 us against 115 for ``torch._int_mm``, and at 64 rows 2238 against 267, where int8 arithmetic wins.
 
 W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32, run in
 npukit's C code on CPU (``csrc/quant_rows.c``, the same bits as the torch ops it replaces): as seven and three
@@ -123,10 +129,15 @@ def w8a16_dequant(x, w, w_scale):
 
 
 def w8a16_panel(x, w, w_scale):
+    return cpu_gemm.panel_linear(x, _panels(w), w.shape[0], scale=w_scale)
+
+
+def _panels(w: torch.Tensor) -> torch.Tensor:
+    """The panel copy the layer that holds ``w`` made (make_copy)."""
     panels = _COPIES.get(_key(w))
     if panels is None:  # NOTE: a weight nobody packed (the probe's checks): pack it now
         panels = cpu_gemm.pack_panels(w)
-    return cpu_gemm.panel_linear(x, panels, w.shape[0], scale=w_scale)
+    return panels
 
 
 # the kernels that run on a copy of the int8 weight in their own layout, and how to make it
@@ -181,6 +192,14 @@ def w8a8_dequant(x, w, w_scale):
     return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
 
 
+def w8a8_panel(x, w, w_scale):
+    # NOTE: the integer rows through W8A16's panel kernel (int8 panels widened to fp32 in registers): at decode rows
+    # it reads the int8 weights at memory speed, where oneDNN's int8 GEMM reads them slower. The products and their
+    # sums are exact integers while |sum| < 2**24, as in w8a8_dequant.
+    qx, x_scale = quantize_per_token(x)
+    return cpu_gemm.panel_linear(qx.float(), _panels(w), w.shape[0], scale=w_scale).mul_(x_scale).to(x.dtype)
+
+
 def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMIC method
     import torch_npu
 
@@ -192,7 +211,7 @@ def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMI
 KERNELS = {
     "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "panel": w8a16_panel,
               "dequant": w8a16_dequant, "npu": w8a16_npu},
-    "w8a8": {"int_mm": w8a8_int_mm, "dequant": w8a8_dequant, "npu": w8a8_npu},
+    "w8a8": {"int_mm": w8a8_int_mm, "panel": w8a8_panel, "dequant": w8a8_dequant, "npu": w8a8_npu},
 }
 
 
@@ -222,7 +241,9 @@ def candidates(method: str, device_type: str, dtype: torch.dtype) -> list[str]:
                 extra.append("panel")  # npukit's C kernel, where a C compiler built it (npukit.engine.native)
             return ["int8pack"] + extra + ["dequant"]
         return ["dequant"]
-    return ["int_mm", "dequant"] if device_type in ("cpu", "cuda") else ["dequant"]
+    if device_type == "cpu":
+        return ["int_mm"] + (["panel"] if cpu_gemm._panel_gemm() is not None else []) + ["dequant"]
+    return ["int_mm", "dequant"] if device_type == "cuda" else ["dequant"]
 
 
 @dataclass

@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T × weight_scale, without the bias (the engine's runner adds the bias itself)."""
         if x.dim() == 2:  # the engine's rows (the reshapes below cost microseconds, 210 times a step)
-            panels = self.copies.get("panel")
+            panels = self.copies.get("panel") if self.method == "w8a16" else None  # W8A8 quantises x first
             if panels is not None and self.plan.pick(x.shape[0]) == "panel" and not torch.compiler.is_compiling():
                 return cpu_gemm.panel_linear(x, panels, self.out_features, scale=self.weight_scale)  # its own copy
             return self.plan.run(x.contiguous(), self.weight, self.weight_scale)
