@@ -105,12 +105,14 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto",
         return dtype, [f"{str(dtype).removeprefix('torch.')} requested"]
     reasons: list[str] = []
     if dev.type == "cpu" and quantization == "w8a8":
-        # NOTE: W8A8 quantises each row to int8 for the matmul whatever the model's dtype, and the rest of the step
-        # (attention, norms, RoPE) runs npukit's C kernels in fp32 only. On a 2-core AVX512-BF16 CPU (AMD EPYC,
-        # SmolLM2, benchmarks/bench_levers.py --variants auto w8a8 w8a8-fp32 --batch 64 --threads 2): fp32 rows
-        # gave 1.35x the bf16 model's throughput at 64 sequences, bf16 rows 1.08x; batch-1 TPOT 0.58x vs 0.78x.
-        return torch.float32, ["w8a8 on CPU: float32 rows (each row is quantised to int8 for the matmul; npukit's "
-                               "C attention and norm kernels run in float32)"]
+        # NOTE: W8A8 quantises each row to int8 for the matmul whatever the model's dtype, so bf16 rows buy it little.
+        # On a 2-core AVX512-BF16 CPU (AMD EPYC, SmolLM2, benchmarks/bench_levers.py --variants auto w8a8 w8a8-bf16
+        # --batch 64 --threads 2 --mixed w8a8 w8a8-bf16), against the unquantised bf16 model: fp32 rows gave 1.09x
+        # its throughput at 64 sequences and 1.12x on the mixed workload, bf16 rows 0.95x and 1.10x; batch-1 TPOT
+        # 1.23x either way. (W8A16 keeps auto's choice: in one run of --variants ... w8a16 w8a16-fp32, bf16 rows
+        # beat fp32 ones on all three: TPOT 0.76x / 64 sequences 0.85x / mixed 0.86x against 0.84x / 0.52x / 0.63x.)
+        return torch.float32, ["w8a8 on CPU: float32 rows (each row is quantised to int8 for the matmul; measured "
+                               "faster than bf16 rows at 64 sequences)"]
     if dev.type == "cpu":
         # NOTE: on CPU the fastest dtype depends on the chip (AVX512-BF16 / AMX make bf16 ~2x fp32;
         # without them bf16 is emulated and slower), so measure instead of guessing. fp16 matmul is slow

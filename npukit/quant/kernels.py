@@ -317,7 +317,7 @@ def _probe(method: str, device: str, dtype: torch.dtype, n: int, k: int, rows: t
     # work they do. Larger row counts are timed with the model's threads: the kernels scale differently. At 64
     # rows of SmolLM2's fp32 W8A16 linears on a 2-core AMD EPYC, "dequant" won on one thread by 10 % and lost by
     # 20-60 % on two (its int8 -> fp32 widening of the weight does not split), so the one-thread probe gave it
-    # every batch above 16 rows and W8A16 ran 0.53x the bf16 model's 32-sequence throughput.
+    # every batch above 16 rows: W8A16 in fp32 ran 0.53x the bf16 model's 32-sequence throughput, 0.64x since.
     before = torch.get_num_threads()
     try:
         out = []
