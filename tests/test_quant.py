@@ -215,7 +215,8 @@ def test_w8a8_without_an_int8_kernel_falls_back_with_a_warning_or_fails_clearly(
 
 def test_the_probe_times_decode_rows_on_one_thread_and_larger_ones_on_the_models_threads(monkeypatch):
     """Kernels scale differently with threads (W8A16's "dequant" widening does not split): larger row counts are
-    ranked with the threads the model runs with, and the answer is remembered per thread count."""
+    ranked with the threads the model runs with, and the answer is remembered per thread count; they never round an
+    fp32 model's rows to bf16."""
     seen = []
 
     def spy(x, w, s):
@@ -226,8 +227,10 @@ def test_the_probe_times_decode_rows_on_one_thread_and_larger_ones_on_the_models
     before = torch.get_num_threads()
     K._probe.cache_clear()
     try:
-        K._probe("w8a16", "cpu", torch.float32, 48, 32, (1, 64), 3)
+        probe = K._probe("w8a16", "cpu", torch.float32, 48, 32, (1, 64), 3)
         assert {t for m, t in seen if m == 1} == {1} and {t for m, t in seen if m == 64} == {3}
+        # bf16-rounded rows only for decode rows: larger batches of an fp32 model keep fp32 activations
+        assert "int8pack_bf16" in dict(probe[0][2]) and "int8pack_bf16" not in dict(probe[1][2])
         assert torch.get_num_threads() == before
         seen.clear()
         K._probe("w8a16", "cpu", torch.float32, 48, 32, (1, 64), 2)  # another thread count: measured again
