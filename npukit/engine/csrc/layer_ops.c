@@ -18,84 +18,85 @@
 
 #define PARALLEL_ELEMS (1 << 16) /* below this many elements one thread does it: waking others costs more */
 
+/* Each pass is written once, for both element types: element i of fp32 or bf16 data as a float (load), a float
+ * stored as one (store), v as a torch op of that dtype leaves it (as_stored). The per-row functions are inlined
+ * with a constant bf16, so no branch is left in their loops. NOTE: the OpenMP loops are in the exported functions,
+ * not in a shared inlined one: a parallel region is outlined before inlining, and bf16 would be a run-time value
+ * there (not vectorised: 5x slower RoPE). */
+static inline __attribute__((always_inline)) float load(const void *p, int64_t i, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline __attribute__((always_inline)) void store(void *p, int64_t i, float v, const int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+static inline __attribute__((always_inline)) float as_stored(float v, const int bf16) {
+    return bf16 ? round_bf16(v) : v;
+}
+
+/* Row m of HF's LlamaRMSNorm: the sum of squares in fp32, x * r (rounded to the dtype), times the weight (HF's
+ * order: normalise, then scale); the residual add first when delta is given (the sum written to sum, rounded as
+ * torch's add rounds it) */
+static inline __attribute__((always_inline)) void add_rms_norm_row(
+        const void *x, int64_t ldx, const void *delta, int64_t ldd, void *sum, const void *w, float eps, void *out,
+        int64_t m, int64_t N, const int bf16) {
+    const void *row = x;
+    int64_t r0 = m * ldx;
+    if (delta) {
+        for (int64_t n = 0; n < N; n++)
+            store(sum, m * N + n, load(x, r0 + n, bf16) + load(delta, m * ldd + n, bf16), bf16);
+        row = sum;
+        r0 = m * N;
+    }
+    float ss = 0.f;
+    for (int64_t n = 0; n < N; n++) ss += load(row, r0 + n, bf16) * load(row, r0 + n, bf16);
+    /* NOTE: in double: under -ffast-math gcc computes 1.0f / sqrtf(v) with an approximate rsqrt */
+    const float r = (float)(1.0 / sqrt((double)(ss / (float)N + eps)));
+    for (int64_t n = 0; n < N; n++)
+        store(out, m * N + n, load(w, n, bf16) * as_stored(load(row, r0 + n, bf16) * r, bf16), bf16);
+}
+
 void npukit_add_rms_norm(const float *x, int64_t ldx, const float *delta, int64_t ldd, float *sum,
                          const float *w, float eps, float *out, int64_t M, int64_t N, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
-    for (int64_t m = 0; m < M; m++) {
-        const float *row = x + m * ldx;
-        if (delta) { /* the residual add: sum = x + delta, the same bits as torch's add */
-            float *s = sum + m * N;
-            for (int64_t n = 0; n < N; n++) s[n] = row[n] + delta[m * ldd + n];
-            row = s;
-        }
-        float ss = 0.f;
-        for (int64_t n = 0; n < N; n++) ss += row[n] * row[n];
-        /* NOTE: in double: under -ffast-math gcc computes 1.0f / sqrtf(v) with an approximate rsqrt */
-        const float r = (float)(1.0 / sqrt((double)(ss / (float)N + eps)));
-        float *o = out + m * N;
-        for (int64_t n = 0; n < N; n++) o[n] = w[n] * (row[n] * r); /* HF's order: normalise, then scale */
-    }
+    for (int64_t m = 0; m < M; m++) add_rms_norm_row(x, ldx, delta, ldd, sum, w, eps, out, m, N, 0);
 }
 
-/* NOTE: no fused multiply-add here, so the result has torch's bits: (x * cos) + (rotate_half(x) * sin), each
- * product rounded, as the three torch ops round them. */
+void npukit_add_rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd, uint16_t *sum,
+                              const uint16_t *w, float eps, uint16_t *out, int64_t M, int64_t N, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
+    for (int64_t m = 0; m < M; m++) add_rms_norm_row(x, ldx, delta, ldd, sum, w, eps, out, m, N, 1);
+}
+
+/* NOTE: no fused multiply-add in RoPE, so the result has torch's bits: (x * cos) + (rotate_half(x) * sin), each
+ * product rounded (in a bf16 model to bf16 too: exact in fp32 before that, two 8-bit significands), as the three
+ * torch ops round them. */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-static void rope_heads(float *x, int64_t heads, int64_t D, const float *cos, const float *sin) {
+/* RoPE on the heads of one row, in place; cos and sin: that row's */
+static inline __attribute__((always_inline)) void rope_heads(void *x, int64_t x0, int64_t heads, int64_t D,
+                                                              const void *cos, const void *sin, int64_t c0,
+                                                              const int bf16) {
     const int64_t half = D / 2;
-    for (int64_t h = 0; h < heads; h++) {
-        float *v = x + h * D;
+    for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < half; i++) {
-            const float a = v[i], b = v[i + half];
-            const float lo = a * cos[i] + (-b) * sin[i];
-            const float hi = b * cos[i + half] + a * sin[i + half];
-            v[i] = lo;
-            v[i + half] = hi;
+            const int64_t lo = x0 + h * D + i, hi = lo + half;
+            const float a = load(x, lo, bf16), b = load(x, hi, bf16);
+            store(x, lo, as_stored(a * load(cos, c0 + i, bf16), bf16) + as_stored(-b * load(sin, c0 + i, bf16), bf16),
+                  bf16);
+            store(x, hi, as_stored(b * load(cos, c0 + i + half, bf16), bf16) +
+                         as_stored(a * load(sin, c0 + i + half, bf16), bf16), bf16);
         }
-    }
 }
-#pragma GCC pop_options
 
 void npukit_rope(float *q, int64_t ldq, int64_t Hq, float *k, int64_t ldk, int64_t Hk, const float *cos,
                  const float *sin, int64_t M, int64_t D, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * (Hq + Hk) * D >= PARALLEL_ELEMS)
     for (int64_t m = 0; m < M; m++) {
-        rope_heads(q + m * ldq, Hq, D, cos + m * D, sin + m * D);
-        rope_heads(k + m * ldk, Hk, D, cos + m * D, sin + m * D);
-    }
-}
-
-/* bf16: HF's LlamaRMSNorm on bf16 rows: the sum of squares in fp32, x * r rounded to bf16, then times the bf16
- * weight, rounded again; the residual add rounded to bf16 as torch's add */
-void npukit_add_rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *delta, int64_t ldd, uint16_t *sum,
-                              const uint16_t *w, float eps, uint16_t *out, int64_t M, int64_t N, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (M * N >= PARALLEL_ELEMS)
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *row = x + m * ldx;
-        if (delta) {
-            uint16_t *s = sum + m * N;
-            for (int64_t n = 0; n < N; n++) s[n] = f32_to_bf16(bf16_to_f32(row[n]) + bf16_to_f32(delta[m * ldd + n]));
-            row = s;
-        }
-        float ss = 0.f;
-        for (int64_t n = 0; n < N; n++) ss += bf16_to_f32(row[n]) * bf16_to_f32(row[n]);
-        const float r = (float)(1.0 / sqrt((double)(ss / (float)N + eps)));
-        uint16_t *o = out + m * N;
-        for (int64_t n = 0; n < N; n++) o[n] = f32_to_bf16(bf16_to_f32(w[n]) * round_bf16(bf16_to_f32(row[n]) * r));
-    }
-}
-
-/* bf16: each product rounded to bf16 (exact in fp32 before that: two 8-bit significands), then their sum */
-static void rope_heads_bf16(uint16_t *x, int64_t heads, int64_t D, const uint16_t *cos, const uint16_t *sin) {
-    const int64_t half = D / 2;
-    for (int64_t h = 0; h < heads; h++) {
-        uint16_t *v = x + h * D;
-        for (int64_t i = 0; i < half; i++) {
-            const float a = bf16_to_f32(v[i]), b = bf16_to_f32(v[i + half]);
-            v[i] = f32_to_bf16(round_bf16(a * bf16_to_f32(cos[i])) + round_bf16(-b * bf16_to_f32(sin[i])));
-            v[i + half] = f32_to_bf16(round_bf16(b * bf16_to_f32(cos[i + half])) +
-                                      round_bf16(a * bf16_to_f32(sin[i + half])));
-        }
+        rope_heads(q, m * ldq, Hq, D, cos, sin, m * D, 0);
+        rope_heads(k, m * ldk, Hk, D, cos, sin, m * D, 0);
     }
 }
 
@@ -103,7 +104,8 @@ void npukit_rope_bf16(uint16_t *q, int64_t ldq, int64_t Hq, uint16_t *k, int64_t
                       const uint16_t *sin, int64_t M, int64_t D, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * (Hq + Hk) * D >= PARALLEL_ELEMS)
     for (int64_t m = 0; m < M; m++) {
-        rope_heads_bf16(q + m * ldq, Hq, D, cos + m * D, sin + m * D);
-        rope_heads_bf16(k + m * ldk, Hk, D, cos + m * D, sin + m * D);
+        rope_heads(q, m * ldq, Hq, D, cos, sin, m * D, 1);
+        rope_heads(k, m * ldk, Hk, D, cos, sin, m * D, 1);
     }
 }
+#pragma GCC pop_options
