@@ -501,8 +501,11 @@ def test_without_a_c_compiler_the_probe_leaves_the_panel_kernel_out(monkeypatch)
 
 def _fake_clock(kernel, run, xs):
     """packed 20 % faster than F.linear at 4-7 rows; swapped 3 % at 8-15 (under MARGIN: not enough); at 16,
-    24, .. 64 rows swapped 30 % and packed 10 % faster."""
+    24, .. 64 rows swapped 30 % and packed 10 % faster; at prefill rows packed 20 %, swapped 10 %."""
     m = xs[0].shape[0]
+    if m > 64:
+        assert kernel != "panel"  # the panel kernel is for decode rows: not timed there
+        return {"packed": 0.8, "swapped": 0.9}.get(kernel, 1.0)
     if 4 <= m <= 7:
         return 0.8 if kernel == "packed" else 1.0
     if 8 <= m <= 15:
@@ -531,9 +534,10 @@ def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(fake
     times = cpu_gemm.probe(weights, 1)
     assert torch.get_num_threads() == threads  # probed with the given count, then put back
     assert cpu_gemm.probe([w.clone() for w in weights], 1) is times  # once per process, shapes, threads
-    every8 = range(16, 65, 8)
-    assert cpu_gemm.choose(times) == {**dict.fromkeys(range(4, 8), "packed"), **dict.fromkeys(every8, "swapped")}
-    in_rows = {**dict.fromkeys(range(4, 8), "packed"), **dict.fromkeys(every8, "packed")}
+    every8, prefill = range(16, 65, 8), {cpu_gemm.PREFILL_ROWS: "packed"}
+    assert cpu_gemm.choose(times) == {**dict.fromkeys(range(4, 8), "packed"), **dict.fromkeys(every8, "swapped"),
+                                      **prefill}
+    in_rows = {**dict.fromkeys(range(4, 8), "packed"), **dict.fromkeys(every8, "packed"), **prefill}
     assert cpu_gemm.choose(times, cpu_gemm.ROW_KERNELS) == in_rows
 
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=8)
@@ -541,6 +545,9 @@ def test_the_kernel_probe_decides_per_bucket_and_the_runner_uses_its_answer(fake
     assert lw.o_w.kernels == cpu_gemm.choose(times) and lw.q_w.kernels == in_rows
     assert lw.o_w.weight is model.model.layers[0].self_attn.o_proj.weight  # the model's tensor, and a packed copy
     assert "packed" in lw.o_w.copies and runner.lm_head_w.kernels == lw.o_w.kernels
+    x = torch.randn(300, lw.o_w.weight.shape[1])  # a prefill chunk's rows: the prefill bucket's kernel
+    assert lw.o_w.kernel_for(300) == "packed" and lw.o_w.kernel_for(3) == "linear"
+    torch.testing.assert_close(lw.o_w(x), x @ lw.o_w.weight.T)
     wrapped = [runner.lm_head_w] + [getattr(lw, f) for lw in runner.layers for f in
                                     ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")]
     assert all(isinstance(w, CpuLinear) and list(w.copies) == ["packed"] for w in wrapped)
@@ -561,7 +568,8 @@ def test_without_memory_for_packed_copies_the_runner_keeps_the_other_kernels(mon
     monkeypatch.setattr(device_mod, "memory_stats", lambda device: almost_full)
     runner = ModelRunner(model, block_size=BLOCK, num_kv_blocks=8)
     assert runner.packed_bytes == 0 and runner.layers[0].o_w.copies == {}
-    assert runner.layers[0].o_w.kernels == dict.fromkeys(range(16, 65, 8), "swapped")
+    swapped = [*range(16, 65, 8), cpu_gemm.PREFILL_ROWS]
+    assert runner.layers[0].o_w.kernels == dict.fromkeys(swapped, "swapped")
     assert isinstance(runner.layers[0].q_w, torch.Tensor)  # no row kernel left for q/k/v: plain F.linear
 
 

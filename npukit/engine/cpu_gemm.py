@@ -40,8 +40,8 @@ fused q/k/v, gate/up), 8 0.72-0.82x, 32 0.87-0.90x, 64 0.91-0.92x (oneDNN's pack
 A table from one CPU is wrong on the next (and nobody measured ARM hosts'), so the runner asks this module once
 per process, weight shapes and thread count: ``probe`` times each kernel on the model's own weights (a slice
 big enough to stream from memory as a step does) at a few row counts of each bucket, and ``choose`` keeps,
-per bucket, the fastest kernel that beat F.linear by MARGIN. Steps of more rows than the buckets hold (prefill)
-keep F.linear. About four seconds for SmolLM2, milliseconds for a tiny test model.
+per bucket, the fastest kernel that beat F.linear by MARGIN; steps of more rows than the decode buckets (prefill
+chunks) take one kernel, timed at 256 rows. About five seconds for SmolLM2, milliseconds for a tiny test model.
 """
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ ROW_KERNELS = ("linear", "packed", "panel")  # for callers that need the result 
 # bucket's sum does not. From 16 rows on, multiples of 8 get their own bucket: there MKL's swapped order won
 # clearly and was even or lost at most other counts. 64 rows (a common max_num_seqs) is timed alone: on a Xeon
 # (AVX512) F.linear took 77 ms there for the o/mlp projections and 119 ms at 48 rows, swapped 86 and 61.
+# Steps of more rows than that (prefill chunks) take one kernel, timed at 256 rows and looked up under PREFILL_ROWS
+# (``bucket_rows``). SmolLM2 fp32 on a 2-core AMD EPYC (AVX512): oneDNN's packed weights 0.69x F.linear's time at
+# 256 rows, 0.85x at 2048, a prefill-only workload 0.91x; in bf16 even (0.93-1.0x). An AVX2 EPYC measured
+# F.linear or swapped faster from 128 rows on: the probe decides.
+PREFILL_ROWS = 65
+PANEL_MAX_ROWS = 64  # the panel kernel is timed up to this many rows
 BUCKETS = (
     (range(1, 2), (1,)),
     (range(2, 4), (2, 3)),
@@ -70,7 +76,15 @@ BUCKETS = (
     (range(16, 64, 8), (16, 32, 48)),
     (range(64, 65), (64,)),
     (tuple(m for m in range(17, 65) if m % 8), (20, 33, 50)),
+    ((PREFILL_ROWS,), (256,)),
 )
+
+
+def bucket_rows(rows: int) -> int:
+    """The key of a row count in a kernel table: itself, or PREFILL_ROWS for any count above the decode buckets."""
+    return min(rows, PREFILL_ROWS)
+
+
 MARGIN = 0.92     # a kernel replaces F.linear in a bucket only where it took at most this fraction of its time
 PROBE_BYTES = 48 << 20  # about this many bytes of weights per timing: more than a CPU's caches hold
 REPEAT = 3
@@ -213,12 +227,12 @@ class CpuLinear:
         return sum(c.nbytes for c in self.copies.values())
 
     def kernel_for(self, rows: int) -> str:
-        return self.kernels.get(rows, "linear")
+        return self.kernels.get(bucket_rows(rows), "linear")
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return cpu_linear(x, self.weight, bias)
-        kernel = self.kernels.get(x.shape[0]) if x.dim() == 2 else None
+        kernel = self.kernels.get(bucket_rows(x.shape[0])) if x.dim() == 2 else None
         if kernel == "panel":
             return panel_linear(x, self.copies["panel"], self.weight.shape[0], bias)
         if kernel == "packed":
@@ -363,16 +377,17 @@ def _measure(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str,
                 runs["panel"] = _panel_run(weights)
             times = {}
             for bucket, probe_rows in BUCKETS:
-                total = dict.fromkeys(runs, 0.0)
+                timed = {k: run for k, run in runs.items() if k != "panel" or max(probe_rows) <= PANEL_MAX_ROWS}
+                total = dict.fromkeys(timed, 0.0)
                 for m in probe_rows:
                     xs = [inputs[w.shape[1]][:m] for w in weights]
-                    samples = {k: [] for k in runs}
+                    samples = {k: [] for k in timed}
                     for i in range(REPEAT + 1):  # the first round warms up
-                        for k, run in runs.items():
+                        for k, run in timed.items():
                             t = _timed(k, run, xs)
                             if i:
                                 samples[k].append(t)
-                    for k in runs:
+                    for k in timed:
                         total[k] += statistics.median(samples[k])
                 times[tuple(bucket)] = total
             return times
