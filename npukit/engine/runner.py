@@ -310,7 +310,7 @@ class ModelRunner:
     def _choose_cpu_kernels(self) -> None:
         """fp32 or bf16 on CPU: wrap the float weights in CpuLinears that run, per row count, the kernel measured
         fastest here (npukit.engine.cpu_gemm: F.linear, (W @ x.T).T, oneDNN on a packed copy or npukit's C kernel on a
-        copy packed in panels; ~4 s for SmolLM2, once per process, shapes and thread count). q/k/v need rows,
+        copy packed in panels; ~4.5 s for SmolLM2, once per process, shapes and thread count). q/k/v need rows,
         so never take the transposed one. Packed copies (oneDNN's, panels) are taken only while they fit in a
         quarter of the available memory."""
         from .. import device as device_mod
