@@ -18,24 +18,9 @@
 
 #define PARALLEL_ELEMS (1 << 16) /* below this many elements one thread does it: waking others costs more */
 
-/* Each pass is written once, for both element types: element i of fp32 or bf16 data as a float (load), a float
- * stored as one (store), v as a torch op of that dtype leaves it (as_stored). The per-row functions are inlined
- * with a constant bf16, so no branch is left in their loops. NOTE: the OpenMP loops are in the exported functions,
- * not in a shared inlined one: a parallel region is outlined before inlining, and bf16 would be a run-time value
- * there (not vectorised: 5x slower RoPE). */
-static inline __attribute__((always_inline)) float load(const void *p, int64_t i, const int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-static inline __attribute__((always_inline)) void store(void *p, int64_t i, float v, const int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-static inline __attribute__((always_inline)) float as_stored(float v, const int bf16) {
-    return bf16 ? round_bf16(v) : v;
-}
-
+/* Each pass is written once, for both element types (load_elem, store_elem, as_stored: bf16.h). NOTE: the OpenMP
+ * loops are in the exported functions, not in a shared inlined one: a parallel region is outlined before inlining,
+ * and bf16 would be a run-time value there (not vectorised: 5x slower RoPE). */
 /* Row m of HF's LlamaRMSNorm: the sum of squares in fp32, x * r (rounded to the dtype), times the weight (HF's
  * order: normalise, then scale); the residual add first when delta is given (the sum written to sum, rounded as
  * torch's add rounds it) */
@@ -46,16 +31,16 @@ static inline __attribute__((always_inline)) void add_rms_norm_row(
     int64_t r0 = m * ldx;
     if (delta) {
         for (int64_t n = 0; n < N; n++)
-            store(sum, m * N + n, load(x, r0 + n, bf16) + load(delta, m * ldd + n, bf16), bf16);
+            store_elem(sum, m * N + n, load_elem(x, r0 + n, bf16) + load_elem(delta, m * ldd + n, bf16), bf16);
         row = sum;
         r0 = m * N;
     }
     float ss = 0.f;
-    for (int64_t n = 0; n < N; n++) ss += load(row, r0 + n, bf16) * load(row, r0 + n, bf16);
+    for (int64_t n = 0; n < N; n++) ss += load_elem(row, r0 + n, bf16) * load_elem(row, r0 + n, bf16);
     /* NOTE: in double: under -ffast-math gcc computes 1.0f / sqrtf(v) with an approximate rsqrt */
     const float r = (float)(1.0 / sqrt((double)(ss / (float)N + eps)));
     for (int64_t n = 0; n < N; n++)
-        store(out, m * N + n, load(w, n, bf16) * as_stored(load(row, r0 + n, bf16) * r, bf16), bf16);
+        store_elem(out, m * N + n, load_elem(w, n, bf16) * as_stored(load_elem(row, r0 + n, bf16) * r, bf16), bf16);
 }
 
 void npukit_add_rms_norm(const float *x, int64_t ldx, const float *delta, int64_t ldd, float *sum,
@@ -83,11 +68,13 @@ static inline __attribute__((always_inline)) void rope_heads(void *x, int64_t x0
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < half; i++) {
             const int64_t lo = x0 + h * D + i, hi = lo + half;
-            const float a = load(x, lo, bf16), b = load(x, hi, bf16);
-            store(x, lo, as_stored(a * load(cos, c0 + i, bf16), bf16) + as_stored(-b * load(sin, c0 + i, bf16), bf16),
-                  bf16);
-            store(x, hi, as_stored(b * load(cos, c0 + i + half, bf16), bf16) +
-                         as_stored(a * load(sin, c0 + i + half, bf16), bf16), bf16);
+            const float a = load_elem(x, lo, bf16), b = load_elem(x, hi, bf16);
+            const float lo_v = as_stored(a * load_elem(cos, c0 + i, bf16), bf16) +
+                               as_stored(-b * load_elem(sin, c0 + i, bf16), bf16);
+            const float hi_v = as_stored(b * load_elem(cos, c0 + i + half, bf16), bf16) +
+                               as_stored(a * load_elem(sin, c0 + i + half, bf16), bf16);
+            store_elem(x, lo, lo_v, bf16);
+            store_elem(x, hi, hi_v, bf16);
         }
 }
 

@@ -28,11 +28,6 @@
 
 #include "bf16.h"
 
-/* Element i of a K/V cache: fp32, or bf16 widened (bf16 is a constant where this is inlined: no branch left) */
-static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* x . y[y0 ..] with 16 independent partial sums (one 16-wide FMA chain per 16 elements, not one long chain),
  * added up once at the end */
 static inline __attribute__((always_inline)) float dot(const float *x, const void *y, int64_t y0, int64_t n,
@@ -40,9 +35,9 @@ static inline __attribute__((always_inline)) float dot(const float *x, const voi
     float part[16] = {0.f};
     int64_t d = 0;
     for (; d + 16 <= n; d += 16)
-        for (int e = 0; e < 16; e++) part[e] += x[d + e] * kv_at(y, y0 + d + e, bf16);
+        for (int e = 0; e < 16; e++) part[e] += x[d + e] * load_elem(y, y0 + d + e, bf16);
     float acc = 0.f;
-    for (; d < n; d++) acc += x[d] * kv_at(y, y0 + d, bf16);
+    for (; d < n; d++) acc += x[d] * load_elem(y, y0 + d, bf16);
     for (int e = 0; e < 16; e++) acc += part[e];
     return acc;
 }
@@ -104,7 +99,7 @@ static inline __attribute__((always_inline)) int attend(
             for (int64_t r = 0; r < g; r++, j++) {
                 const float p = s[j * n + t];
                 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * kv_at(v_cache, v0 + h * D + d, bf16);
+                for (int64_t d = 0; d < D; d++) oi[j * D + d] += p * load_elem(v_cache, v0 + h * D + d, bf16);
             }
     }
     free(s);
