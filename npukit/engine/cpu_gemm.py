@@ -67,7 +67,6 @@ ROW_KERNELS = ("linear", "packed", "panel")  # for callers that need the result 
 # 256 rows, 0.85x at 2048, a prefill-only workload 0.91x; in bf16 even (0.93-1.0x). An AVX2 EPYC measured
 # F.linear or swapped faster from 128 rows on: the probe decides.
 PREFILL_ROWS = 65
-PANEL_MAX_ROWS = 64  # the panel kernel is timed up to this many rows
 BUCKETS = (
     (range(1, 2), (1,)),
     (range(2, 4), (2, 3)),
@@ -377,7 +376,8 @@ def _measure(weights: list[torch.Tensor], threads: int) -> dict[tuple, dict[str,
                 runs["panel"] = _panel_run(weights)
             times = {}
             for bucket, probe_rows in BUCKETS:
-                timed = {k: run for k, run in runs.items() if k != "panel" or max(probe_rows) <= PANEL_MAX_ROWS}
+                # NOTE: the panel kernel is for decode rows: not timed in the prefill bucket
+                timed = {k: run for k, run in runs.items() if k != "panel" or max(probe_rows) < PREFILL_ROWS}
                 total = dict.fromkeys(timed, 0.0)
                 for m in probe_rows:
                     xs = [inputs[w.shape[1]][:m] for w in weights]
