@@ -1,7 +1,7 @@
-"""The CPU paged decode attention kernel (npukit.engine.cpu_attention): against a float64 reference over
-random block tables, ragged contexts, sliding windows and head layouts; how npukit's C kernels are built and
-cached (npukit.engine.native); the kernel switched off or replaced by gather + SDPA when it cannot be built;
-and the runner's use of it."""
+"""The CPU paged attention kernels (npukit.engine.cpu_attention), decode and prefill: against a float64 reference
+over random block tables, ragged contexts, chunks after a cached prefix, sliding windows and head layouts; how
+npukit's C kernels are built and cached (npukit.engine.native); the kernels switched off or replaced by gather +
+SDPA when they cannot be built; and the runner's use of them."""
 from __future__ import annotations
 
 import logging
@@ -114,6 +114,115 @@ def test_bad_tensors_are_refused_before_the_kernel_reads_them():
         cpu_attention.paged_decode_attention(kernel, q.transpose(0, 1), kc, kc, tables, lens, None, 1.0, out)
     with pytest.raises(ValueError, match="int64"):
         cpu_attention.paged_decode_attention(kernel, q, kc, kc, tables.int(), lens, None, 1.0, out)
+
+
+def _prefill_case(chunks, heads, kv, d, bs, dtype, seed=0):
+    """Random caches and a step of prefill chunks ``[(computed, n), ...]`` after one decode row (row 0: not theirs).
+    q is a column view of a q/k/v projection's output (row stride (heads + 2 kv) * d), as the runner passes it."""
+    g = torch.Generator().manual_seed(seed)
+    need = [(c + n + bs - 1) // bs for c, n in chunks]
+    blocks = sum(need) + 3
+    kc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
+    vc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
+    ids = torch.randperm(blocks, generator=g)
+    width = max(need)
+    tables = torch.zeros(len(chunks), width, dtype=torch.long)
+    for i, m in enumerate(need):
+        tables[i, :m], ids = ids[:m], ids[m:]
+    lens = torch.tensor([n for _, n in chunks])
+    starts, computed = 1 + lens.cumsum(0) - lens, torch.tensor([c for c, _ in chunks])
+    rows = 1 + int(lens.sum())
+    qkv = (torch.randn(rows, (heads + 2 * kv) * d, generator=g) * 3).to(dtype)  # peaked softmaxes too
+    q = qkv[:, :heads * d].view(rows, heads, d)
+    return q, kc, vc, tables, starts, lens, computed
+
+
+def _prefill_reference(q, kc, vc, tables, starts, lens, computed, window, scale):
+    """Each chunk's causal attention over its blocks in float64, from the blocks gathered the slow, obvious way."""
+    _, heads, d = q.shape
+    kv = kc.shape[2]
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
+    for i in range(len(lens)):
+        c, n, s = int(computed[i]), int(lens[i]), int(starts[i])
+        k = kc[tables[i]].reshape(-1, kv, d)[:c + n].double().repeat_interleave(heads // kv, 1)
+        v = vc[tables[i]].reshape(-1, kv, d)[:c + n].double().repeat_interleave(heads // kv, 1)
+        q_pos, k_pos = torch.arange(c, c + n)[:, None], torch.arange(c + n)[None, :]
+        seen = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window else True)
+        scores = torch.einsum("nhd,lhd->hnl", q[s:s + n].double(), k) * scale
+        p = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        out[s:s + n] = torch.einsum("hnl,lhd->nhd", p, v)
+    return out
+
+
+def _prefill(q, kc, vc, tables, starts, lens, computed, window, threads=2):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_attention.paged_prefill_attention(cpu_attention.load(q.dtype, "prefill"), q, kc, vc, tables, starts, lens,
+                                              computed, window, q.shape[2] ** -0.5, out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize("chunks,heads,kv,d,bs,window,threads", [
+    ([(0, 37), (5, 20), (100, 3)], 9, 3, 64, 16, None, 2),  # SmolLM2's layout: a prompt, chunks after a prefix
+    ([(0, 100), (30, 50)], 8, 2, 128, 16, 40, 3),           # head_dim 128, a window shorter than the chunks
+    ([(0, 33), (17, 2), (40, 1)], 4, 4, 80, 8, None, 1),    # no GQA, a head_dim of the generic loop, 1-2 tokens
+    ([(3, 21)], 8, 1, 16, 4, 6, 2),                          # MQA, the tiny models' head_dim, small blocks
+    ([(0, 16), (16, 16), (1, 31)], 6, 2, 64, 16, 17, 2),    # chunks on the work items' 16-position edges
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_equals_a_float64_reference(chunks, heads, kv, d, bs, window, threads, dtype):
+    """fp32; bf16 (q and cache in bf16, the output rounded once; with AVX512-BF16 the weights are rounded to bf16
+    before they multiply V, as torch's flash attention does: a few bf16 steps of the output)."""
+    case = _prefill_case(chunks, heads, kv, d, bs, dtype, seed=d + len(chunks))
+    out = _prefill(*case, window, threads)
+    assert out[0].isnan().all()  # the decode row is not the kernel's to write
+    tol = 1e-5 if dtype is torch.float32 else 2 ** -6  # fp32: SDPA is 5e-6 off on these too
+    torch.testing.assert_close(out[1:].double(), _prefill_reference(*case, window, d ** -0.5)[1:], atol=tol,
+                               rtol=tol)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunks_prefill_output_has_the_same_bits_whatever_else_is_in_the_step(dtype):
+    """Work items are a chunk's own (16 positions, one KV head) and each sums in one order: the same bits alone or
+    beside other chunks, on 1 or 3 threads (so a prompt's tokens never depend on the batch it lands in)."""
+    q, kc, vc, tables, starts, lens, computed = _prefill_case([(0, 45), (20, 30), (7, 9)], 9, 3, 64, 16, dtype)
+    together = _prefill(q, kc, vc, tables, starts, lens, computed, None, threads=1)
+    for i in range(3):
+        s, n = int(starts[i]), int(lens[i])
+        for threads in (1, 3):
+            alone = _prefill(q, kc, vc, tables[i:i + 1], torch.tensor([s]), lens[i:i + 1], computed[i:i + 1], None,
+                             threads)
+            assert torch.equal(alone[s:s + n], together[s:s + n]), (i, threads)
+
+
+@needs_cc
+def test_bad_prefill_tensors_are_refused_before_the_kernel_reads_them():
+    q, kc, vc, tables, starts, lens, computed = _prefill_case([(0, 5)], 4, 2, 16, 4, torch.float32)
+    kernel, out = cpu_attention.load(torch.float32, "prefill"), torch.zeros_like(q)
+
+    def call(**change):
+        args = dict(kernel=kernel, q=q, k_cache=kc, v_cache=vc, block_tables=tables, starts=starts, lens=lens,
+                    computed=computed, window=None, scale=1.0, out=out) | change
+        cpu_attention.paged_prefill_attention(**args)
+
+    with pytest.raises(ValueError, match="contiguous heads"):
+        call(q=q.transpose(1, 2))
+    with pytest.raises(ValueError, match="int64"):
+        call(lens=lens.int())
+    with pytest.raises(ValueError, match="one sequence count"):
+        call(starts=torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="of one dtype"):
+        call(k_cache=kc.bfloat16())
+    with pytest.raises(ValueError, match=r"cpu_attention.load\(torch.float32, 'prefill'\)"):
+        call(kernel=cpu_attention.load(torch.float32))  # the decode kernel: other arguments
+    call()
+    assert out[1:].abs().sum() > 0
 
 
 LOADERS = (native.load_library, cpu_attention.load, cpu_gemm._panel_gemm, cpu_gemm._panel_gemm_parts, cpu_ops._ops,

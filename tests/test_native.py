@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_cpu_ops.py", "tests/test_cpu_attention.py", "tests/test_runner.py",
                 "tests/test_quant.py"]
 SELECT = ("cpu_ops or cpu_attention or kernel or panel or greedy_decode_matches_hf_generate_tiny or many_decodes "
-          "or bf16_linear or quantize_lm_head")
+          "or bf16_linear or quantize_lm_head or chunked_prefill or bf16_runs_close")
 # target -> (flags, the macro that must be defined, the one that must not be, torch's matching CPU capability)
 TARGETS = {"avx2": (["-march=haswell"], "__AVX2__", "__AVX512F__", "avx2"),
            "no-avx": (["-march=x86-64"], "__SSE2__", "__AVX__", "default")}

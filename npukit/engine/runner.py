@@ -9,8 +9,10 @@ the MLP run once over all of them. Only attention is per sequence:
   SDPA calls over their gathered blocks: sorted by context length, grouped so padding to a group's longest
   context stays small (and, on CPU, so one call gathers ~1 MiB of K: cache-sized gathers were 2x faster
   than one big one), masked;
-- prefill chunks (several new tokens) attend one sequence at a time; a first chunk attends over its
-  own fresh K/V (``is_causal``), a later chunk over its gathered context with a causal offset mask.
+- prefill chunks (several new tokens): fp32 or bf16 on CPU, all of a step's chunks in one call
+  per layer of a C flash-attention kernel over their blocks (``cpu_attention.paged_prefill_attention``);
+  otherwise one sequence at a time: a first chunk attends over its own fresh K/V (``is_causal``), a later
+  chunk over its gathered context with a causal offset mask.
 
 All index tensors (positions, slots, block tables, masks) are built once per step, not per layer.
 On CPU, measured with benchmarks/bench_runner.py: linears run at 60-80 % of the F.linear peak; decode
@@ -96,8 +98,18 @@ class _Prefill:
     start: int
     end: int
     num_computed: int
-    ctx_blocks: torch.Tensor | None  # blocks of positions 0..num_computed+n-1 (None: first chunk, use fresh K/V)
+    ctx_blocks: torch.Tensor | None  # blocks of positions 0..num_computed+n-1 (None: first chunk, or the C kernel)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> additive [n, ctx]
+
+
+@dataclass
+class _PrefillTables:
+    """A step's prefill chunks as the CPU prefill kernel takes them (int64; see paged_prefill_attention)."""
+
+    block_tables: torch.Tensor  # [n, max_blocks] each chunk's blocks up to its last position, padded with 0
+    starts: torch.Tensor        # [n] its first row in the flat batch
+    lens: torch.Tensor          # [n] its new tokens
+    computed: torch.Tensor      # [n] the position of its first new token
 
 
 @dataclass
@@ -135,6 +147,7 @@ class StepInputs:
     prefills: list[_Prefill]      # then the prefill chunks
     rows: list[tuple[int, int]]   # batch entry i computes rows rows[i][0]:rows[i][1], in the caller's order
     num_decodes: int = 0
+    prefill_tables: _PrefillTables | None = None  # the same chunks, for the CPU prefill kernel when it runs
     npu_block_table: torch.Tensor | None = None    # use_npu_fused_ops: int32 [num_decodes, max_blocks]
     npu_context_lens: torch.Tensor | None = None   # use_npu_fused_ops: int32 [num_decodes], on the CPU
 
@@ -263,6 +276,8 @@ class ModelRunner:
         # fp32 or bf16 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
         # None (no compiler, other dtypes and devices): gather the blocks and run SDPA.
         self.decode_kernel = cpu_attention.load(self.dtype) if self.device.type == "cpu" else None
+        # and prefill attention in another (None: SDPA per chunk, over its gathered blocks after the first)
+        self.prefill_kernel = cpu_attention.load(self.dtype, "prefill") if self.device.type == "cpu" else None
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.
         if decode_chunk_bytes is None:
@@ -443,6 +458,7 @@ class ModelRunner:
             input_ids=as_long(input_ids), positions=as_long(positions), slot_mapping=as_long(slots),
             decode_buckets=[] if npu_table is not None else self._decode_buckets([s for _, s, _ in decodes]),
             prefills=[self._prefill(seq, n, rows[i][0]) for i, seq, n in prefills],
+            prefill_tables=self._prefill_tables(prefills, rows) if self.prefill_kernel and prefills else None,
             rows=[rows[i] for i in range(len(entries))],
             num_decodes=len(decodes), npu_block_table=npu_table, npu_context_lens=npu_lens,
         )
@@ -482,8 +498,11 @@ class ModelRunner:
         return buckets
 
     def _prefill(self, seq, n: int, start_row: int) -> _Prefill:
-        """A prefill chunk of n tokens: its context blocks (if it has earlier tokens) and causal masks."""
+        """A prefill chunk of n tokens: its context blocks (if it has earlier tokens) and causal masks (neither
+        where the C kernel attends: it reads the blocks, see _prefill_tables)."""
         nc, bs = seq.num_computed_tokens, self.block_size
+        if self.prefill_kernel is not None:
+            return _Prefill(start_row, start_row + n, nc, None)
         ctx_len = nc + n
         ctx_blocks = self._as_long(seq.block_table[:(ctx_len + bs - 1) // bs]) if nc > 0 else None
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -498,6 +517,19 @@ class ModelRunner:
                 mask &= k_pos > q_pos - w
             masks[w] = self._additive(mask)
         return _Prefill(start_row, start_row + n, nc, ctx_blocks, masks)
+
+    def _prefill_tables(self, prefills, rows) -> _PrefillTables:
+        """The prefill chunks ``(entry index, entry, n)`` as the C kernel takes them; their block ids checked, since
+        it reads K/V at them unchecked."""
+        bs = self.block_size
+        tables = [e.block_table[:(e.num_computed_tokens + n + bs - 1) // bs] for _, e, n in prefills]
+        width = max(len(t) for t in tables)
+        ids = [b for t in tables for b in t + [0] * (width - len(t))]
+        if not 0 <= min(ids) <= max(ids) < self.num_kv_blocks:
+            raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {min(ids)}..{max(ids)}")
+        return _PrefillTables(self._as_long(ids).view(len(tables), width), self._as_long([rows[i][0] for i, _, _ in
+                              prefills]), self._as_long([n for _, _, n in prefills]),
+                              self._as_long([e.num_computed_tokens for _, e, _ in prefills]))
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # NOTE: SDPA turns a bool mask into this on every call; built once per step it is shared by all layers.
@@ -649,7 +681,18 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2),
                                                attn_mask=d.masks[window], scale=self.scaling)
             out[d.start:d.end] = o.reshape(nd, self.num_heads, self.head_dim)
-        for p in inp.prefills:
+        if inp.prefill_tables is not None:
+            t = inp.prefill_tables
+            cpu_attention.paged_prefill_attention(
+                self.prefill_kernel, q, self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx],
+                t.block_tables, t.starts, t.lens, t.computed, window, self.scaling, out)
+        else:
+            self._sdpa_prefills(layer_idx, window, q, k, v, inp.prefills, out)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _sdpa_prefills(self, layer_idx: int, window: int | None, q, k, v, prefills: list[_Prefill], out) -> None:
+        """Prefill attention without the C kernel: SDPA per chunk, over its gathered blocks after the first."""
+        for p in prefills:
             qp = q[p.start:p.end].transpose(0, 1)[None]  # [1, H, n, D]
             if p.ctx_blocks is None:
                 kp, vp = k[p.start:p.end], v[p.start:p.end]
@@ -659,9 +702,8 @@ class ModelRunner:
             mask = p.masks[window]
             o = F.scaled_dot_product_attention(
                 qp, kp.transpose(0, 1)[None], vp.transpose(0, 1)[None], attn_mask=mask,
-                is_causal=mask is None, scale=self.scaling, enable_gqa=groups > 1)
+                is_causal=mask is None, scale=self.scaling, enable_gqa=self.num_heads > self.num_kv_heads)
             out[p.start:p.end] = o[0].transpose(0, 1)
-        return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy each (src, dst) block's K/V in every layer."""
