@@ -16,11 +16,11 @@ at one sequence and 115 at 64, against 16.4 and 172 with gather + SDPA); other d
 Prefill: all prefill chunks of a step in one call per layer (``paged_prefill_attention``), flash attention's tiled
 loop with an online softmax over each sequence's blocks, so a first chunk and a later one over a cached prefix are
 the same path, with no gather and no mask. With a bf16 cache on CPUs with AVX512-BF16 it multiplies bf16 pairs
-(``vdpbf16ps``): SmolLM2's shapes on a 2-core AMD EPYC, 500-2048 new tokens a step, 0.5-0.6x the time of torch's
-SDPA (its CPU flash attention), a 548-token chunk after 1500 cached tokens 0.7x. In fp32 it is about even with SDPA
-on fresh prompts (0.85-1.0x) and slower on a chunk after a long prefix (1.3x), where the runner's SDPA path first
-gathers the context (``python benchmarks/bench_prefill_attention.py`` prints both). Head dims 64 and 128 get
-unrolled loops; others run a generic loop (head_dim 80: 2.8x SDPA's time; the tiny test models' 16).
+(``vdpbf16ps``). SmolLM2 on a 2-core AMD EPYC, the layers' attention time in a prefill step against the runner's
+SDPA path (``python benchmarks/bench_prefill_attention.py``, both in one run): bf16 0.38-0.62x for fresh prompts
+of 23-2048 tokens a step, 0.81x for a 548-token chunk after 1500 cached tokens; fp32 0.39-0.75x and 0.97x (there
+SDPA's flash attention runs at ~95 GFLOP/s, as the kernel does). Head dims 64 and 128 get unrolled loops, others
+a generic one (the tiny test models' 16).
 """
 from __future__ import annotations
 

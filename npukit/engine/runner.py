@@ -273,10 +273,9 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and shard is None:
             self._choose_cpu_kernels()
         self._fuse_projections()
-        # fp32 or bf16 on CPU: decode attention in one C kernel that reads K/V in place (npukit.engine.cpu_attention);
+        # fp32 or bf16 on CPU: decode and prefill attention in C kernels that read K/V in place (cpu_attention);
         # None (no compiler, other dtypes and devices): gather the blocks and run SDPA.
         self.decode_kernel = cpu_attention.load(self.dtype) if self.device.type == "cpu" else None
-        # and prefill attention in another (None: SDPA per chunk, over its gathered blocks after the first)
         self.prefill_kernel = cpu_attention.load(self.dtype, "prefill") if self.device.type == "cpu" else None
         # NOTE: on CPU small gathers stay in cache and reuse malloc'd memory: one big gather per layer made
         # a 64-sequence decode step ~2x slower (fp32 SmolLM2) than 1 MiB chunks. Elsewhere one call per bucket.

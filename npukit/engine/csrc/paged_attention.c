@@ -187,7 +187,9 @@ int npukit_paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const u
  * values interleaved, and the softmax weights rounded to bf16 before they multiply V, as torch's CPU flash
  * attention does for bf16. Elsewhere (and for fp32) the numbers are widened to fp32 and multiplied with FMAs.
  * SmolLM2's shapes (9 heads, 3 KV heads, head_dim 64) on a 2-core AMD EPYC, 500-2048 new tokens a step: bf16
- * 115-125 GFLOP/s (0.49-0.54x the time of torch's SDPA, which ran at 59-62), fp32 62-78 (0.7-0.9x).
+ * 100-117 GFLOP/s (0.53-0.62x the time of torch's SDPA on the gathered K/V, which ran at 61-63), fp32 60-83
+ * (0.72-0.83x); one 548-token chunk after 1500 cached tokens, where SDPA reaches ~112: bf16 0.84x, fp32 1.10x.
+ * head_dim 128 (8 heads, 2 KV heads): bf16 0.44-0.51x, fp32 0.61-0.84x (1.14x for that chunk).
  */
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
