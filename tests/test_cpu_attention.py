@@ -296,9 +296,16 @@ def test_the_runner_refuses_block_ids_outside_its_cache(tiny):
     s.block_table = [1, 2]
     runner.execute_model([(s, 4)])
     s.num_computed_tokens = 4
-    s.block_table = [99, 2]  # a corrupt table must never reach the kernel (it reads where ids point)
+    s.block_table = [99, 2]  # a corrupt table must never reach the kernels (they read where ids point)
     with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
         runner.execute_model([(s, 1)])
+    assert runner.prefill_kernel is not None
+    s.num_computed_tokens = 2
+    with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
+        runner.execute_model([(s, 3)])  # a prefill chunk after a cached prefix
+    s.num_computed_tokens, s.block_table = 0, [-1, 2]
+    with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
+        runner.execute_model([(s, 5)])
 
 
 def test_the_kernel_builds_where_there_is_a_compiler():

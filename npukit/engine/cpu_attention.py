@@ -105,7 +105,8 @@ def paged_prefill_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     num_tokens, num_heads, head_dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != head_dim or out.shape != q.shape:
         raise ValueError("paged_prefill_attention takes q [T, heads, head_dim] with contiguous heads, out its shape")
-    _check(kernel, q[:0], k_cache, v_cache, out, block_tables, starts, lens, computed, phase="prefill")
+    _check(kernel, q[:0], k_cache, v_cache, out, block_tables, starts, lens, computed, phase="prefill")  # q[:0]:
+    # its device and dtype (its strides were checked above)
     if len({starts.shape, lens.shape, computed.shape, block_tables.shape[:1]}) > 1:
         raise ValueError("block_tables [n, max_blocks], starts, lens and computed [n] must be of one sequence count")
     _, block_size, num_kv_heads, _ = k_cache.shape

@@ -526,9 +526,10 @@ class ModelRunner:
         ids = [b for t in tables for b in t + [0] * (width - len(t))]
         if not 0 <= min(ids) <= max(ids) < self.num_kv_blocks:
             raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {min(ids)}..{max(ids)}")
-        return _PrefillTables(self._as_long(ids).view(len(tables), width), self._as_long([rows[i][0] for i, _, _ in
-                              prefills]), self._as_long([n for _, _, n in prefills]),
-                              self._as_long([e.num_computed_tokens for _, e, _ in prefills]))
+        starts, lens = [rows[i][0] for i, _, _ in prefills], [n for _, _, n in prefills]
+        computed = [e.num_computed_tokens for _, e, _ in prefills]
+        return _PrefillTables(self._as_long(ids).view(len(tables), width),
+                              *map(self._as_long, (starts, lens, computed)))
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         # NOTE: SDPA turns a bool mask into this on every call; built once per step it is shared by all layers.
