@@ -28,6 +28,7 @@ from npukit.engine.sequence import Sequence  # noqa: E402
 
 SHAPES = ["0+502", "0+300,0+128,0+64,0+400", "0+256,0+256,0+256,0+256,0+256,0+256,0+256,0+256", "1500+548",
           "0+37,5+20,100+3"]
+BLOCK_SIZE = 16
 
 
 def _step(runner: ModelRunner, chunks: list[tuple[int, int]], vocab: int):
@@ -61,8 +62,8 @@ def bench(model, shapes: list[str], repeat: int) -> None:
     vocab = model.config.vocab_size
     for shape in shapes:
         chunks = [tuple(int(x) for x in c.split("+")) for c in shape.split(",")]
-        blocks = sum((c + n) // 16 + 1 for c, n in chunks) + 1
-        runner = ModelRunner(model, block_size=16, num_kv_blocks=blocks)
+        blocks = sum((c + n) // BLOCK_SIZE + 1 for c, n in chunks)
+        runner = ModelRunner(model, block_size=BLOCK_SIZE, num_kv_blocks=blocks)
         kernel, clock = runner.prefill_kernel, {"attention": 0.0}
         if kernel is None:
             sys.exit("the C prefill kernel is unavailable here (no C compiler, or NPUKIT_CPU_ATTENTION=0)")
