@@ -40,10 +40,12 @@ def _reference(q, kc, vc, tables, lens, window, scale):
     (7, 9, 3, 64, 16, None, 2),    # SmolLM2's layout, 16 dims per partial sum exactly
     (6, 4, 4, 20, 8, 6, 2),        # no GQA, a head_dim with a tail after the 16-wide sums, sliding window
     (3, 8, 1, 128, 16, 37, 3),     # one KV head (MQA), a window that starts inside a block
+    (9, 16, 2, 64, 16, 21, 2),     # GQA 8:1 (qwen2-1024x8): bf16 on the prefill kernel's tiles with AVX512-BF16
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads, dtype):
-    """fp32, and bf16 (a bf16 model's q and cache: the same fp32 arithmetic, each output rounded once to bf16)."""
+    """fp32, and bf16 (a bf16 model's q and cache: the same fp32 arithmetic, each output rounded once to bf16; on the
+    prefill kernel's tiles, the softmax weights rounded to bf16 too, see decode_takes_tiles)."""
     g = torch.Generator().manual_seed(b * 100 + d)
     blocks = 64
     kc = torch.randn(blocks, bs, kv, d, generator=g).to(dtype)
@@ -61,7 +63,7 @@ def test_kernel_equals_a_float64_reference(b, heads, kv, d, bs, window, threads,
                                              out)
     finally:
         torch.set_num_threads(before)
-    tol = 2e-6 if dtype is torch.float32 else 2 ** -8  # bf16: the output's one rounding
+    tol = 2e-6 if dtype is torch.float32 else 2 ** -6 if cpu_attention.decode_takes_tiles(heads, kv, d) else 2 ** -8
     torch.testing.assert_close(out.double(), _reference(q, kc, vc, tables, lens, window, d ** -0.5), atol=tol,
                                rtol=tol)
 
@@ -95,6 +97,42 @@ def test_a_sequences_output_has_the_same_bits_however_the_work_is_split(heads, k
     finally:
         torch.set_num_threads(before)
 
+
+
+@needs_cc
+@pytest.mark.skipif(not cpu_attention.decode_takes_tiles(16, 2, 64),
+                    reason="bf16 decode rows take the prefill kernel's tiles only where the CPU has AVX512-BF16")
+@pytest.mark.parametrize("heads,kv,d", [(16, 2, 64), (32, 4, 128)])
+def test_bf16_decode_on_tiles_has_the_prefill_kernels_bits_alone_or_in_a_batch(heads, kv, d):
+    """Where the bf16 decode kernel takes the prefill kernel's tiles (query heads per KV head x head_dim >= 448; not
+    SmolLM2's 3 x 64, nor 2 x 128), each decode row's output is the prefill kernel's for a one-token chunk, bit for
+    bit, alone (one work item per KV head) or in a batch (one item for all of a sequence's heads)."""
+    assert not cpu_attention.decode_takes_tiles(9, 3, 64) and not cpu_attention.decode_takes_tiles(8, 4, 128)
+    g = torch.Generator().manual_seed(heads + d)
+    b, bs, blocks = 6, 16, 64
+    kc = torch.randn(blocks, bs, kv, d, generator=g).bfloat16()
+    vc = torch.randn(blocks, bs, kv, d, generator=g).bfloat16()
+    lens = torch.tensor([1, 17, 40, 64, 33, 5])
+    tables = torch.randperm(blocks, generator=g)[:b * 4].view(b, 4)
+    q = (torch.randn(b, heads, d, generator=g) * 3).bfloat16()
+    kernel, before = cpu_attention.load(torch.bfloat16), torch.get_num_threads()
+
+    def decode(rows: slice, threads: int) -> torch.Tensor:
+        out = torch.empty_like(q[rows])
+        torch.set_num_threads(threads)
+        cpu_attention.paged_decode_attention(kernel, q[rows].contiguous(), kc, vc, tables[rows].contiguous(),
+                                             lens[rows].contiguous(), None, d ** -0.5, out)
+        return out
+
+    try:
+        batch = decode(slice(0, b), 2)
+        assert torch.equal(batch, _prefill(q, kc, vc, tables, torch.arange(b), torch.ones(b, dtype=torch.long),
+                                           lens - 1, None))
+        for i in range(b):
+            for threads in (1, 3):
+                assert torch.equal(decode(slice(i, i + 1), threads)[0], batch[i]), (i, threads)
+    finally:
+        torch.set_num_threads(before)
 
 @needs_cc
 def test_bad_tensors_are_refused_before_the_kernel_reads_them():
@@ -173,6 +211,7 @@ def _prefill(q, kc, vc, tables, starts, lens, computed, window, threads=2):
     ([(0, 33), (17, 2), (40, 1)], 4, 4, 80, 8, None, 1),    # no GQA, a head_dim of the generic loop, 1-2 tokens
     ([(3, 21)], 8, 1, 16, 4, 6, 2),                          # MQA, the tiny models' head_dim, small blocks
     ([(0, 16), (16, 16), (1, 31)], 6, 2, 64, 16, 17, 2),    # chunks on the work items' 16-position edges
+    ([(40, 1), (3, 1), (90, 1), (17, 1), (0, 9)], 16, 2, 64, 16, 21, 2),  # one-token chunks: an item for all heads
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_kernel_equals_a_float64_reference(chunks, heads, kv, d, bs, window, threads, dtype):
