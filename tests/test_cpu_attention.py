@@ -212,6 +212,7 @@ def _prefill(q, kc, vc, tables, starts, lens, computed, window, threads=2):
     ([(3, 21)], 8, 1, 16, 4, 6, 2),                          # MQA, the tiny models' head_dim, small blocks
     ([(0, 16), (16, 16), (1, 31)], 6, 2, 64, 16, 17, 2),    # chunks on the work items' 16-position edges
     ([(40, 1), (3, 1), (90, 1), (17, 1), (0, 9)], 16, 2, 64, 16, 21, 2),  # one-token chunks: an item for all heads
+    ([(40, 1), (5, 0), (7, 1), (0, 0)], 9, 3, 64, 16, None, 2),  # items of 3 rows (computed 4 at a time); no tokens
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_kernel_equals_a_float64_reference(chunks, heads, kv, d, bs, window, threads, dtype):

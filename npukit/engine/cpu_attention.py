@@ -69,8 +69,8 @@ def paged_decode_attention(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cac
 
     ``kernel``: ``load(dtype)`` of the tensors' dtype. ``q``, ``out``: ``[b, num_heads, head_dim]``; caches
     ``[num_blocks, block_size, num_kv_heads, head_dim]``, all of one dtype (float32 or bfloat16); ``block_tables``
-    int64 ``[b, max_blocks]``, ``ctx_lens`` int64 ``[b]``, all contiguous CPU tensors. The caller guarantees every
-    block id the lengths reach is a valid block: the kernel does not check.
+    int64 ``[b, max_blocks]``, ``ctx_lens`` int64 ``[b]`` (each at least 1: the step's own token), all contiguous CPU
+    tensors. The caller guarantees every block id the lengths reach is a valid block: the kernel does not check.
     """
     _check(kernel, q, k_cache, v_cache, out, block_tables, ctx_lens)
     if block_tables.shape[0] != q.shape[0] or ctx_lens.shape != q.shape[:1]:

@@ -500,6 +500,7 @@ static struct prefill_item *prefill_items(const struct prefill *a, int64_t num_s
     struct prefill_item *items = malloc(sizeof *items * (size_t)(n > 0 ? n : 1));
     *count = n;
     for (int64_t i = 0, k = 0; items != NULL && i < num_seqs; i++) {
+        if (a->lens[i] <= 0) continue; /* no rows: no items (counted as none above) */
         if (whole && a->lens[i] == 1) {
             items[k++] = (struct prefill_item){i, 0, 0, a->num_kv_heads};
             continue;
