@@ -98,7 +98,6 @@ def test_a_sequences_output_has_the_same_bits_however_the_work_is_split(heads, k
         torch.set_num_threads(before)
 
 
-
 @needs_cc
 @pytest.mark.skipif(not cpu_attention.decode_takes_tiles(16, 2, 64),
                     reason="bf16 decode rows take the prefill kernel's tiles only where the CPU has AVX512-BF16")
@@ -133,6 +132,7 @@ def test_bf16_decode_on_tiles_has_the_prefill_kernels_bits_alone_or_in_a_batch(h
                 assert torch.equal(decode(slice(i, i + 1), threads)[0], batch[i]), (i, threads)
     finally:
         torch.set_num_threads(before)
+
 
 @needs_cc
 def test_bad_tensors_are_refused_before_the_kernel_reads_them():

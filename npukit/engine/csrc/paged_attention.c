@@ -207,6 +207,12 @@ struct prefill { /* what every work item of a call reads */
 /* query positions first .. first + QT - 1 of sequence seq's chunk, for KV heads kv_head .. kv_head + num_kv - 1 */
 struct prefill_item { int64_t seq, first, kv_head, num_kv; };
 
+/* how many query positions item w has (QT, or fewer at its chunk's end) */
+static inline int64_t item_positions(const struct prefill *a, struct prefill_item w) {
+    const int64_t left = a->lens[w.seq] - w.first;
+    return left < QT ? left : QT;
+}
+
 #if HAVE_DPBF16
 /* r[0..15]: 16 rows of 16 32-bit words, transposed in place (r[j] word t = r[t] word j before) */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
@@ -432,7 +438,7 @@ static inline __attribute__((always_inline)) int prefill_one(const struct prefil
                                                              const int64_t D, const int bf16, const int dp,
                                                              const int rb) {
     const int64_t g = a->num_heads / a->num_kv_heads, window = a->window, i = w.seq, nh = w.num_kv;
-    const int64_t nq = a->lens[i] - w.first < QT ? a->lens[i] - w.first : QT;
+    const int64_t nq = item_positions(a, w);
     const int64_t p0 = a->computed[i] + w.first, r0 = a->starts[i] + w.first; /* position and q row of the first */
     const int64_t R = nq * g, RP = (R + rb - 1) / rb * rb, hi = p0 + nq;
     const int64_t lo = (window > 0 && p0 + 1 > window) ? p0 + 1 - window : 0;
@@ -516,7 +522,7 @@ static struct prefill_item *prefill_items(const struct prefill *a, int64_t num_s
 static inline __attribute__((always_inline)) int prefill_dispatch(const struct prefill *a, struct prefill_item w,
                                                                   int64_t D, const int bf16) {
     const int dp = HAVE_DPBF16 && bf16;
-    const int64_t nq = a->lens[w.seq] - w.first < QT ? a->lens[w.seq] - w.first : QT;
+    const int64_t nq = item_positions(a, w);
     const int few = nq * (a->num_heads / a->num_kv_heads) <= 4;
     if (D == 64) return few ? prefill_one(a, w, 64, bf16, dp, 4) : prefill_one(a, w, 64, bf16, dp, RB);
     if (D == 128) return few ? prefill_one(a, w, 128, bf16, dp, 4) : prefill_one(a, w, 128, bf16, dp, RB);
