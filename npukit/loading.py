@@ -92,10 +92,15 @@ def cpu_matmul_gflops(dtype: torch.dtype, hidden: int = 576, tokens: int = 32) -
     return 2 * tokens * hidden * 4 * hidden * 10 / best / 1e9
 
 
-def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto",
-                 quantization: str | None = None) -> tuple[torch.dtype, list[str]]:
-    """The dtype to load in (for a model quantised with ``quantization`` after loading), and the reasons. An
-    explicit dtype the device lacks raises ValueError."""
+def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto") -> tuple[torch.dtype, list[str]]:
+    """The dtype to load in, and the reasons. An explicit dtype the device lacks raises ValueError.
+
+    NOTE: a quantised model takes the same dtype. W8A8 on CPU loaded in float32 until its per-row steps ran in C for
+    bf16 rows too: on a 2-core AMD EPYC (AVX512-BF16; SmolLM2, ``benchmarks/bench_levers.py --variants auto w8a8
+    w8a8-bf16 --threads 2 --mixed w8a8 w8a8-bf16``), against the unquantised bf16 model, fp32 rows gave 1.17x its
+    throughput at 64 sequences, 1.06x on the mixed workload and 1.14x its batch-1 TPOT; bf16 rows 1.39x, 1.25x and
+    0.97x. W8A16 likewise: bf16 rows beat fp32 ones (TPOT 0.76x / 64 sequences 0.85x / mixed 0.86x against 0.84x
+    / 0.52x / 0.63x)."""
     if requested != "auto":
         dtype = parse_dtype(requested)
         ok, why = _device.supports_dtype(dev, dtype)
@@ -104,15 +109,6 @@ def choose_dtype(dev: torch.device, requested: str | torch.dtype = "auto",
             raise ValueError(f"dtype {dtype} is not supported on {dev}: {why}. Use dtype='{alt}' or dtype='auto'.")
         return dtype, [f"{str(dtype).removeprefix('torch.')} requested"]
     reasons: list[str] = []
-    if dev.type == "cpu" and quantization == "w8a8":
-        # NOTE: W8A8 quantises each row to int8 for the matmul whatever the model's dtype, so bf16 rows buy it little.
-        # On a 2-core AVX512-BF16 CPU (AMD EPYC, SmolLM2, benchmarks/bench_levers.py --variants auto w8a8 w8a8-bf16
-        # --batch 64 --threads 2 --mixed w8a8 w8a8-bf16), against the unquantised bf16 model: fp32 rows gave 1.09x
-        # its throughput at 64 sequences and 1.12x on the mixed workload, bf16 rows 0.95x and 1.10x; batch-1 TPOT
-        # 1.23x either way. (W8A16 keeps auto's choice: in one run of --variants ... w8a16 w8a16-fp32, bf16 rows
-        # beat fp32 ones on all three: TPOT 0.76x / 64 sequences 0.85x / mixed 0.86x against 0.84x / 0.52x / 0.63x.)
-        return torch.float32, ["w8a8 on CPU: float32 rows (each row is quantised to int8 for the matmul; measured "
-                               "faster than bf16 rows at 64 sequences)"]
     if dev.type == "cpu":
         # NOTE: on CPU the fastest dtype depends on the chip (AVX512-BF16 / AMX make bf16 ~2x fp32;
         # without them bf16 is emulated and slower), so measure instead of guessing. fp16 matmul is slow
@@ -192,8 +188,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
 
     quantization: "w8a16" or "w8a8" quantises the decoder's linear layers after loading (npukit.quant;
     ``model.quant_report`` says which kernels were picked and what it saved); ``quantize_lm_head=True`` makes
-    lm_head int8 too, ``"bf16"`` stores it in bfloat16 (see npukit.quant.linear). With ``dtype="auto"`` on a CPU,
-    W8A8 loads in float32 (see choose_dtype)."""
+    lm_head int8 too, ``"bf16"`` stores it in bfloat16 (see npukit.quant.linear)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -203,7 +198,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m-instruct", device
 
     dev = _device.resolve(device)
     reasons = [f"{dev.type} picked automatically (npu > cuda > mps > cpu)"] if device in (None, "auto") else []
-    torch_dtype, why = choose_dtype(dev, dtype, quantization)
+    torch_dtype, why = choose_dtype(dev, dtype)
     reasons += why
     path, origin = resolve_model_path(name_or_path, revision=revision, source=source)
 

@@ -35,13 +35,6 @@ def test_auto_dtype_on_cpu_is_measured_and_explained():
     assert any("GFLOP/s" in r or "no native bf16" in r for r in reasons)
 
 
-def test_auto_dtype_for_w8a8_on_cpu_is_float32():
-    """W8A8 quantises its rows to int8 anyway; the rest of the step's CPU kernels are fp32 (npukit.loading)."""
-    dtype, reasons = loading.choose_dtype(torch.device("cpu"), "auto", quantization="w8a8")
-    assert dtype == torch.float32 and any("w8a8 on CPU" in r for r in reasons)
-    assert loading.choose_dtype(torch.device("cpu"), "bfloat16", quantization="w8a8")[0] == torch.bfloat16
-
-
 class FakeNPU(SimpleNamespace):
     """torch.device("npu") needs torch_npu; the dtype logic only reads .type and str()."""
 

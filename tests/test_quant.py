@@ -9,6 +9,7 @@ import torch
 import npukit
 from npukit.engine import LLM, SamplingParams, cpu_gemm
 from npukit.engine.config import EngineConfig, add_engine_args, engine_args
+from npukit.engine.cpu_gemm import FusedLinear
 from npukit.quant import (
     Bf16Linear,
     QuantizationError,
@@ -22,6 +23,8 @@ from npukit.quant import (
     state_dict_bytes,
 )
 from npukit.quant import kernels as K
+from npukit.quant import linear as linear_mod
+from npukit.quant.linear import W8A8Group
 from npukit.quant.smooth import (
     ALPHAS,
     CALIBRATION_TEXT,
@@ -53,25 +56,30 @@ def test_per_channel_and_per_token_quantisation_round_within_half_a_step():
     assert sx.shape == (5, 1) and ((qx.float() * sx - x).abs() <= sx / 2 + 1e-6).all()
 
 
-def test_per_token_quantisation_in_c_gives_torchs_bits(monkeypatch):
-    """csrc/quant_rows.c (fp32 rows on CPU) against the torch ops it replaces: the same int8 values and scales,
-    bit for bit, over magnitudes from 1e-6 to 1e4, a row of zeros and rows further apart than K; the int32 ->
-    fp32 epilogue too."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_quantisation_in_c_gives_torchs_bits(monkeypatch, dtype):
+    """csrc/quant_rows.c (fp32 and bf16 rows on CPU) against the torch ops it replaces: the same int8 values and
+    scales, bit for bit, over magnitudes from 1e-6 to 1e4, a row of zeros and rows further apart than K; the int32
+    -> fp32 / bf16 epilogue too (rows longer than its 256-column chunks)."""
     if K._quant_rows() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(0)
     for i, (m, k) in enumerate([(1, 1), (1, 576), (7, 33), (64, 1536), (300, 576)]):
         x = torch.randn(m, k + 3, generator=g)[:, :k] * 10.0 ** torch.randint(-6, 5, (m, 1), generator=g)
+        x = x.to(dtype)
         x[0, :k // 2] = 0 if i % 2 else x[0, :k // 2]
         x[-1] = 0 if m > 1 else x[-1]
         q, scale = K.quantize_per_token(x)
         q_ref, scale_ref = K._quantize_per_token_torch(x)
         assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
-        acc = torch.randint(-2**20, 2**20, (m, 50), generator=g, dtype=torch.int32)
-        w_scale = torch.rand(50, generator=g)
-        assert torch.equal(K._scale_rows(acc, scale, w_scale), acc.float() * scale * w_scale)
+        n = (50, 300, 1000)[i % 3]
+        acc = torch.randint(-2**20, 2**20, (m, n), generator=g, dtype=torch.int32)
+        w_scale = torch.rand(n, generator=g)
+        y = K._scale_rows(acc, scale, w_scale, dtype)
+        assert y.dtype == dtype and torch.equal(y, (acc.float() * scale * w_scale).to(dtype))
     monkeypatch.setattr(K, "_quant_rows", lambda: None)  # no compiler: the torch ops
     assert torch.equal(K.quantize_per_token(x)[0], q)
+    assert torch.equal(K._scale_rows(acc, scale, w_scale, dtype), y)
 
 
 @pytest.mark.parametrize("method,kernel", [(m, k) for m in K.METHODS for k in K.KERNELS[m] if k != "npu"])
@@ -114,9 +122,9 @@ def test_int_mm_gives_the_same_bits_in_either_operand_order(monkeypatch, rows):
     g = torch.Generator().manual_seed(rows)
     w, w_scale = quantize_per_channel(torch.randn(96, 64, generator=g))
     x = torch.randn(rows, 64, generator=g)
-    y = K.w8a8_int_mm(x, w, w_scale)
+    y = K.KERNELS["w8a8"]["int_mm"](x, w, w_scale)
     monkeypatch.setattr(K, "CPU_SWAPPED_INT_MM_ROWS", 0 if rows <= K.CPU_SWAPPED_INT_MM_ROWS else rows)
-    assert torch.equal(y, K.w8a8_int_mm(x, w, w_scale))
+    assert torch.equal(y, K.KERNELS["w8a8"]["int_mm"](x, w, w_scale))
 
 
 def test_the_panel_kernel_runs_on_the_copy_its_layer_made(monkeypatch):
@@ -168,7 +176,7 @@ def test_a_forced_kernel_that_runs_wrong_or_not_at_all_here_is_refused_at_load(m
     """A kernel can run and be wrong (torch._int_mm under ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU gave ~5 %
     error): forcing one is checked against the reference first, as the probe checks every candidate."""
     model, _ = fresh_tiny()
-    monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", lambda x, w, s: K.w8a8_dequant(x, w, s) * 1.1)
+    monkeypatch.setitem(K.KERNELS["w8a8"], "int_mm", lambda x, w, s: K.KERNELS["w8a8"]["dequant"](x, w, s) * 1.1)
     with pytest.raises(QuantizationError, match="forced w8a8 kernel 'int_mm' does not work on cpu.*relative error"):
         quantize_model(model, "w8a8", smooth=False, kernel="int_mm")
     with pytest.raises(QuantizationError, match="forced w8a16 kernel 'npu' does not work on cpu.*leave kernel unset"):
@@ -282,6 +290,28 @@ def test_the_searched_alpha_is_the_one_with_the_smallest_int8_error():
     assert error(best) == min(error(a) for a in ALPHAS) < error(0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["int_mm", "panel", "dequant"])
+def test_a_w8a8_group_quantises_its_rows_once_and_gives_each_members_bits(monkeypatch, kernel, dtype):
+    """q/k/v (with a bias, as Qwen2's) through W8A8Group: each member's output bit for bit, the rows quantised once."""
+    if kernel == "panel" and cpu_gemm._panel_gemm() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(0)
+    plan = K.KernelPlan("w8a8", kernel, kernel)
+    members = [QuantLinear(*quantize_per_channel(torch.randn(n, 64, generator=g)), None, plan) for n in (64, 32, 32)]
+    biases = [torch.randn(64, generator=g).to(dtype), None, torch.randn(32, generator=g).to(dtype)]
+    group = W8A8Group.of(members, biases)
+    x = (torch.randn(7, 64, generator=g) * 3).to(dtype)
+    assert group.takes(x) and group.sizes == [64, 32, 32]
+    separate = [m(x) if b is None else m.project(x) + b for m, b in zip(members, biases)]
+    calls = []
+    monkeypatch.setattr(linear_mod, "quantize_per_token", lambda rows: calls.append(rows) or K.quantize_per_token(rows))
+    together = group(x)
+    assert len(calls) == 1 and all(torch.equal(a, b) and a.dtype == dtype for a, b in zip(together, separate))
+    assert W8A8Group.of(members[:1], biases[:1]) is None  # one member: nothing to share
+    assert not W8A8Group(members, biases).takes(x[0])  # rows only
+
+
 @pytest.mark.parametrize("method,kernel", [("w8a16", "dequant"), ("w8a8", "dequant"), ("w8a8", "int_mm"),
                                            ("w8a16", "panel"), ("w8a8", "panel")])
 def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_batch(method, kernel):
@@ -300,7 +330,8 @@ def test_engine_greedy_equals_hf_on_the_same_quantised_model_and_ignores_the_bat
             ref.append(y[0, x.shape[1]:].tolist())
     llm = LLM(model, tok, num_kv_blocks=64, block_size=8)
     assert llm.config.quantization == method
-    assert (llm.runner.layers[0].qkv is not None) == ((method, kernel) == ("w8a16", "panel"))  # W8A8: x quantised first
+    qkv = llm.runner.layers[0].qkv  # one panel call (W8A16), or the rows quantised once for q, k and v (W8A8)
+    assert isinstance(qkv, W8A8Group if method == "w8a8" else (FusedLinear if kernel == "panel" else type(None)))
     copies = sum(c.nbytes for m in model.modules() if isinstance(m, QuantLinear) for c in m.copies.values())
     assert (copies > 0) == (kernel == "panel") and llm.runner.packed_bytes >= copies  # the panels are counted
     params = SamplingParams(max_tokens=8, **GREEDY)

@@ -107,9 +107,9 @@ class CpuGraph:
     def _linears(self, calls: list, name: str, fused: FusedLinear | None, x, members: list) -> tuple:
         """Linears reading rows ``x``, as the eager step computes them at this row count: one bound FusedLinear call
         into a ``[rows, sum of outputs]`` buffer (views of it, as FusedLinear returns them; bf16 rows: the fused
-        call as it is), else each one's _linear."""
+        call as it is; a W8A8Group likewise), else each one's _linear."""
         if fused is not None and fused.takes(x):
-            if x.dtype is not torch.float32:
+            if x.dtype is not torch.float32 or not isinstance(fused, FusedLinear):
                 return self._call(calls, name, fused, x)
             y = self._buffer(name, (x.shape[0], fused.out_features))
             calls.append(fused.bind(x, y))

@@ -34,6 +34,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from . import cpu_attention
 from .cpu_gemm import CpuLinear, FusedLinear
 from .cpu_ops import add_rms_norm, rms_norm, rope
 from .kv_cache import KVCache, kv_shape
+
+if TYPE_CHECKING:
+    from ..quant.linear import W8A8Group
 
 _log = logging.getLogger(__name__)
 # On CPU one decode attention call gathers at most this many bytes of K (and as many of V); see __init__.
@@ -85,8 +89,8 @@ class _LayerWeights:
     q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over head_dim before RoPE
     k_norm: torch.Tensor | None = None
     sliding_window: int | None = None
-    qkv: FusedLinear | None = None      # q/k/v in one kernel call where all three run the panel kernel
-    gate_up: FusedLinear | None = None  # gate/up the same (see cpu_gemm.FusedLinear)
+    qkv: FusedLinear | W8A8Group | None = None  # q/k/v in one kernel call where all three run the panel kernel
+    gate_up: FusedLinear | W8A8Group | None = None  # gate/up the same (cpu_gemm.FusedLinear; W8A8: quant.linear)
     o: FusedLinear | None = None        # o_proj, down_proj alone: 1-part FusedLinears, a panel-kernel call bound
     down: FusedLinear | None = None     # once (~5 us a call less than through _linear; bias only without TP)
 
@@ -354,12 +358,17 @@ class ModelRunner:
 
     def _fuse_projections(self) -> None:
         """q/k/v and gate/up of each layer in one C call each where they run the panel kernel (CpuLinears,
-        W8A16 QuantLinears: cpu_gemm.FusedLinear), o_proj and down_proj as 1-part calls; None elsewhere, and they
-        run one by one through _linear."""
+        W8A16 QuantLinears: cpu_gemm.FusedLinear), or their rows quantised once (W8A8 QuantLinears:
+        npukit.quant.linear.W8A8Group); o_proj and down_proj as 1-part calls; None elsewhere, and they run one by
+        one through _linear."""
+        from ..quant.linear import W8A8Group  # NOTE: here, as npukit.quant imports the engine's kernels
+
         tp = self.shard is not None  # NOTE: then o/down's bias is added after the all-reduce, not in the call
         for lw in self.layers:
-            lw.qkv = FusedLinear.of([lw.q_w, lw.k_w, lw.v_w], [lw.q_b, lw.k_b, lw.v_b])
-            lw.gate_up = FusedLinear.of([lw.gate_w, lw.up_w], [lw.gate_b, lw.up_b])
+            qkv = [lw.q_w, lw.k_w, lw.v_w], [lw.q_b, lw.k_b, lw.v_b]
+            gate_up = [lw.gate_w, lw.up_w], [lw.gate_b, lw.up_b]
+            lw.qkv = FusedLinear.of(*qkv) or W8A8Group.of(*qkv)
+            lw.gate_up = FusedLinear.of(*gate_up) or W8A8Group.of(*gate_up)
             lw.o = FusedLinear.of([lw.o_w], [None if tp else lw.o_b])
             lw.down = FusedLinear.of([lw.down_w], [None if tp else lw.down_b])
 

@@ -29,9 +29,11 @@ fp32 and multiplied by the int8 panels (products and sums exact while |sum| < 2*
 weight bytes, not arithmetic: on a 2-core AMD EPYC (VNNI) SmolLM2's q/k/v-sized 1728x576 linear at one row took
 71 us against 115 for ``torch._int_mm``, and at 64 rows 2238 against 267, where int8 arithmetic wins.
 
-W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32, run in
-npukit's C code on CPU (``csrc/quant_rows.c``, the same bits as the torch ops it replaces): as seven and three
-torch ops they took longer than the int8 matmuls of a 1,800-token prefill.
+W8A8's steps around the int8 matmul, quantising x per token and scaling the int32 sums back to fp32 (or bf16), run
+in npukit's C code on CPU for fp32 and bf16 rows (``csrc/quant_rows.c``, the same bits as the torch ops it replaces):
+as seven and three torch ops they took longer than the int8 matmuls of a 1,800-token prefill; on bf16 rows (two
+casts more) 81 us of a 64-row 192x576 linear whose int8 matmul took 24, 46 us in C (2-core AMD EPYC). The W8A8
+kernels are written on the quantised rows (``W8A8_ON_INTEGERS``), so that q/k/v and gate/up quantise theirs once.
 
 NOTE: which one is fastest depends on the CPU (VNNI or not, native bf16 or not) and on M (batch-1 decode
 reads weights; 64-row steps compute), so `choose_kernels` times the candidates once per process on the
@@ -72,14 +74,15 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] -> (int8 [M, K], fp32 scale [M, 1]): one symmetric scale per row, at run time.
 
-    fp32 rows on CPU go through npukit's C code (``csrc/quant_rows.c``: one pass, the same bits), else torch."""
-    lib = _quant_rows() if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 else None
+    fp32 and bf16 rows on CPU go through npukit's C code (``csrc/quant_rows.c``: one pass, the same bits), else
+    torch."""
+    lib = _quant_rows() if x.device.type == "cpu" and x.dtype in _C_ROWS and x.dim() == 2 else None
     if lib is not None:
         if x.stride(-1) != 1:
             x = x.contiguous()
         q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[0], 1)
         lib.npukit_quantize_rows(x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1],
-                                 torch.get_num_threads())
+                                 x.dtype == torch.bfloat16, _threads(x.shape[0]))
         return q, scale
     return _quantize_per_token_torch(x)
 
@@ -91,17 +94,26 @@ def _quantize_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (x32 * scale.reciprocal()).round_().to(torch.int8), scale
 
 
-def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """int32 sums [M, N] -> fp32 ``acc * x_scale * w_scale`` in rows (x_scale [M, 1], w_scale [N]); in C on CPU
-    (one pass instead of three), else torch."""
-    lib = _quant_rows() if acc.device.type == "cpu" else None
+def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 sums [M, N] -> ``acc * x_scale * w_scale`` (x_scale [M, 1], w_scale [N]) computed in fp32, returned in
+    ``dtype``; in C on CPU for fp32 and bf16 (one pass instead of three or four), else torch."""
+    lib = _quant_rows() if acc.device.type == "cpu" and dtype in _C_ROWS else None
     if lib is None:
-        return acc.to(torch.float32, memory_format=torch.contiguous_format).mul_(x_scale).mul_(w_scale)
+        return acc.to(torch.float32, memory_format=torch.contiguous_format).mul_(x_scale).mul_(w_scale).to(dtype)
     acc, x_scale, w_scale = acc.contiguous(), x_scale.contiguous(), w_scale.float().contiguous()
-    y = torch.empty(acc.shape)
+    y = torch.empty(acc.shape, dtype=dtype)
     lib.npukit_scale_rows(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(), y.data_ptr(), acc.shape[0],
-                          acc.shape[1], torch.get_num_threads())
+                          acc.shape[1], dtype == torch.bfloat16, _threads(acc.shape[0]))
     return y
+
+
+_C_ROWS = (torch.float32, torch.bfloat16)  # the row dtypes csrc/quant_rows.c reads and writes
+
+
+def _threads(rows: int) -> int:
+    """Threads for csrc/quant_rows.c, which splits rows: no more than there are rows (a decode row on two threads
+    woke a thread for nothing)."""
+    return max(1, min(torch.get_num_threads(), rows))
 
 
 @functools.cache
@@ -109,8 +121,8 @@ def _quant_rows():
     """csrc/quant_rows.c through ctypes, or None (logged once) where it cannot be built."""
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     return native.load_functions("quant_rows", {
-        "npukit_quantize_rows": ([p, i64, p, p, i64, i64, ctypes.c_int], None),
-        "npukit_scale_rows": ([p, p, p, p, i64, i64, ctypes.c_int], None)})
+        "npukit_quantize_rows": ([p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int], None),
+        "npukit_scale_rows": ([p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_int], None)})
 
 
 # ---------------------------------------------------------------- W8A16: int8 weights, float activations
@@ -172,32 +184,42 @@ def w8a16_npu(x, w, w_scale):  # UNTESTED: no Ascend NPU here; the call vLLM-Asc
 CPU_SWAPPED_INT_MM_ROWS = 8
 
 
-def w8a8_int_mm(x, w, w_scale):
-    qx, x_scale = quantize_per_token(x)
-    if x.device.type == "cpu" and qx.shape[0] <= CPU_SWAPPED_INT_MM_ROWS:
+# Each W8A8 kernel below is written on the integer rows: ``qx`` int8 [M, K] and ``x_scale`` [M, 1] from
+# quantize_per_token, the result in ``dtype`` (the activations'). Linears that read the same rows (q/k/v,
+# gate/up) quantise them once and call these (npukit.quant.linear.SharedQuantRows); KERNELS["w8a8"] wraps each as a
+# kernel of x.
+def w8a8_int_mm(qx, x_scale, w, w_scale, dtype):
+    if qx.device.type == "cpu" and qx.shape[0] <= CPU_SWAPPED_INT_MM_ROWS:
         # NOTE: oneDNN's int8 GEMM ran the decode shapes (1-8 rows) of SmolLM2's layers and int8 lm_head
         # 0.66-0.91x as long in this order, conversion to float rows included; the integers are the same
         # (exact sums), so the output is bit for bit what the other order gives. From 16 rows on it lost.
         acc = torch._int_mm(w, qx.t()).t()
     else:
         acc = torch._int_mm(qx, w.t())  # int32 [M, N]: exact integer dot products
-    return _scale_rows(acc, x_scale, w_scale).to(x.dtype)
+    return _scale_rows(acc, x_scale, w_scale, dtype)
 
 
-def w8a8_dequant(x, w, w_scale):
+def w8a8_dequant(qx, x_scale, w, w_scale, dtype):
     # NOTE: the same integers multiplied in fp32. Products and their sums stay exact while |sum| < 2**24
     # (127*127*K for K <= 1040; typical rows are far below), so this matches int_mm almost bit for bit.
-    qx, x_scale = quantize_per_token(x)
     acc = F.linear(qx.float(), w.float())
-    return acc.mul_(x_scale).mul_(w_scale).to(x.dtype)
+    return acc.mul_(x_scale).mul_(w_scale).to(dtype)
 
 
-def w8a8_panel(x, w, w_scale):
+def w8a8_panel(qx, x_scale, w, w_scale, dtype):
     # NOTE: the integer rows through W8A16's panel kernel (int8 panels widened to fp32 in registers): at decode rows
     # it reads the int8 weights at memory speed, where oneDNN's int8 GEMM reads them slower. The products and their
     # sums are exact integers while |sum| < 2**24, as in w8a8_dequant.
-    qx, x_scale = quantize_per_token(x)
-    return cpu_gemm.panel_linear(qx.float(), _panels(w), w.shape[0], scale=w_scale).mul_(x_scale).to(x.dtype)
+    return cpu_gemm.panel_linear(qx.float(), _panels(w), w.shape[0], scale=w_scale).mul_(x_scale).to(dtype)
+
+
+W8A8_ON_INTEGERS = {"int_mm": w8a8_int_mm, "panel": w8a8_panel, "dequant": w8a8_dequant}
+
+
+def _on_quantized_rows(kernel):
+    def run(x, w, w_scale):
+        return kernel(*quantize_per_token(x), w, w_scale, x.dtype)
+    return run
 
 
 def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMIC method
@@ -211,7 +233,7 @@ def w8a8_npu(x, w, w_scale):  # UNTESTED: the calls of vLLM-Ascend's W8A8_DYNAMI
 KERNELS = {
     "w8a16": {"int8pack": w8a16_int8pack, "int8pack_bf16": w8a16_int8pack_bf16, "panel": w8a16_panel,
               "dequant": w8a16_dequant, "npu": w8a16_npu},
-    "w8a8": {"int_mm": w8a8_int_mm, "panel": w8a8_panel, "dequant": w8a8_dequant, "npu": w8a8_npu},
+    "w8a8": {**{name: _on_quantized_rows(kernel) for name, kernel in W8A8_ON_INTEGERS.items()}, "npu": w8a8_npu},
 }
 
 
@@ -376,7 +398,10 @@ def _check(method: str, kernel: str, x, w, w_scale) -> None:
     NOTE: a kernel can run and be wrong: with ``ONEDNN_MAX_CPU_ISA=AVX2`` on a CPU with VNNI (our AVX2
     emulation), torch._int_mm went to oneDNN's AVX2 int8 path and returned wrong sums (2-5 % relative error).
     """
-    ref = w8a8_dequant(x, w, w_scale) if method == "w8a8" else w8a16_dequant(x.double(), w, w_scale.double())
+    if method == "w8a8":
+        ref = KERNELS[method]["dequant"](x, w, w_scale)
+    else:
+        ref = w8a16_dequant(x.double(), w, w_scale.double())
     err = ((KERNELS[method][kernel](x, w, w_scale).double() - ref.double()).norm() / ref.double().norm()).item()
     low_precision = x.dtype in (torch.bfloat16, torch.float16) or kernel.endswith("bf16")
     if not err < (2e-2 if low_precision else 1e-4):  # bf16 activations: ~4e-3; fp32: ~1e-7
