@@ -376,7 +376,7 @@ def test_cpu_linear_kernels_equal_f_linear(rows, bias, kernel):
 def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, dtype):
     """csrc/panel_gemm.c: blocks of 12 rows and a part block, a last panel with fewer than 32 columns, x rows
     further apart than K (a view), with and without bias; fp32 weights, bfloat16 ones (a 16-bit lm_head), and
-    int8 ones with a scale per output (W8A16)."""
+    int8 ones with a scale per output (W8A16); bf16 rows (widened and rounded back in C) and fp16 ones."""
     if cpu_gemm._panel_gemm() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows * n + k)
@@ -392,6 +392,10 @@ def test_the_panel_kernel_equals_a_float64_reference(rows, n, k, dtype):
         y = cpu_gemm.panel_linear(x, panels, n, bias, scale=scale)
         ref = x.double() @ w64.T + (0 if bias is None else b.double())
         torch.testing.assert_close(y.double(), ref, atol=1e-4 * (1 + 50 * int8), rtol=1e-5)
+        for half in (torch.bfloat16, torch.float16):  # 16-bit rows: the fp32 call's outputs, rounded once
+            xh = x.to(half)
+            want = cpu_gemm.panel_linear(xh.float(), panels, n, bias, scale=scale).to(half)
+            assert torch.equal(cpu_gemm.panel_linear(xh, panels, n, bias, scale=scale), want)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_gemm.panel_linear(torch.randn(2, k + 1), panels, n, scale=scale)
     with pytest.raises(ValueError, match="do not fit"):  # int8 panels without their scales, or fp32 with
@@ -434,13 +438,13 @@ def test_fused_linears_give_each_part_the_bits_of_its_own_call(rows, dtype):
     for bad in (torch.randn(2, k + 1), torch.randn(2, k, dtype=torch.float64)):
         with pytest.raises(ValueError, match="does not fit"):
             fused(bad)
-    if x.dtype is not torch.float32:
-        return  # graph mode's replay (below) is fp32-only
-    y = torch.full((rows, sum(sizes)), float("nan"))
+    x = x.contiguous()
+    y = torch.full((rows, sum(sizes)), float("nan"), dtype=x.dtype)
     fused.bind(x, y)()  # graph mode's replay: the same call, its arguments bound once
     assert torch.equal(y, torch.cat(parts, 1))
-    with pytest.raises(ValueError, match="float32 y"):
-        fused.bind(x, torch.empty(rows, sum(sizes) + 1))
+    for wrong in (torch.empty(rows, sum(sizes) + 1, dtype=x.dtype), torch.empty(rows, sum(sizes), dtype=torch.float16)):
+        with pytest.raises(ValueError, match="of its dtype"):
+            fused.bind(x, wrong)
 
 
 def test_only_linears_with_panel_copies_of_one_kind_and_width_are_fused():

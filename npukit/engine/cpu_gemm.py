@@ -100,7 +100,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 PANEL = 32  # output columns per panel (csrc/panel_gemm.c's PW)
-HALF_ROWS = (torch.bfloat16, torch.float16)  # rows the panel kernels take widened to fp32
+HALF_ROWS = (torch.bfloat16, torch.float16)  # 16-bit rows the panel kernels take (fp16 widened to fp32 by torch first)
+ROWS = (torch.float32, torch.bfloat16)  # the row dtypes csrc/panel_gemm.c reads and writes
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -115,11 +116,12 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _panel_gemm():
     """The C kernels as ctypes functions by weight dtype, or None (logged) where they cannot be built."""
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    float_weights = ([p, i64, p, p, p, i64, i64, i64, ctypes.c_int], None)  # x, ldx, panels, bias, y, M, N, K, threads
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # x, ldx, panels, bias, y, M, N, K, rows16 (bf16 x and y), threads -> status
+    float_weights = ([p, i64, p, p, p, i64, i64, i64, i32, i32], i32)
     lib = native.load_functions("panel_gemm", {
         "npukit_panel_gemm_f32": float_weights, "npukit_panel_gemm_bf16": float_weights,
-        "npukit_panel_gemm_i8": ([p, i64, p, p, p, p, i64, i64, i64, ctypes.c_int], None)})  # + scale after panels
+        "npukit_panel_gemm_i8": ([p, i64, p, p, p, p, i64, i64, i64, i32, i32], i32)})  # + scale after panels
     if lib is None:
         return None
     return {torch.float32: lib.npukit_panel_gemm_f32, torch.bfloat16: lib.npukit_panel_gemm_bf16,
@@ -131,9 +133,9 @@ def _panel_gemm_parts():
     """The C kernels that compute several weights' columns side by side (FusedLinear), by weight dtype, or None."""
     if _panel_gemm() is None:
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    # x, ldx, parts, panels[parts], scales[parts] or NULL, biases[parts] or NULL, N[parts], y, M, K, threads
-    parts = ([p, i64, i64, p, p, p, p, p, i64, i64, ctypes.c_int], None)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # x, ldx, parts, panels[parts], scales[parts] or NULL, biases[parts] or NULL, N[parts], y, M, K, rows16, threads
+    parts = ([p, i64, i64, p, p, p, p, p, i64, i64, i32, i32], i32)
     names = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
     lib = native.load_functions("panel_gemm", {f"npukit_panel_gemm_parts_{n}": parts for n in names.values()})
     return {dtype: getattr(lib, f"npukit_panel_gemm_parts_{n}") for dtype, n in names.items()}
@@ -144,10 +146,11 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias:
     """``F.linear(x, W, bias)`` by the C kernel: x ``[M, K]``, ``panels = pack_panels(W)``, W ``[out_features, K]``,
     bias ``[out_features]`` or None. An int8 W (W8A16) needs its fp32 ``scale`` per output (``[out_features]``):
     then the result is ``x @ (W * scale[:, None]).T + bias``. bf16 / fp16 rows are widened to fp32 for the kernel
-    (its sums are fp32 anyway: like a 16-bit F.linear, one rounding per output) and the result cast back.
+    (its sums are fp32 anyway: like a 16-bit F.linear, one rounding per output) and the result rounded back; bf16 rows
+    in the kernel itself (two torch ops fewer a call: ~4 us, some 200 times a decode step), fp16 ones by torch.
 
     NOTE: called ~200 times a decode step, so the checks are the few that keep the C code inside its tensors."""
-    if x.dtype in HALF_ROWS:
+    if x.dtype is torch.float16:
         return panel_linear(x.float(), panels, out_features, bias, scale).to(x.dtype)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -156,17 +159,25 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias:
         scale = scale.contiguous().float()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.contiguous().float()
-    if (panels.shape[1] != k or x.dtype is not torch.float32 or (panels.dtype is torch.int8) != (scale is not None)
+    if (panels.shape[1] != k or x.dtype not in ROWS or (panels.dtype is torch.int8) != (scale is not None)
             or (scale is not None and scale.numel() != out_features)
             or (bias is not None and bias.numel() != out_features) or panels.shape[0] * PANEL < out_features):
         raise ValueError(f"panel_linear: x {tuple(x.shape)} {x.dtype}, scale "
                          f"{None if scale is None else (tuple(scale.shape), scale.dtype)} do not fit "
                          f"{panels.dtype} panels {tuple(panels.shape)} of {out_features} outputs")
-    y = torch.empty(m, out_features)
+    y = torch.empty(m, out_features, dtype=x.dtype)
     w = (panels.data_ptr(),) if scale is None else (panels.data_ptr(), scale.data_ptr())
-    _panel_gemm()[panels.dtype](x.data_ptr(), x.stride(0), *w, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                m, out_features, k, torch.get_num_threads())
+    _checked(_panel_gemm()[panels.dtype](x.data_ptr(), x.stride(0), *w, None if bias is None else bias.data_ptr(),
+                                         y.data_ptr(), m, out_features, k, x.dtype is torch.bfloat16,
+                                         torch.get_num_threads()))
     return y
+
+
+def _checked(status: int) -> None:
+    """A panel-kernel call's status: 0, or -1 when it could not allocate the widened copy of bf16 rows."""
+    if status:
+        raise MemoryError(f"npukit's panel kernel could not run (status {status}: out of memory for the fp32 copy "
+                          "of its bf16 rows)")
 
 
 # the kernels that run on a copy of the weight, and how to make it
@@ -293,33 +304,37 @@ class FusedLinear:
         return at
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each member's result; 16-bit rows widened to fp32 for the call and the results cast back, as in
-        panel_linear."""
-        rows = x.float() if x.dtype in HALF_ROWS else x
+        """Each member's result; bf16 rows in the kernel, fp16 rows widened to fp32 for the call and the results cast
+        back, as in panel_linear."""
+        rows = x.float() if x.dtype is torch.float16 else x
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        self._fn(*self._call_args(rows, y))
+        y = torch.empty(x.shape[0], self.out_features, dtype=rows.dtype)
+        _checked(self._fn(*self._call_args(rows, y)))
         y = y.to(x.dtype)
         if len(self.sizes) == 1:
             return (y,)
         return y.split_with_sizes(self.sizes, 1)  # NOTE: half the time of Tensor.split (3 vs 6 us for three)
 
     def bind(self, x: torch.Tensor, y: torch.Tensor):
-        """The call on rows ``x`` into ``y`` (``[rows, out_features]``, contiguous) with its arguments bound
-        (functools.partial): graph mode's CPU replay (npukit.engine.cpu_graph) makes it once per batch size."""
-        if x.stride(-1) != 1 or not y.is_contiguous() or y.dtype is not torch.float32 or y.shape != (
+        """The call on rows ``x`` into ``y`` (``[rows, out_features]``, contiguous, x's dtype: fp32 or bf16) with its
+        arguments bound: graph mode's CPU replay (npukit.engine.cpu_graph) makes it once per batch size."""
+        if x.stride(-1) != 1 or not y.is_contiguous() or y.dtype is not x.dtype or y.shape != (
                 x.shape[0], self.out_features):
-            raise ValueError(f"FusedLinear.bind: x {tuple(x.shape)} (contiguous rows) into float32 y "
-                             f"[{x.shape[0]}, {self.out_features}], got y {tuple(y.shape)} {y.dtype}")
-        return functools.partial(self._fn, *self._call_args(x, y))
+            raise ValueError(f"FusedLinear.bind: x {tuple(x.shape)} {x.dtype} (contiguous rows) into y "
+                             f"[{x.shape[0]}, {self.out_features}] of its dtype, got y {tuple(y.shape)} {y.dtype}")
+        return functools.partial(_call_checked, self._fn, self._call_args(x, y))
 
     def _call_args(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype is not torch.float32:
-            raise ValueError(f"FusedLinear: x {tuple(x.shape)} {x.dtype} does not fit float32 rows of "
-                             f"{self.in_features} inputs")
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype not in ROWS or y.dtype is not x.dtype:
+            raise ValueError(f"FusedLinear: x {tuple(x.shape)} {x.dtype} does not fit float32 or bfloat16 rows of "
+                             f"{self.in_features} inputs (into y of their dtype)")
         return (x.data_ptr(), x.stride(0), len(self.sizes), *self._args, y.data_ptr(), x.shape[0], self.in_features,
-                torch.get_num_threads())
+                x.dtype is torch.bfloat16, torch.get_num_threads())
+
+
+def _call_checked(fn, args: tuple) -> None:
+    _checked(fn(*args))
 
 
 MAX_PARTS = 8  # csrc/panel_gemm.c's MAX_PARTS

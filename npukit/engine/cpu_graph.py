@@ -21,8 +21,7 @@ step: slots, block tables, context lengths), the rest of its calls. The same ker
 same layout as the eager step: the same bits, at a batch of a capture size's rows (tests/test_graph.py
 compares the logits with ``torch.equal``); a padded batch runs the kernels chosen for its padded size.
 
-fp32 or bf16 with npukit's C kernels (``supports``; in bf16 the fused panel calls widen their rows, so they are
-recorded as eager calls); other precisions use ``torch.compile`` (npukit.engine.graph).
+fp32 or bf16 with npukit's C kernels (``supports``); other precisions use ``torch.compile`` (npukit.engine.graph).
 NOTE: the thread count is bound at capture: ``torch.set_num_threads`` afterwards leaves the replays on the
 old count (npukit's C kernels give the same bits at any count; only the speed changes).
 """
@@ -106,10 +105,10 @@ class CpuGraph:
 
     def _linears(self, calls: list, name: str, fused: FusedLinear | None, x, members: list) -> tuple:
         """Linears reading rows ``x``, as the eager step computes them at this row count: one bound FusedLinear call
-        into a ``[rows, sum of outputs]`` buffer (views of it, as FusedLinear returns them; bf16 rows: the fused
-        call as it is; a W8A8Group likewise), else each one's _linear."""
+        into a ``[rows, sum of outputs]`` buffer (views of it, as FusedLinear returns them; a W8A8Group: its call as
+        it is), else each one's _linear."""
         if fused is not None and fused.takes(x):
-            if x.dtype is not torch.float32 or not isinstance(fused, FusedLinear):
+            if not isinstance(fused, FusedLinear):
                 return self._call(calls, name, fused, x)
             y = self._buffer(name, (x.shape[0], fused.out_features))
             calls.append(fused.bind(x, y))

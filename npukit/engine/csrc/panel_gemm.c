@@ -1,12 +1,13 @@
 /* y = x @ W^T (+ bias) for the row counts of decode steps, on a copy of W packed in panels of 32 columns.
  *
- *   x       [M, K]          fp32, row-major, rows ldx apart
+ *   x       [M, K]          fp32, row-major, rows ldx apart; or bfloat16 (rows16), widened to fp32 first (exact)
  *   panels  [N/32, K, 32]   W [N, K] packed by npukit.engine.cpu_gemm.pack_panels (last panel zero-padded):
  *                           fp32 (npukit_panel_gemm_f32), bfloat16 (npukit_panel_gemm_bf16: a 16-bit lm_head),
  *                           or int8 with one fp32 scale per output column (npukit_panel_gemm_i8: W8A16,
  *                           npukit.quant.kernels)
  *   bias    [N] or NULL
- *   y       [M, N]          fp32, row-major
+ *   y       [M, N]          fp32, row-major; or bfloat16 (rows16), each output rounded once from its fp32 value
+ *                           (the bits of an fp32 call on the widened rows, then .to(torch.bfloat16))
  *
  * Per panel and block of rows of x (12 on AVX512: 24 running 16-wide sums in its 32 registers), the sums stay
  * in registers: for each k, a row of the panel is loaded (int8 weights widened to fp32 on the way) and
@@ -20,6 +21,9 @@
  * target's registers, parallel over panels with OpenMP; built by npukit.engine.native.
  */
 #include <stdint.h>
+#include <stdlib.h>
+
+#include "bf16.h"
 
 #define PW 32  /* columns per panel (npukit.engine.cpu_gemm.PANEL) */
 
@@ -113,56 +117,76 @@ DEFINE_TILES(uint16_t, load_bf16)
  * fused. */
 #define MAX_PARTS 8 /* npukit.engine.cpu_gemm.MAX_PARTS */
 #define PANEL_GEMM(T, NAME)                                                                                     \
-    static void panel_gemm_##T(const float *x, int64_t ldx, int64_t parts, const T *const *panels,              \
-                               const float *const *scales, const float *const *biases, const int64_t *N,        \
-                               float *y, int64_t M, int64_t K, int num_threads) {                               \
+    static int panel_gemm_##T(const void *x_in, int64_t ldx_in, int64_t parts, const T *const *panels,          \
+                              const float *const *scales, const float *const *biases, const int64_t *N,         \
+                              void *y, int64_t M, int64_t K, int rows16, int num_threads) {                     \
         int64_t first[MAX_PARTS + 1] = {0}, col0[MAX_PARTS], ldy = 0; /* a part's first panel and column */     \
         for (int64_t j = 0; j < parts; j++) {                                                                   \
             first[j + 1] = first[j] + (N[j] + PW - 1) / PW;                                                     \
             col0[j] = ldy;                                                                                      \
             ldy += N[j];                                                                                        \
         }                                                                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                   \
-        for (int64_t p = 0; p < first[parts]; p++) {                                                            \
-            int64_t j = 0;                                                                                      \
-            while (p >= first[j + 1]) j++;                                                                      \
-            const int64_t n0 = (p - first[j]) * PW, cols = N[j] - n0 < PW ? N[j] - n0 : PW;                     \
-            const float *scale = scales ? scales[j] : 0, *bias = biases ? biases[j] : 0;                        \
-            float *yp = y + col0[j] + n0, acc[MB * PW];                                                         \
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                            \
-                const int64_t mt = M - m0 < MB ? M - m0 : MB;                                                   \
-                TILES_##T[mt](x + m0 * ldx, ldx, panels[j] + (p - first[j]) * K * PW, K, acc);                  \
-                for (int64_t m = 0; m < mt; m++)                                                                \
-                    for (int64_t c = 0; c < cols; c++)                                                          \
-                        yp[(m0 + m) * ldy + c] = acc[m * PW + c] * (scale ? scale[n0 + c] : 1.f) +              \
-                                                 (bias ? bias[n0 + c] : 0.f);                                   \
+        float *wide = rows16 ? malloc((size_t)(M * K + 1) * sizeof(float)) : 0;                                 \
+        if (rows16 && !wide) return -1; /* out of memory: the caller raises */                                  \
+        const float *x = rows16 ? wide : x_in;                                                                  \
+        const int64_t ldx = rows16 ? K : ldx_in;                                                                \
+        _Pragma("omp parallel num_threads(num_threads)") {                                                      \
+            if (rows16) {                                                                                       \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (int64_t m = 0; m < M; m++)                                                                 \
+                    for (int64_t k = 0; k < K; k++)                                                             \
+                        wide[m * K + k] = bf16_to_f32(((const uint16_t *)x_in)[m * ldx_in + k]);                \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)") for (int64_t p = 0; p < first[parts]; p++) {                    \
+                int64_t j = 0;                                                                                  \
+                while (p >= first[j + 1]) j++;                                                                  \
+                const int64_t n0 = (p - first[j]) * PW, cols = N[j] - n0 < PW ? N[j] - n0 : PW;                 \
+                const float *scale = scales ? scales[j] : 0, *bias = biases ? biases[j] : 0;                    \
+                float acc[MB * PW];                                                                             \
+                for (int64_t m0 = 0; m0 < M; m0 += MB) {                                                        \
+                    const int64_t mt = M - m0 < MB ? M - m0 : MB;                                               \
+                    TILES_##T[mt](x + m0 * ldx, ldx, panels[j] + (p - first[j]) * K * PW, K, acc);              \
+                    for (int64_t m = 0; m < mt; m++)                                                            \
+                        for (int64_t c = 0; c < cols; c++) {                                                    \
+                            const float v = acc[m * PW + c] * (scale ? scale[n0 + c] : 1.f) +                   \
+                                            (bias ? bias[n0 + c] : 0.f);                                        \
+                            const int64_t at = (m0 + m) * ldy + col0[j] + n0 + c;                               \
+                            if (rows16)                                                                         \
+                                ((uint16_t *)y)[at] = f32_to_bf16(v);                                           \
+                            else                                                                                \
+                                ((float *)y)[at] = v;                                                           \
+                        }                                                                                       \
+                }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
+        free(wide);                                                                                             \
+        return 0;                                                                                               \
     }                                                                                                           \
-    void npukit_panel_gemm_parts_##NAME(const float *x, int64_t ldx, int64_t parts, const T *const *panels,     \
-                                        const float *const *scales, const float *const *biases,                 \
-                                        const int64_t *N, float *y, int64_t M, int64_t K, int num_threads) {    \
-        if (parts >= 1 && parts <= MAX_PARTS)                                                                   \
-            panel_gemm_##T(x, ldx, parts, panels, scales, biases, N, y, M, K, num_threads);                     \
+    int npukit_panel_gemm_parts_##NAME(const void *x, int64_t ldx, int64_t parts, const T *const *panels,       \
+                                       const float *const *scales, const float *const *biases,                  \
+                                       const int64_t *N, void *y, int64_t M, int64_t K, int rows16,             \
+                                       int num_threads) {                                                       \
+        if (parts < 1 || parts > MAX_PARTS) return -2;                                                          \
+        return panel_gemm_##T(x, ldx, parts, panels, scales, biases, N, y, M, K, rows16, num_threads);          \
     }
 PANEL_GEMM(float, f32)
 PANEL_GEMM(int8_t, i8)
 PANEL_GEMM(uint16_t, bf16)
 
 /* fp32 weights */
-void npukit_panel_gemm_f32(const float *x, int64_t ldx, const float *panels, const float *bias, float *y,
-                           int64_t M, int64_t N, int64_t K, int num_threads) {
-    panel_gemm_float(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, num_threads);
+int npukit_panel_gemm_f32(const void *x, int64_t ldx, const float *panels, const float *bias, void *y, int64_t M,
+                           int64_t N, int64_t K, int rows16, int num_threads) {
+    return panel_gemm_float(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, rows16, num_threads);
 }
 
 /* int8 weights with one scale per output column (W8A16): the sums of x times the integers, then scaled */
-void npukit_panel_gemm_i8(const float *x, int64_t ldx, const int8_t *panels, const float *scale,
-                          const float *bias, float *y, int64_t M, int64_t N, int64_t K, int num_threads) {
-    panel_gemm_int8_t(x, ldx, 1, &panels, &scale, &bias, &N, y, M, K, num_threads);
+int npukit_panel_gemm_i8(const void *x, int64_t ldx, const int8_t *panels, const float *scale, const float *bias,
+                          void *y, int64_t M, int64_t N, int64_t K, int rows16, int num_threads) {
+    return panel_gemm_int8_t(x, ldx, 1, &panels, &scale, &bias, &N, y, M, K, rows16, num_threads);
 }
 
 /* bfloat16 weights, fp32 sums: half the bytes of fp32 read, each weight exactly the float it stands for */
-void npukit_panel_gemm_bf16(const float *x, int64_t ldx, const uint16_t *panels, const float *bias, float *y,
-                            int64_t M, int64_t N, int64_t K, int num_threads) {
-    panel_gemm_uint16_t(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, num_threads);
+int npukit_panel_gemm_bf16(const void *x, int64_t ldx, const uint16_t *panels, const float *bias, void *y, int64_t M,
+                            int64_t N, int64_t K, int rows16, int num_threads) {
+    return panel_gemm_uint16_t(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, rows16, num_threads);
 }
