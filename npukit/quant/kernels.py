@@ -186,7 +186,7 @@ CPU_SWAPPED_INT_MM_ROWS = 8
 
 # Each W8A8 kernel below is written on the integer rows: ``qx`` int8 [M, K] and ``x_scale`` [M, 1] from
 # quantize_per_token, the result in ``dtype`` (the activations'). Linears that read the same rows (q/k/v,
-# gate/up) quantise them once and call these (npukit.quant.linear.SharedQuantRows); KERNELS["w8a8"] wraps each as a
+# gate/up) quantise them once and call these (npukit.quant.linear.W8A8Group); KERNELS["w8a8"] wraps each as a
 # kernel of x.
 def w8a8_int_mm(qx, x_scale, w, w_scale, dtype):
     if qx.device.type == "cpu" and qx.shape[0] <= CPU_SWAPPED_INT_MM_ROWS:
