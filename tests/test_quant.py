@@ -65,10 +65,10 @@ def test_per_token_quantisation_in_c_gives_torchs_bits(monkeypatch, dtype):
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(0)
     for i, (m, k) in enumerate([(1, 1), (1, 576), (7, 33), (64, 1536), (300, 576)]):
-        x = torch.randn(m, k + 3, generator=g)[:, :k] * 10.0 ** torch.randint(-6, 5, (m, 1), generator=g)
-        x = x.to(dtype)
+        x = (torch.randn(m, k + 3, generator=g) * 10.0 ** torch.randint(-6, 5, (m, 1), generator=g)).to(dtype)[:, :k]
         x[0, :k // 2] = 0 if i % 2 else x[0, :k // 2]
         x[-1] = 0 if m > 1 else x[-1]
+        assert x.stride(0) == k + 3 or m == 1
         q, scale = K.quantize_per_token(x)
         q_ref, scale_ref = K._quantize_per_token_torch(x)
         assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)

@@ -98,6 +98,11 @@ class QuantLinear(nn.Module):
         ``cut(t)`` slices a tensor as the float weight is split. Column-parallel: the weight's rows and their
         scales. Row-parallel: the weight's columns, every scale (a rank's partial sums are scaled per output
         channel, so the all-reduce adds them exactly as it adds float partial sums).
+
+        NOTE: W8A8's row-parallel ranks (o_proj, down_proj) quantise their own slice of each row, with its own
+        per-token scale, as vLLM's row-parallel W8A8 layers do: tensor-parallel W8A8 rounds the activations
+        differently from one rank, so its greedy tokens can part from the unsharded model's after a few (tiny-llama,
+        two prompts, 8 tokens: one of them from the second token on). W8A16 has no such step: the same tokens.
         """
         scale = self.weight_scale if row_parallel else cut(self.weight_scale)
         return QuantLinear(cut(self.weight), scale, None, self.plan)
