@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .cpu_ops import DTYPES
 
 KERNELS = ("linear", "swapped", "packed", "panel")
 ROW_KERNELS = ("linear", "packed", "panel")  # for callers that need the result in rows
@@ -101,7 +102,6 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 PANEL = 32  # output columns per panel (csrc/panel_gemm.c's PW)
 HALF_ROWS = (torch.bfloat16, torch.float16)  # 16-bit rows the panel kernels take (fp16 widened to fp32 by torch first)
-ROWS = (torch.float32, torch.bfloat16)  # the row dtypes csrc/panel_gemm.c reads and writes
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias:
         scale = scale.contiguous().float()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.contiguous().float()
-    if (panels.shape[1] != k or x.dtype not in ROWS or (panels.dtype is torch.int8) != (scale is not None)
+    if (panels.shape[1] != k or x.dtype not in DTYPES or (panels.dtype is torch.int8) != (scale is not None)
             or (scale is not None and scale.numel() != out_features)
             or (bias is not None and bias.numel() != out_features) or panels.shape[0] * PANEL < out_features):
         raise ValueError(f"panel_linear: x {tuple(x.shape)} {x.dtype}, scale "
@@ -174,10 +174,11 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias:
 
 
 def _checked(status: int) -> None:
-    """A panel-kernel call's status: 0, or -1 when it could not allocate the widened copy of bf16 rows."""
+    """Raise for a panel-kernel call's status other than 0."""
+    if status == -1:
+        raise MemoryError("npukit's panel kernel: out of memory for the fp32 copy of its bf16 rows")
     if status:
-        raise MemoryError(f"npukit's panel kernel could not run (status {status}: out of memory for the fp32 copy "
-                          "of its bf16 rows)")
+        raise RuntimeError(f"npukit's panel kernel did not run (status {status}: parts outside 1..{MAX_PARTS})")
 
 
 # the kernels that run on a copy of the weight, and how to make it
@@ -326,7 +327,7 @@ class FusedLinear:
         return functools.partial(_call_checked, self._fn, self._call_args(x, y))
 
     def _call_args(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype not in ROWS or y.dtype is not x.dtype:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype not in DTYPES or y.dtype is not x.dtype:
             raise ValueError(f"FusedLinear: x {tuple(x.shape)} {x.dtype} does not fit float32 or bfloat16 rows of "
                              f"{self.in_features} inputs (into y of their dtype)")
         return (x.data_ptr(), x.stride(0), len(self.sizes), *self._args, y.data_ptr(), x.shape[0], self.in_features,

@@ -43,7 +43,7 @@ def _lib():
     return None if torch.compiler.is_compiling() else _ops()
 
 
-DTYPES = (torch.float32, torch.bfloat16)  # what the C passes take
+DTYPES = (torch.float32, torch.bfloat16)  # the element types npukit's C kernels read and write (csrc/bf16.h)
 
 
 def _on_cpu(t: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..engine import cpu_gemm, native
+from ..engine import cpu_gemm, cpu_ops, native
 
 log = logging.getLogger("npukit.quant")
 
@@ -76,7 +76,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     fp32 and bf16 rows on CPU go through npukit's C code (``csrc/quant_rows.c``: one pass, the same bits), else
     torch."""
-    lib = _quant_rows() if x.device.type == "cpu" and x.dtype in _C_ROWS and x.dim() == 2 else None
+    lib = _quant_rows() if x.device.type == "cpu" and x.dtype in cpu_ops.DTYPES and x.dim() == 2 else None
     if lib is not None:
         if x.stride(-1) != 1:
             x = x.contiguous()
@@ -97,7 +97,7 @@ def _quantize_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int32 sums [M, N] -> ``acc * x_scale * w_scale`` (x_scale [M, 1], w_scale [N]) computed in fp32, returned in
     ``dtype``; in C on CPU for fp32 and bf16 (one pass instead of three or four), else torch."""
-    lib = _quant_rows() if acc.device.type == "cpu" and dtype in _C_ROWS else None
+    lib = _quant_rows() if acc.device.type == "cpu" and dtype in cpu_ops.DTYPES else None
     if lib is None:
         return acc.to(torch.float32, memory_format=torch.contiguous_format).mul_(x_scale).mul_(w_scale).to(dtype)
     acc, x_scale, w_scale = acc.contiguous(), x_scale.contiguous(), w_scale.float().contiguous()
@@ -105,9 +105,6 @@ def _scale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
     lib.npukit_scale_rows(acc.data_ptr(), x_scale.data_ptr(), w_scale.data_ptr(), y.data_ptr(), acc.shape[0],
                           acc.shape[1], dtype == torch.bfloat16, _threads(acc.shape[0]))
     return y
-
-
-_C_ROWS = (torch.float32, torch.bfloat16)  # the row dtypes csrc/quant_rows.c reads and writes
 
 
 def _threads(rows: int) -> int:

@@ -135,7 +135,7 @@ DEFINE_TILES(uint16_t, load_bf16)
                 _Pragma("omp for schedule(static)")                                                             \
                 for (int64_t m = 0; m < M; m++)                                                                 \
                     for (int64_t k = 0; k < K; k++)                                                             \
-                        wide[m * K + k] = bf16_to_f32(((const uint16_t *)x_in)[m * ldx_in + k]);                \
+                        wide[m * K + k] = load_elem(x_in, m * ldx_in + k, 1);                                   \
             }                                                                                                   \
             _Pragma("omp for schedule(static)") for (int64_t p = 0; p < first[parts]; p++) {                    \
                 int64_t j = 0;                                                                                  \
@@ -150,11 +150,7 @@ DEFINE_TILES(uint16_t, load_bf16)
                         for (int64_t c = 0; c < cols; c++) {                                                    \
                             const float v = acc[m * PW + c] * (scale ? scale[n0 + c] : 1.f) +                   \
                                             (bias ? bias[n0 + c] : 0.f);                                        \
-                            const int64_t at = (m0 + m) * ldy + col0[j] + n0 + c;                               \
-                            if (rows16)                                                                         \
-                                ((uint16_t *)y)[at] = f32_to_bf16(v);                                           \
-                            else                                                                                \
-                                ((float *)y)[at] = v;                                                           \
+                            store_elem(y, (m0 + m) * ldy + col0[j] + n0 + c, v, rows16);                        \
                         }                                                                                       \
                 }                                                                                               \
             }                                                                                                   \
@@ -175,18 +171,18 @@ PANEL_GEMM(uint16_t, bf16)
 
 /* fp32 weights */
 int npukit_panel_gemm_f32(const void *x, int64_t ldx, const float *panels, const float *bias, void *y, int64_t M,
-                           int64_t N, int64_t K, int rows16, int num_threads) {
+                          int64_t N, int64_t K, int rows16, int num_threads) {
     return panel_gemm_float(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, rows16, num_threads);
 }
 
 /* int8 weights with one scale per output column (W8A16): the sums of x times the integers, then scaled */
 int npukit_panel_gemm_i8(const void *x, int64_t ldx, const int8_t *panels, const float *scale, const float *bias,
-                          void *y, int64_t M, int64_t N, int64_t K, int rows16, int num_threads) {
+                         void *y, int64_t M, int64_t N, int64_t K, int rows16, int num_threads) {
     return panel_gemm_int8_t(x, ldx, 1, &panels, &scale, &bias, &N, y, M, K, rows16, num_threads);
 }
 
 /* bfloat16 weights, fp32 sums: half the bytes of fp32 read, each weight exactly the float it stands for */
 int npukit_panel_gemm_bf16(const void *x, int64_t ldx, const uint16_t *panels, const float *bias, void *y, int64_t M,
-                            int64_t N, int64_t K, int rows16, int num_threads) {
+                           int64_t N, int64_t K, int rows16, int num_threads) {
     return panel_gemm_uint16_t(x, ldx, 1, &panels, 0, &bias, &N, y, M, K, rows16, num_threads);
 }
